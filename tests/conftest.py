@@ -1,0 +1,28 @@
+"""Test-wide setup: make the bundle's ``scripts`` package importable the way ``monai.bundle run`` does."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLE_ROOT = os.path.join(REPO_ROOT, "bundle")
+SHARED_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared")
+if BUNDLE_ROOT not in sys.path:
+    sys.path.insert(0, BUNDLE_ROOT)
+
+# Two cores are shared by every test: one intra-op thread keeps timings stable and avoids oversubscription.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def bundle_root():
+    return BUNDLE_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    if not os.path.isdir(SHARED_DIR):
+        pytest.skip("../shared is absent")
+    return SHARED_DIR
