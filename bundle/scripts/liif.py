@@ -1,0 +1,98 @@
+"""3D Local Implicit Image Function decoder (LIIF; Chen, Liu and Wang, CVPR 2021), reimplemented from the paper.
+
+An intensity at a continuous coordinate x is decoded from the latent codes around it:
+- feature unfolding: each latent code is the concatenation of its 3x3x3 neighbourhood (paper Sec. 3.2);
+- local ensemble: the 8 latent codes whose voxel centres surround x each predict the intensity from
+  (code, x - centre, cell); predictions are averaged with weights equal to the volume of the box spanned by x and
+  the *opposite* corner (Sec. 3.3), i.e. trilinear weights, so the output is continuous across voxel borders;
+- cell decoding: the size of the output voxel is an MLP input (Sec. 3.4), so one model serves any output spacing.
+
+Efficiency: the MLP's first layer is linear in its input [unfolded code, offset, cell], and unfolding followed
+by a linear map is exactly a 3x3x3 convolution with zero padding. ``LIIFDecoder.project`` applies that
+convolution once per volume, so a query only gathers one ``hidden[0]``-vector per corner instead of 27 codes.
+
+Coordinates: normalised to [-1, 1] per axis of the tensor's (D, H, W) order, voxel centres at -1 + (2i + 1) / n
+(``align_corners=False``); ``cell`` is the output voxel size in the same unit.
+"""
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+# The 8 corners of the surrounding latent cube as binary offsets; corner c and corner 7 - c are opposite.
+_CORNER_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)])
+
+_AREA_EPS = 1e-9  # keeps the ensemble weights' sum positive when the query sits exactly on a latent centre
+
+
+def make_coord(shape: List[int], ranges: Optional[List[List[float]]] = None, flatten: bool = True) -> torch.Tensor:
+    """Voxel-centre coordinates of a grid of ``shape``: ``[prod(shape), 3]`` (or ``[*shape, 3]`` unflattened).
+
+    ``ranges`` gives (low, high) edges per axis, default (-1, 1); centres are at low + (2i + 1)(high - low) / (2n).
+    """
+    axes: List[torch.Tensor] = []
+    for axis, size in enumerate(shape):
+        low, high = -1.0, 1.0
+        if ranges is not None:
+            low, high = float(ranges[axis][0]), float(ranges[axis][1])
+        half_voxel = (high - low) / (2 * size)
+        axes.append(low + half_voxel + 2 * half_voxel * torch.arange(size, dtype=torch.float32))
+    grid = torch.stack(torch.meshgrid(axes, indexing="ij"), dim=-1)
+    if flatten:
+        return grid.reshape(-1, grid.shape[-1])
+    return grid
+
+
+class LIIFDecoder(nn.Module):
+    """``project(features [B, C, D, H, W]) -> latent``; ``query(latent, coords [B, N, 3], cell [B, N, 3]) -> [B, N, 1]``."""
+
+    def __init__(self, in_channels: int, hidden: Sequence[int] = (256, 256, 256, 256)):
+        super().__init__()
+        if not hidden:
+            raise ValueError("decoder: expected at least one hidden layer size")
+        # First MLP layer, split: its unfolded-feature part as a convolution, its (offset, cell) part as a linear map.
+        self.unfold_projection = nn.Conv3d(in_channels, hidden[0], kernel_size=3, padding=1)
+        self.position_projection = nn.Linear(6, hidden[0], bias=False)
+        layers: List[nn.Module] = []
+        for width_in, width_out in zip(hidden, list(hidden[1:]) + [1]):
+            layers += [nn.ReLU(), nn.Linear(width_in, width_out)]
+        self.mlp = nn.Sequential(*layers)
+        self.register_buffer("corner_offsets", _CORNER_OFFSETS.clone(), persistent=False)
+        self.area_eps = _AREA_EPS
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Unfold + first linear layer for every latent code at once: ``[B, hidden[0], D, H, W]``."""
+        return self.unfold_projection(features)
+
+    def query(self, latent: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        batch, width = latent.shape[0], latent.shape[1]
+        size = torch.tensor(latent.shape[2:], dtype=coords.dtype, device=coords.device)
+        # Continuous voxel index: latent centres sit at integers 0 .. n-1.
+        position = (coords + 1) / 2 * size - 0.5
+        corners = position.floor().long().unsqueeze(2) + self.corner_offsets  # [B, N, 8, 3]
+        corners = torch.minimum(corners.clamp(min=0), (size.long() - 1).view(1, 1, 1, 3))
+        offset = position.unsqueeze(2) - corners.to(position.dtype)  # in latent voxels, [B, N, 8, 3]
+        cell_in_voxels = (cell * size / 2).unsqueeze(2).expand_as(offset)
+
+        flat_index = (corners[..., 0] * latent.shape[3] + corners[..., 1]) * latent.shape[4] + corners[..., 2]
+        codes = torch.gather(
+            latent.flatten(2), 2, flat_index.reshape(batch, 1, -1).expand(-1, width, -1)
+        )  # [B, width, N * 8]
+        hidden = codes.transpose(1, 2).reshape(batch, -1, 8, width)
+        hidden = hidden + self.position_projection(torch.cat([offset, cell_in_voxels], dim=-1))
+        prediction = self.mlp(hidden).squeeze(-1)  # [B, N, 8]
+
+        volume = offset.abs().prod(dim=-1) + self.area_eps
+        weight = volume.flip(-1)  # the box of corner c weights the opposite corner 7 - c
+        return ((prediction * weight).sum(-1) / weight.sum(-1)).unsqueeze(-1)
+
+    def query_in_chunks(
+        self, latent: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor, chunk_size: int
+    ) -> torch.Tensor:
+        """``query`` over ``chunk_size`` points at a time, so memory is bounded by the chunk, not by N."""
+        predictions = [
+            self.query(latent, coords[:, start : start + chunk_size], cell[:, start : start + chunk_size])
+            for start in range(0, coords.shape[1], chunk_size)
+        ]
+        return torch.cat(predictions, dim=1)

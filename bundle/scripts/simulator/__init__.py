@@ -1,0 +1,1 @@
+"""MR-physics simulator: MNI152 anatomy -> tissue properties -> signal equations -> acquisition -> BIDS dataset."""

@@ -1,0 +1,207 @@
+"""Stage-2 training samples: a high-res patch, its clinically degraded low-res version, and random query points.
+
+Geometry (all in high-res voxel units, patch-relative): the patch holds ``P`` voxels per axis, the low-res input ``n``
+voxels, so one low-res voxel spans ``P / n`` high-res voxels and its centre sits at ``(i + 0.5) * P / n``. A low-res
+voxel is not a point sample: it averages the high-res signal over its slab with a slice profile (box, or a Gaussian
+whose FWHM is the slice thickness), as an MR slice-selective excitation does (the slice profile is approximately the
+Fourier transform of the RF pulse: Bernstein et al., Handbook of MRI Pulse Sequences, 2004, ch. 2). Query points
+``x`` (voxel-centre index coordinates in the patch) map to the network's normalised coordinates of the low-res patch
+as ``-1 + 2 (x + 0.5) / P`` (voxel centres, align_corners=False, see scripts.liif.make_coord); the cell of one
+high-res output voxel is ``2 / P``.
+
+The low-res input size ``n`` is fixed so samples of different scales batch together; the patch size follows as
+``P = round(n * scale)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform, Randomizable
+from scipy.ndimage import map_coordinates
+from scipy.special import erf
+
+PROFILES = ("box", "gaussian")
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    start: tuple[int, int, int]  # high-res index of the patch's first voxel (may be negative: zero padding)
+    hr_size: tuple[int, int, int]  # P per axis
+    lr_size: tuple[int, int, int]  # n per axis
+    thickness: tuple[float, float, float]  # width of each low-res voxel's slab, in high-res voxels
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return tuple(p / n for p, n in zip(self.hr_size, self.lr_size))
+
+
+def hr_patch_size(lr_size, scale) -> tuple[int, ...]:
+    """High-res patch size covering a low-res input of ``lr_size`` voxels at ``scale`` high-res voxels per voxel."""
+    return tuple(max(n, int(round(n * s))) for n, s in zip(lr_size, scale))
+
+
+def _check_profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise ValueError(f"slice profile: expected one of {PROFILES}, got {profile!r}")
+    return profile
+
+
+def _margin(thickness: float, profile: str) -> int:
+    """High-res voxels needed beyond the patch so every slab (Gaussian: +-3 sigma) lies inside the read region."""
+    reach = 3.0 * thickness / FWHM_PER_SIGMA if profile == "gaussian" else 0.5 * thickness
+    return int(math.ceil(reach)) + 1
+
+
+def slab_weights(lr_size: int, hr_size: int, thickness: float, profile: str, margin: int) -> np.ndarray:
+    """``[lr_size, hr_size + 2 margin]``: each row averages the high-res voxels (read with ``margin`` on each side)
+    under one low-res voxel's slice profile, each voxel weighted by the profile's integral over it."""
+    centres = (np.arange(lr_size) + 0.5) * (hr_size / lr_size) + margin
+    edges = np.arange(hr_size + 2 * margin + 1, dtype=np.float64)
+    if _check_profile(profile) == "box":
+        low, high = centres[:, None] - thickness / 2, centres[:, None] + thickness / 2
+        weights = np.clip(np.minimum(high, edges[None, 1:]) - np.maximum(low, edges[None, :-1]), 0.0, None)
+    else:
+        sigma = thickness / FWHM_PER_SIGMA
+        cdf = 0.5 * (1.0 + erf((edges[None, :] - centres[:, None]) / (sigma * math.sqrt(2.0))))
+        weights = np.diff(cdf, axis=1)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def crop_zero_padded(volume: np.ndarray, start, size) -> np.ndarray:
+    """``volume[start : start + size]`` per axis, zeros where the box leaves the volume."""
+    out = np.zeros(tuple(size), dtype=np.float32)
+    source, target = [], []
+    for begin, length, extent in zip(start, size, volume.shape):
+        low, high = max(begin, 0), min(begin + length, extent)
+        if high <= low:
+            return out
+        source.append(slice(low, high))
+        target.append(slice(low - begin, high - begin))
+    out[tuple(target)] = volume[tuple(source)]
+    return out
+
+
+def degrade(volume: np.ndarray, geometry: PatchGeometry, profile: str = "gaussian") -> np.ndarray:
+    """The low-res patch ``[n0, n1, n2]`` a scanner with this geometry would record of ``volume`` (separable)."""
+    margins = [_margin(w, profile) for w in geometry.thickness]
+    region = crop_zero_padded(volume, [s - m for s, m in zip(geometry.start, margins)],
+                              [p + 2 * m for p, m in zip(geometry.hr_size, margins)]).astype(np.float64)
+    for axis in range(3):
+        weights = slab_weights(geometry.lr_size[axis], geometry.hr_size[axis], geometry.thickness[axis], profile,
+                               margins[axis])
+        region = np.moveaxis(np.tensordot(weights, region, axes=(1, axis)), 0, axis)
+    return region.astype(np.float32)
+
+
+def query(target: np.ndarray, geometry: PatchGeometry, points: np.ndarray) -> dict[str, torch.Tensor]:
+    """Network inputs and targets for patch-relative high-res index coordinates ``points [N, 3]``.
+
+    ``label`` is the target trilinearly interpolated at the points (zero outside the volume).
+    """
+    size = np.asarray(geometry.hr_size, dtype=np.float64)
+    coords = -1.0 + 2.0 * (points + 0.5) / size
+    values = map_coordinates(target, (points + np.asarray(geometry.start)).T, order=1, mode="constant", cval=0.0)
+    return {
+        "coords": torch.as_tensor(coords, dtype=torch.float32),
+        "cell": torch.as_tensor(np.broadcast_to(2.0 / size, points.shape).copy(), dtype=torch.float32),
+        "label": torch.as_tensor(values, dtype=torch.float32)[:, None],
+    }
+
+
+def _sample(source: np.ndarray, target: np.ndarray, geometry: PatchGeometry, points: np.ndarray, profile: str) -> dict:
+    return {
+        "image": torch.as_tensor(degrade(source, geometry, profile))[None],
+        **query(target, geometry, points),
+        "patch_start": torch.tensor(geometry.start),
+        "patch_size": torch.tensor(geometry.hr_size),
+    }
+
+
+class RandSRPatchesd(Randomizable, MapTransform):
+    """From a subject's stack of co-registered contrasts ``[M, D, H, W]`` (key ``keys[0]``), ``num_samples`` samples,
+    each of a random ordered (source, target) pair, a random clinical acquisition and a random patch location.
+
+    Acquisition: with probability ``anisotropic_prob`` a 2D-like scan (a random slice axis gets a spacing drawn
+    from ``scale_range`` and a slice thickness of spacing x ``thickness_ratio_range``; the in-plane axes a spacing
+    from ``inplane_scale_range``), otherwise an isotropic one of one random scale. Each item also needs ``tokens
+    [M, L]``, ``modalities [M]``, ``prompts`` (per contrast), and yields ``image [1, *lr_size]``, ``coords``,
+    ``cell``, ``label`` (``[num_queries, 3|3|1]``), the target's ``tokens``/``modality``/``prompt``,
+    ``source_modality``, ``patch_start`` and ``patch_size``.
+    """
+
+    def __init__(self, keys="images", lr_size=(20, 20, 20), num_samples: int = 1, num_queries: int = 4096,
+                 scale_range=(1.0, 4.0), anisotropic_prob: float = 0.5, inplane_scale_range=(1.0, 1.5),
+                 thickness_ratio_range=(0.8, 1.2), profile: str = "gaussian"):
+        MapTransform.__init__(self, keys)
+        self.lr_size = tuple(int(n) for n in lr_size)
+        self.num_samples, self.num_queries = int(num_samples), int(num_queries)
+        self.scale_range, self.inplane_scale_range = tuple(scale_range), tuple(inplane_scale_range)
+        self.anisotropic_prob, self.thickness_ratio_range = float(anisotropic_prob), tuple(thickness_ratio_range)
+        self.profile = _check_profile(profile)
+        if len(self.lr_size) != 3 or min(self.scale_range) < 1 or min(self.inplane_scale_range) < 1:
+            raise ValueError(f"RandSRPatchesd: expected a 3D lr_size and scales >= 1, got lr_size {lr_size}, "
+                             f"scale_range {scale_range}, inplane_scale_range {inplane_scale_range}")
+
+    def randomize(self, volume_shape) -> PatchGeometry:
+        if self.R.rand() < self.anisotropic_prob:
+            slice_axis = self.R.randint(3)
+            scale = [self.R.uniform(*self.inplane_scale_range) for _ in range(3)]
+            scale[slice_axis] = self.R.uniform(*self.scale_range)
+        else:
+            slice_axis, scale = None, [self.R.uniform(*self.scale_range)] * 3
+        hr_size = hr_patch_size(self.lr_size, scale)
+        thickness = [p / n for p, n in zip(hr_size, self.lr_size)]
+        if slice_axis is not None:
+            thickness[slice_axis] *= self.R.uniform(*self.thickness_ratio_range)
+        # a patch larger than the volume is centred with random jitter into the zero background around it
+        start = tuple(int(self.R.randint(min(0, d - p), max(0, d - p) + 1)) for d, p in zip(volume_shape, hr_size))
+        return PatchGeometry(start, hr_size, self.lr_size, tuple(thickness))
+
+    def __call__(self, data) -> list[dict]:
+        volumes = np.asarray(data[self.keys[0]], dtype=np.float32)
+        if volumes.ndim != 4 or volumes.shape[0] < 2:
+            raise ValueError(f"RandSRPatchesd: expected a stack of >= 2 contrasts [M, D, H, W] under "
+                             f"{self.keys[0]!r}, got shape {volumes.shape}")
+        samples = []
+        for _ in range(self.num_samples):
+            source, target = self.R.choice(volumes.shape[0], size=2, replace=False)
+            geometry = self.randomize(volumes.shape[1:])
+            points = self.R.uniform(-0.5, np.asarray(geometry.hr_size) - 0.5, size=(self.num_queries, 3))
+            sample = _sample(volumes[source], volumes[target], geometry, points, self.profile)
+            sample.update(tokens=data["tokens"][target], modality=data["modalities"][target],
+                          source_modality=data["modalities"][source], prompt=data["prompts"][target],
+                          subject=data["subject"])
+            samples.append(sample)
+        return samples
+
+
+class SRValidationPatchd(MapTransform):
+    """A fixed validation sample of a (source, target) pair: the patch centred on the target's brain (non-zero
+    voxels), degraded with a fixed ``scale`` (high-res voxels per low-res voxel per axis) and box slabs of that width,
+    queried at every high-res voxel centre of the patch (``label [prod(patch), 1]`` in C order, so it reshapes to the
+    patch grid for SSIM). Deterministic, so a CacheDataset computes it once.
+    """
+
+    def __init__(self, keys=("source", "target"), lr_size=(24, 24, 8), scale=(1.0, 1.0, 4.0), profile: str = "box"):
+        MapTransform.__init__(self, keys)
+        self.lr_size = tuple(int(n) for n in lr_size)
+        self.hr_size = hr_patch_size(self.lr_size, scale)
+        self.profile = _check_profile(profile)
+
+    def __call__(self, data) -> dict:
+        source, target = (np.asarray(data[key], dtype=np.float32).reshape(np.shape(data[key])[-3:]) for key in self.keys)
+        brain = np.argwhere(target > 0)
+        centre = brain.mean(axis=0) if len(brain) else np.asarray(target.shape) / 2
+        start = tuple(int(np.clip(round(c - p / 2), min(0, d - p), max(0, d - p)))
+                      for c, p, d in zip(centre, self.hr_size, target.shape))
+        thickness = tuple(p / n for p, n in zip(self.hr_size, self.lr_size))
+        geometry = PatchGeometry(start, self.hr_size, self.lr_size, thickness)
+        points = np.indices(self.hr_size).reshape(3, -1).T.astype(np.float64)
+        sample = _sample(source, target, geometry, points, self.profile)
+        sample.update({k: data[k] for k in ("tokens", "modality", "source_modality", "prompt", "subject")})
+        return sample

@@ -1,0 +1,134 @@
+"""Stage-2 conditioning: how the target prompt (or, for the ablation, the target modality) steers the image features.
+
+- ``TextConditioner``: frozen stage-1 text encoder -> unit-norm pooled embedding -> trainable ``TextAdapter``.
+- ``ModalityEmbedding``: the paper's one-hot baseline, a learned vector per target modality.
+- ``TextGuidedFusion``: multi-head cross-attention in which the conditioning vector is the query over all voxel
+  features; its output is a per-channel gate on the features. The cost is linear in the number of voxels (one
+  query per head), unlike voxel-as-query attention, so whole volumes fit in memory. Then channel LayerNorm and a
+  gated depth-wise-convolution MLP with residual (the "GDFN" of Restormer, Zamir et al., CVPR 2022), as in the
+  official TUMSyn code.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .prompt import MODALITIES
+
+
+class TextAdapter(nn.Module):
+    """Residual MLP (dim -> dim -> dim) that adapts the frozen text embedding to the synthesis task."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return embedding + self.mlp(embedding)
+
+
+class TextConditioner(nn.Module):
+    """``tokens [B, L] -> [B, dim]`` through the frozen text encoder and a trainable adapter.
+
+    The encoder's weights stay in the state dict (one checkpoint holds the whole model) but never train: no
+    gradients, and it stays in eval mode even when the surrounding model is put in training mode.
+    """
+
+    def __init__(self, text_encoder: nn.Module, dim: int):
+        super().__init__()
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.adapter = TextAdapter(dim)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.text_encoder.eval()
+        return self
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            # Stage 1 compared unit-norm text features: only their direction carries meaning.
+            embedding = F.normalize(self.text_encoder(tokens), dim=-1)
+        return self.adapter(embedding)
+
+
+class ModalityEmbedding(nn.Module):
+    """``modality [B] (index into scripts.prompt.MODALITIES) -> [B, dim]``: the one-hot conditioning ablation."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(len(MODALITIES), dim)
+
+    def forward(self, modality: torch.Tensor) -> torch.Tensor:
+        return self.embedding(modality)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of ``[B, C, *spatial]`` (each voxel's feature vector is normalised)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class TextToVoxelAttention(nn.Module):
+    """Multi-head attention with the conditioning vector as the only query and every voxel as key/value.
+
+    Queries and keys are L2-normalised (cosine similarity, as in the official code), so a learnable per-head
+    temperature sets how peaked the attention over voxels is. The attended values form one vector per image,
+    mapped to a sigmoid gate per channel (squeeze-and-excitation style, Hu et al., CVPR 2018).
+    """
+
+    def __init__(self, channels: int, cond_dim: int, heads: int):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"fusion: channels ({channels}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.query = nn.Linear(cond_dim, channels)
+        self.key_value = nn.Conv3d(channels, 2 * channels, kernel_size=1)
+        self.temperature = nn.Parameter(torch.ones(heads))
+        self.gate = nn.Linear(channels, channels)
+
+    def forward(self, features: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        batch, channels = features.shape[0], features.shape[1]
+        head_dim = channels // self.heads
+        key, value = self.key_value(features).flatten(2).chunk(2, dim=1)  # [B, C, voxels] each
+        key = F.normalize(key.reshape(batch, self.heads, head_dim, -1), dim=2)
+        value = value.reshape(batch, self.heads, head_dim, -1)
+        query = F.normalize(self.query(cond).reshape(batch, self.heads, head_dim), dim=-1)
+        logits = torch.einsum("bhc,bhcn->bhn", query, key) * self.temperature.view(1, -1, 1)
+        attended = torch.einsum("bhn,bhcn->bhc", logits.softmax(dim=-1), value).reshape(batch, channels)
+        gate = torch.sigmoid(self.gate(attended))
+        return features * gate.reshape(batch, channels, 1, 1, 1)
+
+
+class GatedDepthwiseFeedForward(nn.Module):
+    """Restormer's GDFN in 3D: 1x1x1 expand, 3x3x3 depth-wise convolution, GELU gate, 1x1x1 project back."""
+
+    def __init__(self, channels: int, ratio: int):
+        super().__init__()
+        hidden = channels * ratio
+        self.expand = nn.Conv3d(channels, 2 * hidden, kernel_size=1)
+        self.depthwise = nn.Conv3d(2 * hidden, 2 * hidden, kernel_size=3, padding=1, groups=2 * hidden)
+        self.project = nn.Conv3d(hidden, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, content = self.depthwise(self.expand(x)).chunk(2, dim=1)
+        return self.project(F.gelu(gate) * content)
+
+
+class TextGuidedFusion(nn.Module):
+    """``features [B, C, D, H, W], cond [B, cond_dim] -> text-conditioned features [B, C, D, H, W]``."""
+
+    def __init__(self, channels: int, cond_dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.attention = TextToVoxelAttention(channels, cond_dim, heads)
+        self.attention_norm = ChannelLayerNorm(channels)
+        self.feed_forward = GatedDepthwiseFeedForward(channels, mlp_ratio)
+        self.output_norm = ChannelLayerNorm(channels)
+
+    def forward(self, features: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = self.attention_norm(self.attention(features, cond))
+        return self.output_norm(x + self.feed_forward(x))

@@ -1,0 +1,54 @@
+"""The bundle as the model zoo sees it: required files, metadata against the zoo schema, config layout."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BUNDLE_ROOT, REPO_ROOT
+
+REQUIRED = ["configs/metadata.json", "configs/logging.conf", "docs/README.md", "docs/data_license.txt"]
+
+
+@pytest.mark.parametrize("relative", REQUIRED)
+def test_zoo_files_exist(relative):
+    assert os.path.isfile(os.path.join(BUNDLE_ROOT, relative))
+
+
+def test_license_and_changelog():
+    assert os.path.isfile(os.path.join(REPO_ROOT, "LICENSE"))
+    with open(os.path.join(BUNDLE_ROOT, "configs", "metadata.json")) as handle:
+        meta = json.load(handle)
+    assert meta["version"] in meta["changelog"]
+    assert {"image", "prompt"} <= set(meta["network_data_format"]["inputs"])
+    assert "pred" in meta["network_data_format"]["outputs"]
+
+
+def test_metadata_verifies_offline_against_the_zoo_schema(shared_dir, tmp_path):
+    schema = os.path.join(shared_dir, "monai", "meta_schema_20240725.json")
+    if not os.path.isfile(schema):
+        pytest.skip("the model-zoo schema copy is absent")
+    placed = tmp_path / "schema.json"  # verify_metadata skips the download when the file is already there
+    shutil.copy(schema, placed)
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+         os.path.join(BUNDLE_ROOT, "configs", "metadata.json"), "--filepath", str(placed)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "metadata is verified with no error" in result.stdout + result.stderr
+
+
+def test_metadata_versions_match_the_installed_stack():
+    import monai
+    import numpy
+    import torch
+
+    with open(os.path.join(BUNDLE_ROOT, "configs", "metadata.json")) as handle:
+        meta = json.load(handle)
+    assert meta["monai_version"] == monai.__version__
+    assert torch.__version__.startswith(meta["pytorch_version"])
+    assert meta["numpy_version"] == numpy.__version__
