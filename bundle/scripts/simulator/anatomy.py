@@ -13,12 +13,13 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special
 
 from .random_fields import smooth_random_field
 from .tissue import TISSUES
 
-TEMPLATE_MARGIN_MM = 6  # kept around the brain's bounding box: room for deformation, less disk and time than 197x233x189
+# Kept around the brain's bounding box: room for deformation, with less disk and time than the full 197x233x189.
+TEMPLATE_MARGIN_MM = 6
 # Deep nuclei (caudate, putamen, pallidum, thalamus) occupy roughly this MNI box (mm); grey matter inside it that lies
 # deeper than DEEP_GM_DEPTH_MM below the brain surface is called deep grey matter (cortex is within a few cm of it).
 DEEP_GM_BOX_MM = ((-32.0, 32.0), (-38.0, 22.0), (-12.0, 24.0))
@@ -78,7 +79,7 @@ def _crop_to_brain(volumes: list[np.ndarray], mask: np.ndarray, affine: np.ndarr
 def _soft_box(coords: list[np.ndarray], box, softness_mm: float = 3.0) -> np.ndarray:
     weight = 1.0
     for c, (low, high) in zip(coords, box):
-        weight = weight * (1.0 / (1.0 + np.exp(-(c - low) / softness_mm))) * (1.0 / (1.0 + np.exp((c - high) / softness_mm)))
+        weight = weight * special.expit((c - low) / softness_mm) * special.expit((high - c) / softness_mm)
     return weight
 
 
@@ -88,8 +89,27 @@ def load_template(voxel_mm: int = 1) -> Template:
 
     Cached: loading takes seconds and every subject starts from it. The arrays are read-only.
     """
-    if int(voxel_mm) != voxel_mm or voxel_mm < 1:
+    if isinstance(voxel_mm, bool) or int(voxel_mm) != voxel_mm or voxel_mm < 1:
         raise ValueError(f"voxel_mm: expected a positive integer (template voxels per output voxel), got {voxel_mm!r}")
+    voxel_mm = int(voxel_mm)
+    if voxel_mm == 1:
+        return _load_template_1mm()
+    full = load_template(1)
+    fractions = {k: _block_mean(v, voxel_mm).astype(np.float32) for k, v in full.anatomy.fractions.items()}
+    t1 = _block_mean(full.t1, voxel_mm).astype(np.float32)
+    half = (voxel_mm - 1) / 2.0  # the coarse voxel's centre is the mean of the fine centres it covers
+    affine = full.anatomy.affine @ np.array([[voxel_mm, 0, 0, half], [0, voxel_mm, 0, half],
+                                             [0, 0, voxel_mm, half], [0, 0, 0, 1]], dtype=float)
+    return _read_only(Template(Anatomy(fractions, affine, voxel_mm), t1))
+
+
+def _read_only(template: Template) -> Template:
+    for v in (*template.anatomy.fractions.values(), template.t1):
+        v.setflags(write=False)
+    return template
+
+
+def _load_template_1mm() -> Template:
     from nilearn import datasets  # deferred: importing nilearn costs about a second
 
     images = [datasets.load_mni152_template(resolution=1), datasets.load_mni152_gm_template(resolution=1),
@@ -106,16 +126,9 @@ def load_template(voxel_mm: int = 1) -> Template:
     depth = ndimage.distance_transform_edt(mask > 0)  # mm below the brain surface (1 mm grid)
     coords = [affine[a, a] * np.arange(n) + affine[a, 3] for a, n in enumerate(mask.shape)]
     coords = np.meshgrid(*coords, indexing="ij", sparse=True)
-    deep = _soft_box(coords, DEEP_GM_BOX_MM) / (1.0 + np.exp(-(depth - DEEP_GM_DEPTH_MM) / 2.0))
+    deep = (_soft_box(coords, DEEP_GM_BOX_MM) * special.expit((depth - DEEP_GM_DEPTH_MM) / 2.0)).astype(np.float32)
     fractions = {"WM": wm, "cGM": gm * (1.0 - deep), "dGM": gm * deep, "CSF": csf}
-
-    fractions = {k: _block_mean(v, voxel_mm).astype(np.float32) for k, v in fractions.items()}
-    t1 = _block_mean(t1, voxel_mm).astype(np.float32)
-    affine = affine @ np.array([[voxel_mm, 0, 0, (voxel_mm - 1) / 2], [0, voxel_mm, 0, (voxel_mm - 1) / 2],
-                                [0, 0, voxel_mm, (voxel_mm - 1) / 2], [0, 0, 0, 1]], dtype=float)
-    for v in (*fractions.values(), t1):
-        v.setflags(write=False)
-    return Template(Anatomy(fractions, affine, int(voxel_mm)), t1)
+    return _read_only(Template(Anatomy(fractions, affine, 1), t1))
 
 
 def _rotation(angles_rad: np.ndarray) -> np.ndarray:
@@ -199,7 +212,7 @@ def _add_vessels(fractions: dict[str, np.ndarray], rng: np.random.Generator, vox
 
 
 def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
+    return special.expit(x).astype(np.float32)
 
 
 def _random_wm_point(wm: np.ndarray, rng: np.random.Generator, threshold: float = 0.9) -> np.ndarray:
@@ -214,6 +227,7 @@ def _add_tumour(fractions: dict[str, np.ndarray], rng: np.random.Generator, voxe
     centre = _random_wm_point(fractions["WM"], rng)
     radii = rng.uniform(10.0, 22.0) * np.exp(rng.normal(0.0, 0.15, 3)) / voxel_mm
     grids = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij", sparse=True)
+    centre, radii = centre.astype(np.float32), radii.astype(np.float32)
     r = np.sqrt(sum(((g - c) / rr) ** 2 for g, c, rr in zip(grids, centre, radii)))
     r = r * (1.0 + 0.15 * smooth_random_field(shape, rng, 10.0 / voxel_mm))
     edge = 0.05

@@ -1,9 +1,11 @@
-"""Smooth random fields: the one source of spatial randomness (deformations, bias fields, skull-strip depth, vessels)."""
+"""Smooth random fields: the source of spatial randomness (deformations, bias, skull-strip depth, vessels)."""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+
+from .interpolation import resample_separable
 
 
 def smooth_random_field(shape: tuple[int, ...], rng: np.random.Generator, correlation_vox: float) -> np.ndarray:
@@ -17,12 +19,11 @@ def smooth_random_field(shape: tuple[int, ...], rng: np.random.Generator, correl
         step = correlation_vox / 2.0
         coarse_shape = tuple(int(np.ceil(s / step)) + 2 for s in shape)
         coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape), 1.0, mode="wrap")
-        # Sample the coarse lattice at each fine voxel (trilinear): one map_coordinates per field.
-        axes = [np.arange(s, dtype=np.float32) / step + 0.5 for s in shape]
-        grid = np.meshgrid(*axes, indexing="ij", sparse=False)
-        field = ndimage.map_coordinates(coarse, grid, order=1, output=np.float32)
+        # Sample the coarse lattice (spacing ``step`` fine voxels) at every fine voxel, separably.
+        field = resample_separable(coarse, [np.arange(n) / step + 0.5 for n in shape])
     else:
         field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), correlation_vox / 2.0)
     field -= field.mean()
     field /= field.std() + 1e-12
     return field
+

@@ -27,9 +27,11 @@ class TissueProperties:
     gd: float = 0.0  # mmol/L gadolinium after injection (T1CE only)
 
 
-# White and cortical grey matter: Stanisz et al., MRM 2005, 54:507-512 (one study, both fields: WM T1/T2 884/72 ms
-# at 1.5 T and 1084/69 ms at 3 T; GM 1124/95 and 1820/99). Wansapura et al., JMRI 1999, 9:531-538 report shorter 3 T
-# T1s (WM 832, GM 1331) with the same ordering; the GM/WM T1 ratio (1.3-1.7) is what sets T1w contrast.
+# White and cortical grey matter T2: Stanisz et al., MRM 2005, 54:507-512 (WM 72/69 ms, GM 95/99 ms at 1.5/3 T).
+# T1 at 3 T: Stanisz 2005 (WM 1084, GM 1820 ms); Wansapura et al., JMRI 1999, 9:531-538 report shorter values (WM 832,
+# GM 1331) with a similar GM/WM ratio, which is what sets T1w contrast. T1 at 1.5 T: Rooney et al., MRM 2007,
+# 57:308-318 (WM ~790, cortical GM ~1200 ms): Stanisz's 1.5 T pair (884/1124) has so small a ratio that, with GM's
+# higher PD, a T1w spin echo would show GM as bright as WM, unlike real 1.5 T scans.
 # T2*: Peters et al., MRI 2007, 25:748-753 (WM 66/53 ms, GM 84/66 ms at 1.5/3 T).
 # PD (water content): Tofts (ed.), Quantitative MRI of the Brain, 2003: WM ~0.70, cortex ~0.80-0.84.
 # CSF: T1 ~4000 ms at 1.5 T and 4163 ms at 3 T (Lu et al., JMRI 2005, 22:13-22); T2 of order 1500-2000 ms; T2* is
@@ -38,19 +40,20 @@ class TissueProperties:
 # (Gelman et al., MRM 2001, 45:71-79; Lu 2005); susceptibility +0.05..0.15 ppm (Langkammer et al., NeuroImage
 # 2012, 62:1593-1599); WM is slightly diamagnetic (myelin, about -0.03 ppm, same source).
 # Venous blood: T1 1441/1624 ms at 1.5/3 T for haematocrit 0.42 (Lu et al., MRM 2004, 52:679-682); T2 ~100/50 ms at
-# oxygenation ~0.6 (Zhao et al., MRM 2007, 58:592-597); deoxyhaemoglobin makes it paramagnetic, ~+0.3 ppm
-# (Haacke et al., MRM 2004, 52:612-618); blood-pool gadolinium ~1 mM shortly after 0.1 mmol/kg.
+# oxygenation ~0.6 (Zhao et al., MRM 2007, 58:592-597); deoxyhaemoglobin makes it paramagnetic, ~+0.45 ppm (SI)
+# against tissue at oxygenation ~0.6 and haematocrit ~0.4 (Haacke et al., MRM 2004, 52:612-618); blood-pool
+# gadolinium ~1 mM shortly after a 0.1 mmol/kg dose.
 # Pathology (qualitative literature ordering, values modelled): white-matter hyperintensities and vasogenic oedema have
 # more free water than WM (longer T1 and T2, higher PD: bright on T2w/FLAIR, dark on T1w; Wardlaw et al., Lancet Neurol
 # 2013, 12:822-838); enhancing tumour takes up gadolinium through a broken blood-brain barrier (~0.3-0.5 mM); necrosis
 # is nearly fluid (long T1/T2, no enhancement).
 _ADULT = {
     1.5: {
-        "WM": TissueProperties(884, 72, 66, 0.70, chi=-0.03),
-        "cGM": TissueProperties(1124, 95, 84, 0.82),
-        "dGM": TissueProperties(1030, 80, 55, 0.80, chi=0.08),
+        "WM": TissueProperties(790, 72, 66, 0.70, chi=-0.03),
+        "cGM": TissueProperties(1200, 95, 84, 0.82),
+        "dGM": TissueProperties(1000, 80, 55, 0.80, chi=0.08),
         "CSF": TissueProperties(4000, 2000, 400, 1.00),
-        "vessel": TissueProperties(1441, 100, 35, 0.87, chi=0.30, gd=1.0),
+        "vessel": TissueProperties(1441, 100, 35, 0.87, chi=0.45, gd=1.0),
         "WMH": TissueProperties(1150, 140, 110, 0.78, chi=-0.01),
         "oedema": TissueProperties(1300, 180, 140, 0.86),
         "enhancing": TissueProperties(1350, 120, 90, 0.84, gd=0.4),
@@ -61,7 +64,7 @@ _ADULT = {
         "cGM": TissueProperties(1820, 99, 66, 0.82),
         "dGM": TissueProperties(1450, 75, 40, 0.80, chi=0.08),
         "CSF": TissueProperties(4163, 1800, 300, 1.00),
-        "vessel": TissueProperties(1624, 50, 20, 0.87, chi=0.30, gd=1.0),
+        "vessel": TissueProperties(1624, 50, 20, 0.87, chi=0.45, gd=1.0),
         "WMH": TissueProperties(1450, 130, 90, 0.78, chi=-0.01),
         "oedema": TissueProperties(1700, 170, 110, 0.86),
         "enhancing": TissueProperties(1800, 110, 70, 0.84, gd=0.4),

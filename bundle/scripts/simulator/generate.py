@@ -1,0 +1,138 @@
+"""``simulate``: the whole pipeline, subject by subject, into a BIDS dataset."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from . import bids
+from .acquisition import Geometry, acquire_geometry, add_rician_noise, bias_field, noise_sigma, skull_strip_mask, \
+    to_scanner_scale
+from .anatomy import Anatomy, subject_anatomy
+from .presets import MODALITIES, PRESETS, SitePreset, Subject, get_preset, sample_subject, site_protocol
+from .render import render
+from .sequences import Sequence
+from .tissue import TissueProperties, tissue_properties, with_gadolinium
+
+
+@dataclass(frozen=True)
+class SimulatedImage:
+    """What one written image was simulated with (the source of its sidecar and of its prompt)."""
+
+    path: str
+    modality: str
+    subject: Subject
+    sequence: Sequence
+    voxel_size: tuple[float, float, float]
+    snr: float
+    acq: str | None = None
+
+
+@dataclass
+class _SubjectScan:
+    """Everything the images of one subject share: anatomy, tissue properties, coil bias, skull strip."""
+
+    subject: Subject
+    anatomy: Anatomy
+    properties: dict[str, TissueProperties]
+    bias: np.ndarray
+    strip: np.ndarray
+
+    def clean_image(self, modality: str, sequence: Sequence, rng: np.random.Generator) -> np.ndarray:
+        properties = self.properties
+        if modality == "T1CE":
+            properties = with_gadolinium(properties, self.subject.field_strength)
+        # Each series sees the same coil profile a little differently (coil loading, prescan normalisation).
+        bias = self.bias ** np.float32(rng.uniform(0.7, 1.3))
+        return render(self.anatomy, properties, sequence, self.subject.field_strength) * bias * self.strip
+
+
+def _write_image(root: str, scan: _SubjectScan, modality: str, sequence: Sequence, snr: float,
+                 rng: np.random.Generator, geometry: Geometry | None = None, acq: str | None = None) -> SimulatedImage:
+    anatomy = scan.anatomy
+    clean = scan.clean_image(modality, sequence, rng)
+    wm, mask, affine = anatomy.fraction("WM"), (scan.strip > 0).astype(np.float32), anatomy.affine
+    if geometry is not None:
+        clean, _ = acquire_geometry(clean, anatomy.affine, anatomy.voxel_mm, geometry)
+        wm, _ = acquire_geometry(wm, anatomy.affine, anatomy.voxel_mm, geometry)
+        mask, affine = acquire_geometry(mask, anatomy.affine, anatomy.voxel_mm, geometry)
+    noisy = add_rician_noise(clean, noise_sigma(clean, wm, snr), rng) * (mask > 0.5)
+    participant = scan.subject.participant_id
+    stem = bids.image_stem(participant, modality, acq)
+    folder = os.path.join(root, f"sub-{participant}", "anat")
+    voxel_size = (float(anatomy.voxel_mm),) * 3 if geometry is None else geometry.voxel_size()
+    bids.save_nifti(os.path.join(folder, stem + ".nii.gz"), to_scanner_scale(noisy, rng), affine)
+    bids.save_json(os.path.join(folder, stem + ".json"),
+                   bids.sidecar(scan.subject, modality, sequence, geometry, anatomy.voxel_mm, snr))
+    return SimulatedImage(os.path.join(folder, stem + ".nii.gz"), modality, scan.subject, sequence, voxel_size, snr,
+                          acq)
+
+
+def _write_truth(root: str, scan: _SubjectScan) -> None:
+    """Tissue fractions and the brain mask on the truth grid, as BIDS derivatives (uint8 with a scale factor)."""
+    anatomy, participant = scan.anatomy, scan.subject.participant_id
+    folder = os.path.join(root, "derivatives", bids.DERIVATIVE_NAME, f"sub-{participant}", "anat")
+    labels = {"GM": anatomy.fraction("cGM") + anatomy.fraction("dGM"), "WM": anatomy.fraction("WM"),
+              "CSF": anatomy.fraction("CSF"), "deepGM": anatomy.fraction("dGM"), "vessel": anatomy.fraction("vessel")}
+    for lesion in ("WMH", "oedema", "enhancing", "necrosis"):
+        if lesion in anatomy.fractions:
+            labels[lesion] = anatomy.fraction(lesion)
+    for label, fraction in labels.items():
+        # uint8 with a scale factor nibabel picks (max / 255): fractions to ~0.004, a quarter of float32's disk.
+        bids.save_nifti(os.path.join(folder, f"sub-{participant}_label-{label}_probseg.nii.gz"),
+                        np.clip(fraction, 0.0, 1.0), anatomy.affine, dtype=np.uint8)
+    bids.save_nifti(os.path.join(folder, f"sub-{participant}_desc-brain_mask.nii.gz"),
+                    (scan.strip > 0).astype(np.uint8), anatomy.affine)
+
+
+def simulate_subject(root: str, preset: SitePreset, subject: Subject, rng: np.random.Generator,
+                     voxel_mm: int = 1) -> list[SimulatedImage]:
+    """All seven contrasts on the truth grid, the site's clinical acquisitions, and the truth derivatives."""
+    anatomy = subject_anatomy(rng, subject.age, subject.sex, subject.tumour, subject.wmh, voxel_mm)
+    scan = _SubjectScan(subject, anatomy, tissue_properties(subject.field_strength, subject.age, rng),
+                        bias_field(anatomy.shape, rng, voxel_mm, rng.uniform(*preset.bias_strength)),
+                        skull_strip_mask(anatomy.brain(), rng, voxel_mm))
+    images = []
+    for modality in MODALITIES:
+        sequence, snr = site_protocol(preset, subject, modality).sample(rng)
+        images.append(_write_image(root, scan, modality, sequence, snr, rng))
+    for clinical in preset.clinical:
+        protocol = clinical.protocol or site_protocol(preset, subject, clinical.modality)
+        sequence, snr = protocol.sample(rng)
+        images.append(_write_image(root, scan, clinical.modality, sequence, snr, rng, clinical.geometry,
+                                   clinical.label))
+    _write_truth(root, scan)
+    return images
+
+
+def simulate(output_dir: str, num_subjects: int = 20, seed: int = 0, sites: list[str] | str | None = None,
+             voxel_mm: int = 1, progress: bool = True) -> list[SimulatedImage]:
+    """Simulate ``num_subjects`` subjects into a BIDS dataset at ``output_dir``; returns every image written.
+
+    Subject ``i`` uses site ``sites[i % len(sites)]`` (default: every preset in turn) and its own random generator
+    seeded by ``(seed, i)``, so a dataset is reproducible and a subject does not depend on how many others are made.
+    ``voxel_mm`` (integer) coarsens the truth grid, for tests and quick looks.
+    """
+    if isinstance(num_subjects, bool) or not isinstance(num_subjects, (int, np.integer)) or num_subjects <= 0:
+        raise ValueError(f"num_subjects: expected a positive integer, got {num_subjects!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    site_names = list(PRESETS) if sites is None else [sites] if isinstance(sites, str) else list(sites)
+    presets = [get_preset(name) for name in site_names]
+    if not presets:
+        raise ValueError("sites: expected at least one site preset name, got an empty list")
+    root = os.path.abspath(str(output_dir))
+    os.makedirs(root, exist_ok=True)
+    subjects, images = [], []
+    for index in tqdm(range(int(num_subjects)), desc="simulating subjects", unit="subject", disable=not progress):
+        rng = np.random.default_rng([int(seed), index])
+        preset = presets[index % len(presets)]
+        subject = sample_subject(preset, f"{index + 1:03d}", rng)
+        images += simulate_subject(root, preset, subject, rng, voxel_mm)
+        subjects.append(subject)
+    bids.write_participants(root, subjects)
+    bids.write_descriptions(root, int(seed))
+    return images
