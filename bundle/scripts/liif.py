@@ -4,7 +4,9 @@ An intensity at a continuous coordinate x is decoded from the latent codes aroun
 - feature unfolding: each latent code is the concatenation of its 3x3x3 neighbourhood (paper Sec. 3.2);
 - local ensemble: the 8 latent codes whose voxel centres surround x each predict the intensity from
   (code, x - centre, cell); predictions are averaged with weights equal to the volume of the box spanned by x and
-  the *opposite* corner (Sec. 3.3), i.e. trilinear weights, so the output is continuous across voxel borders;
+  the *opposite* corner (Sec. 3.3), i.e. trilinear weights, so the output is continuous across voxel borders.
+  The weights are computed per axis: equal to the box volumes between centres, and still exact (no division by a
+  near-zero volume sum) for queries just outside the outermost centres;
 - cell decoding: the size of the output voxel is an MLP input (Sec. 3.4), so one model serves any output spacing.
 
 Efficiency: the MLP's first layer is linear in its input [unfolded code, offset, cell], and unfolding followed
@@ -20,10 +22,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-# The 8 corners of the surrounding latent cube as binary offsets; corner c and corner 7 - c are opposite.
+# The 8 corners of the latent cube around a query, as binary (lower 0 / upper 1) offsets per axis.
 _CORNER_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)])
-
-_AREA_EPS = 1e-9  # keeps the ensemble weights' sum positive when the query sits exactly on a latent centre
 
 
 def make_coord(shape: List[int], ranges: Optional[List[List[float]]] = None, flatten: bool = True) -> torch.Tensor:
@@ -45,9 +45,12 @@ def make_coord(shape: List[int], ranges: Optional[List[List[float]]] = None, fla
 
 
 class LIIFDecoder(nn.Module):
-    """``project(features [B, C, D, H, W]) -> latent``; ``query(latent, coords [B, N, 3], cell [B, N, 3]) -> [B, N, 1]``."""
+    """``project(features [B, C, D, H, W]) -> latent``, then ``query(latent, coords [B, N, 3], cell [B, N, 3])``.
 
-    def __init__(self, in_channels: int, hidden: Sequence[int] = (256, 256, 256, 256)):
+    ``query`` returns ``[B, N, 1]`` intensities; ``query_in_chunks`` does the same with bounded memory.
+    """
+
+    def __init__(self, in_channels: int, hidden: Sequence[int]):
         super().__init__()
         if not hidden:
             raise ValueError("decoder: expected at least one hidden layer size")
@@ -59,7 +62,6 @@ class LIIFDecoder(nn.Module):
             layers += [nn.ReLU(), nn.Linear(width_in, width_out)]
         self.mlp = nn.Sequential(*layers)
         self.register_buffer("corner_offsets", _CORNER_OFFSETS.clone(), persistent=False)
-        self.area_eps = _AREA_EPS
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Unfold + first linear layer for every latent code at once: ``[B, hidden[0], D, H, W]``."""
@@ -70,9 +72,17 @@ class LIIFDecoder(nn.Module):
         size = torch.tensor(latent.shape[2:], dtype=coords.dtype, device=coords.device)
         # Continuous voxel index: latent centres sit at integers 0 .. n-1.
         position = (coords + 1) / 2 * size - 0.5
-        corners = position.floor().long().unsqueeze(2) + self.corner_offsets  # [B, N, 8, 3]
-        corners = torch.minimum(corners.clamp(min=0), (size.long() - 1).view(1, 1, 1, 3))
-        offset = position.unsqueeze(2) - corners.to(position.dtype)  # in latent voxels, [B, N, 8, 3]
+        # Ensemble weights: for each corner, the volume of the box between the query and the opposite corner, i.e.
+        # per-axis linear weights. Beyond the outermost centres the query is clamped for the weights (LIIF clamps
+        # coordinates likewise); the lower corner stops at n-2 so the upper one stays a distinct, inside centre.
+        inside = torch.minimum(position.clamp(min=0), size - 1)
+        lower = torch.minimum(inside.floor(), (size - 2).clamp(min=0))
+        upper_fraction = (inside - lower).unsqueeze(2)  # [B, N, 1, 3]
+        is_upper = self.corner_offsets.to(position.dtype)  # [8, 3]
+        weight = (is_upper * upper_fraction + (1 - is_upper) * (1 - upper_fraction)).prod(dim=-1)  # [B, N, 8]
+
+        corners = torch.minimum(lower.long().unsqueeze(2) + self.corner_offsets, (size.long() - 1).view(1, 1, 1, 3))
+        offset = position.unsqueeze(2) - corners.to(position.dtype)  # true offset in latent voxels, [B, N, 8, 3]
         cell_in_voxels = (cell * size / 2).unsqueeze(2).expand_as(offset)
 
         flat_index = (corners[..., 0] * latent.shape[3] + corners[..., 1]) * latent.shape[4] + corners[..., 2]
@@ -82,10 +92,7 @@ class LIIFDecoder(nn.Module):
         hidden = codes.transpose(1, 2).reshape(batch, -1, 8, width)
         hidden = hidden + self.position_projection(torch.cat([offset, cell_in_voxels], dim=-1))
         prediction = self.mlp(hidden).squeeze(-1)  # [B, N, 8]
-
-        volume = offset.abs().prod(dim=-1) + self.area_eps
-        weight = volume.flip(-1)  # the box of corner c weights the opposite corner 7 - c
-        return ((prediction * weight).sum(-1) / weight.sum(-1)).unsqueeze(-1)
+        return (prediction * weight).sum(dim=-1, keepdim=True)
 
     def query_in_chunks(
         self, latent: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor, chunk_size: int

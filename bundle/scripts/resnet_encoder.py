@@ -39,7 +39,7 @@ class ResNetEncoder3d(nn.Module):
     since nothing is downsampled.
     """
 
-    def __init__(self, in_channels: int = 1, channels: int = 64, blocks: Sequence[int] = (3, 4, 6, 3)):
+    def __init__(self, in_channels: int, channels: int, blocks: Sequence[int]):
         super().__init__()
         if channels < 1 or not blocks or min(blocks) < 1:
             raise ValueError(f"encoder: expected channels >= 1 and blocks >= 1 per stage, got {channels}, {blocks}")

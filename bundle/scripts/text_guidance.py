@@ -9,6 +9,8 @@
   official TUMSyn code.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +39,7 @@ class TextConditioner(nn.Module):
     def __init__(self, text_encoder: nn.Module, dim: int):
         super().__init__()
         self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.embedding_scale = math.sqrt(dim)
         self.adapter = TextAdapter(dim)
 
     def train(self, mode: bool = True):
@@ -46,8 +49,10 @@ class TextConditioner(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            # Stage 1 compared unit-norm text features: only their direction carries meaning.
-            embedding = F.normalize(self.text_encoder(tokens), dim=-1)
+            # Stage 1 compared unit-norm text features: only their direction carries meaning. Scaling the unit
+            # vector by sqrt(dim) gives components of unit variance, the input scale the adapter's default
+            # initialisation assumes; without it prompt differences are ~sqrt(dim) times too small to learn from.
+            embedding = F.normalize(self.text_encoder(tokens), dim=-1) * self.embedding_scale
         return self.adapter(embedding)
 
 
@@ -77,8 +82,10 @@ class TextToVoxelAttention(nn.Module):
     """Multi-head attention with the conditioning vector as the only query and every voxel as key/value.
 
     Queries and keys are L2-normalised (cosine similarity, as in the official code), so a learnable per-head
-    temperature sets how peaked the attention over voxels is. The attended values form one vector per image,
-    mapped to a sigmoid gate per channel (squeeze-and-excitation style, Hu et al., CVPR 2018).
+    temperature sets how peaked the attention over voxels is. As in any transformer attention block the query is
+    added back to the attended values (residual, Vaswani et al. 2017): this is what lets the prompt itself, not only
+    its choice of voxels, reach the features. The result becomes a sigmoid gate per channel (squeeze-and-excitation
+    style, Hu et al., CVPR 2018).
     """
 
     def __init__(self, channels: int, cond_dim: int, heads: int):
@@ -97,10 +104,11 @@ class TextToVoxelAttention(nn.Module):
         key, value = self.key_value(features).flatten(2).chunk(2, dim=1)  # [B, C, voxels] each
         key = F.normalize(key.reshape(batch, self.heads, head_dim, -1), dim=2)
         value = value.reshape(batch, self.heads, head_dim, -1)
-        query = F.normalize(self.query(cond).reshape(batch, self.heads, head_dim), dim=-1)
-        logits = torch.einsum("bhc,bhcn->bhn", query, key) * self.temperature.view(1, -1, 1)
+        query = self.query(cond)
+        unit_query = F.normalize(query.reshape(batch, self.heads, head_dim), dim=-1)
+        logits = torch.einsum("bhc,bhcn->bhn", unit_query, key) * self.temperature.view(1, -1, 1)
         attended = torch.einsum("bhn,bhcn->bhc", logits.softmax(dim=-1), value).reshape(batch, channels)
-        gate = torch.sigmoid(self.gate(attended))
+        gate = torch.sigmoid(self.gate(query + attended))
         return features * gate.reshape(batch, channels, 1, 1, 1)
 
 

@@ -22,15 +22,20 @@ from .text_guidance import ModalityEmbedding, TextConditioner, TextGuidedFusion
 
 CONDITIONINGS = ("text", "onehot")
 DEFAULT_MODALITY = "T1w"  # what forward(image) synthesises when no prompt is given
+# Points decoded at once: each decoder layer then holds 16384 x 8 corners x 256 x 4 bytes = 0.13 GB at paper scale.
+QUERY_CHUNK_SIZE = 16384
 
 
 class TUMSynNet(nn.Module):
     """``encode``/``query``/``forward`` as specified in the shared interface (see ``scripts.liif`` for coordinates).
 
+    Sizes come from ``scripts.network_scales`` through ``build_tumsyn_net``.
+
     Args:
         text_encoder: stage-1 text tower (frozen here); required for ``conditioning="text"``, ignored otherwise.
         conditioning: "text" (prompt tokens) or "onehot" (target modality index).
-        cond_dim: size of the conditioning vector; defaults to the text encoder's ``output_dim``.
+        cond_dim: size of the conditioning vector; for "text" it is (and may be left None for) the encoder's
+            ``output_dim``.
         channels, blocks: encoder width and BasicBlocks per stage.
         fusion_heads, fusion_mlp_ratio: cross-attention heads and feed-forward expansion.
         decoder_hidden: LIIF MLP hidden sizes.
@@ -39,25 +44,27 @@ class TUMSynNet(nn.Module):
 
     def __init__(
         self,
-        text_encoder: Optional[nn.Module] = None,
-        conditioning: str = "text",
-        cond_dim: Optional[int] = None,
-        channels: int = 64,
-        blocks: Sequence[int] = (3, 4, 6, 3),
-        fusion_heads: int = 8,
-        fusion_mlp_ratio: int = 4,
-        decoder_hidden: Sequence[int] = (256, 256, 256, 256),
-        query_chunk_size: int = 16384,
+        text_encoder: Optional[nn.Module],
+        conditioning: str,
+        cond_dim: Optional[int],
+        channels: int,
+        blocks: Sequence[int],
+        fusion_heads: int,
+        fusion_mlp_ratio: int,
+        decoder_hidden: Sequence[int],
+        query_chunk_size: int = QUERY_CHUNK_SIZE,
     ):
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning: expected one of {CONDITIONINGS}, got {conditioning!r}")
-        if conditioning == "text" and text_encoder is None:
-            raise ValueError("text_encoder: required for conditioning='text' (build_tumsyn_net builds one)")
-        if cond_dim is None:
+        if conditioning == "text":
             if text_encoder is None:
-                raise ValueError("cond_dim: required when there is no text encoder to take it from")
+                raise ValueError("text_encoder: required for conditioning='text' (build_tumsyn_net builds one)")
+            if cond_dim not in (None, text_encoder.output_dim):
+                raise ValueError(f"cond_dim: {cond_dim} differs from the text encoder's {text_encoder.output_dim}")
             cond_dim = int(text_encoder.output_dim)
+        elif cond_dim is None:
+            raise ValueError("cond_dim: required for conditioning='onehot'")
         self.conditioning = conditioning
         self.query_chunk_size = query_chunk_size
         if conditioning == "text":
@@ -120,13 +127,16 @@ class TUMSynNet(nn.Module):
 
 
 def build_tumsyn_net(
-    scale: str = "small", text_encoder_path: Optional[str] = None, conditioning: str = "text", **overrides
+    scale: str = "small",
+    text_encoder_path: Optional[str] = None,
+    conditioning: str = "text",
+    query_chunk_size: int = QUERY_CHUNK_SIZE,
 ) -> TUMSynNet:
     """TUMSynNet at a named scale (``scripts.network_scales``), for configs.
 
     With ``conditioning="text"`` the text encoder is loaded from ``text_encoder_path`` (a stage-1 export), or built
     untrained at the scale's size when no path is given (its weights then come from a full checkpoint such as
-    ``models/model.pt``). ``overrides`` replace individual TUMSynNet arguments (e.g. ``query_chunk_size``).
+    ``models/model.pt``). With ``conditioning="onehot"`` the path is ignored.
     """
     numbers = scale_config(scale)
     text_encoder = None
@@ -135,7 +145,7 @@ def build_tumsyn_net(
             text_encoder = load_text_encoder(text_encoder_path)
         else:
             text_encoder = build_text_encoder(text_encoder_config(scale))
-    arguments = dict(
+    return TUMSynNet(
         text_encoder=text_encoder,
         conditioning=conditioning,
         cond_dim=text_encoder.output_dim if text_encoder is not None else numbers["text"]["output_dim"],
@@ -144,8 +154,5 @@ def build_tumsyn_net(
         fusion_heads=numbers["fusion"]["heads"],
         fusion_mlp_ratio=numbers["fusion"]["mlp_ratio"],
         decoder_hidden=numbers["decoder"]["hidden"],
+        query_chunk_size=query_chunk_size,
     )
-    unknown = sorted(set(overrides) - set(arguments) - {"query_chunk_size"})
-    if unknown:
-        raise ValueError(f"build_tumsyn_net: unknown arguments {unknown}")
-    return TUMSynNet(**{**arguments, **overrides})
