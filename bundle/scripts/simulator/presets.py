@@ -137,6 +137,14 @@ PRESETS: dict[str, SitePreset] = {p.name: p for p in (
                clinical=(ClinicalAcquisition("FLAIR", _AX5), ClinicalAcquisition("PD", Geometry("coronal", 3.2, 0.9)),
                          ClinicalAcquisition("T1w", Geometry("sagittal", 4.0, 1.0, 0.4), _SPIN_ECHO_T1)),
                tumour_probability=0.2, wmh_probability=0.5),
+    # Evaluation only: parameters outside every training range above (T2w TE, FLAIR TR/TE/TI, PD TE, MPRAGE TR), for
+    # the zero-shot rows of the evaluation; never part of the training sites.
+    SitePreset("unseen-params", (3.0,), ("Siemens",), (30, 70),
+               _protocols(_BASE_3T, T1w=Protocol("MPRAGE", (2700, 2700), (3.0, 3.0), (1100, 1100), (9, 9)),
+                          T2w=Protocol("SE", (7000, 9000), (150, 170)),
+                          FLAIR=Protocol("IR", (12000, 12500), (150, 160), (2700, 2800)),
+                          PD=Protocol("SE", (5000, 6000), (25, 30))),
+               clinical=(ClinicalAcquisition("FLAIR", _AX5),)),
 )}
 
 
