@@ -1,0 +1,597 @@
+"""Whole-volume inference: any scan + a target prompt -> the requested contrast at the requested voxel size.
+
+Engine (``synthesize_volume``): the encoder runs on overlapping input windows whose latent features are blended
+with Gaussian weights (no seams), and the LIIF decoder is queried for every output voxel exactly once. Windows are
+processed row by row along the first axis and only a slab of blended latents (one window row plus a halo) is
+kept: latent channels x (roi_size[0] + 5) x H x W floats (about 0.7 GB for the small network on a 218 x 182 mm
+plane with the default 64-voxel windows), plus ``query_chunk`` queries at a time, whatever the number of slices.
+
+Geometry (``output_grid``): the output tiles the input's field of view at the target voxel size (rounded so the
+FOV edges coincide), keeps the input's orientation and direction cosines (oblique stays oblique), and the network
+sees every input in the closest RAS+ voxel order, as it saw its training data.
+
+Driver (``run_inference``, ``run_batch``, ``SynthesisRunner`` for ``configs/inference.yaml``): loads and checks the
+input, resolves the prompts, writes ``<stem>_<modality>.nii.gz``, a PNG preview and a JSON sidecar (last, so a
+sidecar marks a finished case), each atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import json
+import logging
+import math
+import os
+from typing import Any, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer
+from tqdm import tqdm
+
+import scripts
+
+from .intensity import normalize_intensity
+from .liif import make_coord
+from .preview import save_preview
+from .prompt import MODALITIES, Prompt, PromptError, canonical_modality, prompt_from_image, tokenize
+from .volume_io import Volume, atomic_path, check_memory, load_volume, save_nifti
+
+logger = logging.getLogger(__name__)
+
+# Latent voxels kept around the ones a query reads: the decoder reads the 2 latent voxels around a coordinate per
+# axis and the latent is a 3x3x3 convolution of the features, so 2 voxels of margin make slab edges invisible.
+QUERY_HALO = 2
+
+# Bytes per output voxel held at once: the float32 prediction, its resampled mask and a copy on write.
+OUTPUT_BYTES_PER_VOXEL = 12
+
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Geometry
+
+
+def output_grid(shape: Sequence[int], affine: np.ndarray, target_spacing: Sequence[float]
+                ) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and affine of the grid tiling the input's field of view at about ``target_spacing`` (file axis order).
+
+    The voxel count per axis is the FOV divided by the target size, rounded; the voxel size is then adjusted so
+    the grid covers exactly the input FOV (its outer edges coincide) with the input's direction cosines.
+    """
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    extent = np.asarray(shape, dtype=np.float64) * spacing
+    out_shape = np.maximum(1, np.round(extent / np.asarray(target_spacing, dtype=np.float64))).astype(int)
+    out_spacing = extent / out_shape
+    directions = affine[:3, :3] / spacing
+    out_affine = np.eye(4)
+    out_affine[:3, :3] = directions * out_spacing
+    # Voxel index -0.5 is the FOV edge in both grids: origin_out - d*s_out/2 = origin_in - d*s_in/2.
+    out_affine[:3, 3] = affine[:3, 3] + directions @ ((out_spacing - spacing) / 2)
+    return tuple(int(n) for n in out_shape), out_affine
+
+
+def _canonical_orientation(affine: np.ndarray) -> np.ndarray:
+    """nibabel orientation (per file axis: RAS axis and sign) taking the file's voxel order to the closest RAS+."""
+    return nib.orientations.io_orientation(affine)
+
+
+def _reorder_shape(shape: Sequence[int], orientation: np.ndarray) -> tuple[int, ...]:
+    reordered = [0, 0, 0]
+    for axis, (target_axis, _) in enumerate(orientation):
+        reordered[int(target_axis)] = int(shape[axis])
+    return tuple(reordered)
+
+
+def _from_canonical(array: np.ndarray, orientation: np.ndarray) -> np.ndarray:
+    ras = nib.orientations.axcodes2ornt("RAS")
+    return nib.orientations.apply_orientation(array, nib.orientations.ornt_transform(ras, orientation))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engine
+
+
+def _window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Start indices of windows of ``window`` voxels covering ``size`` with at least ``overlap`` between neighbours."""
+    if window >= size:
+        return [0]
+    stride = max(1, int(window * (1 - overlap)))
+    count = math.ceil((size - window) / stride) + 1
+    return sorted({min(i * stride, size - window) for i in range(count)})
+
+
+def gaussian_window(size: Sequence[int], sigma_scale: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Separable Gaussian blending weights over a window (sigma = ``sigma_scale`` x size per axis), never zero.
+
+    Unlike ``monai.data.utils.compute_importance_map`` it is not clamped from below: that clamp makes all windows
+    weigh the same near their corners, where zero-padding artefacts live, and lets those artefacts through.
+    """
+    weight = torch.ones((), device=device)
+    for n in size:
+        offset = torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2
+        weight = weight[..., None] * torch.exp(-0.5 * (offset / (sigma_scale * n)) ** 2)
+    return weight
+
+
+def _autocast(device: torch.device, amp: bool):
+    """bf16 autocast on a GPU that has it (fp16 otherwise) when ``amp``; full precision on the CPU."""
+    if not amp or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def synthesize_volume(
+    network: torch.nn.Module,
+    image: torch.Tensor,
+    tokens: torch.Tensor | None,
+    out_shape: Sequence[int],
+    *,
+    modality: torch.Tensor | None = None,
+    roi_size: Sequence[int] = (64, 64, 64),
+    overlap: float = 0.25,
+    sigma_scale: float = 0.125,
+    sw_batch_size: int = 1,
+    query_chunk: int = 65536,
+    amp: bool = True,
+    progress: bool = True,
+) -> torch.Tensor:
+    """The network's prediction on a grid of ``out_shape`` tiling the field of view of ``image``: ``[1, *out_shape]``.
+
+    ``image [1, D, H, W]`` is normalised; ``tokens [1, L]`` (or ``modality [1]``) is the target condition. Output
+    voxel j of n along an axis of n_in input voxels sits at normalised coordinate -1 + (2j + 1) / n. Runs on the
+    network's device and returns float32 on the CPU.
+    """
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"image: expected shape [1, D, H, W], got {list(image.shape)}")
+    device = next(network.parameters()).device
+    in_shape, out_shape = tuple(image.shape[1:]), tuple(int(n) for n in out_shape)
+    roi = tuple(min(int(r), n) for r, n in zip(roi_size, in_shape))
+    starts = [_window_starts(n, r, overlap) for n, r in zip(in_shape, roi)]
+    window_weight = gaussian_window(roi, sigma_scale, device)
+    tokens = None if tokens is None else tokens.to(device)
+    modality = None if modality is None else modality.to(device)
+
+    # Output row j (first axis) reads latent rows around its continuous input index u_j.
+    rows_ratio = in_shape[0] / out_shape[0]
+    first_latent_row = np.floor((np.arange(out_shape[0]) + 0.5) * rows_ratio - 0.5).astype(int)
+    plane_coords = make_coord(out_shape[1:]).to(device)  # [H' * W', 2], shared by every output row
+    plane_size = plane_coords.shape[0]
+    output = torch.empty(out_shape, dtype=torch.float32)
+
+    windows = [(y, x) for y in starts[1] for x in starts[2]]
+    bar = tqdm(total=len(starts[0]) * len(windows), desc="synthesize", unit="window", disable=not progress)
+    slab = None
+    next_row = 0
+    with torch.inference_mode(), _autocast(device, amp):
+        for index, z in enumerate(starts[0]):
+            for batch_start in range(0, len(windows), sw_batch_size):
+                batch = windows[batch_start : batch_start + sw_batch_size]
+                crops = torch.stack([image[:, z : z + roi[0], y : y + roi[1], x : x + roi[2]] for y, x in batch])
+                encoded = network.encode(crops.to(device), tokens, modality).float()
+                if slab is None:
+                    slab = _LatentSlab(encoded.shape[1], roi[0] + 2 * QUERY_HALO + 1, in_shape[1:], device)
+                for (y, x), latent in zip(batch, encoded):
+                    slab.add(latent * window_weight, window_weight, z, y, x)
+                bar.update(len(batch))
+            # Rows below the next window row are final; decode every output row whose reads lie in them.
+            final_high = starts[0][index + 1] if index + 1 < len(starts[0]) else in_shape[0]
+            last_row = next_row
+            while last_row < out_shape[0] and (
+                final_high == in_shape[0] or first_latent_row[last_row] + 1 + QUERY_HALO < final_high
+            ):
+                last_row += 1
+            if last_row > next_row:
+                _decode_rows(network, slab.blended(final_high), slab.low, rows_ratio, next_row, last_row,
+                             plane_coords, out_shape, output.view(-1)[next_row * plane_size : last_row * plane_size],
+                             query_chunk)
+                next_row = last_row
+            if next_row < out_shape[0]:  # forget the rows no later output row reads
+                slab.drop_below(min(max(int(first_latent_row[next_row]) - QUERY_HALO, 0), final_high))
+    bar.close()
+    return output.unsqueeze(0)
+
+
+class _LatentSlab:
+    """Gaussian-weighted sums of window latents over input rows ``[low, high)`` (all columns), in a buffer of fixed
+    capacity allocated once, so peak memory is channels x capacity x H x W whatever the number of slices."""
+
+    def __init__(self, channels: int, capacity: int, plane: Sequence[int], device: torch.device):
+        self.sums = torch.zeros((channels, capacity, *plane), device=device)
+        self.weights = torch.zeros((1, capacity, *plane), device=device)
+        self.low = self.high = 0  # input rows held
+        self.blended_high = 0  # rows below it already hold sums / weights
+
+    def add(self, weighted_latent: torch.Tensor, weight: torch.Tensor, z: int, y: int, x: int) -> None:
+        depth, height, width = weight.shape
+        if z + depth - self.low > self.sums.shape[1]:
+            raise RuntimeError(f"latent slab overflow: rows {self.low}..{z + depth} exceed {self.sums.shape[1]}")
+        self.high = max(self.high, z + depth)
+        rows = slice(z - self.low, z - self.low + depth)
+        self.sums[:, rows, y : y + height, x : x + width] += weighted_latent
+        self.weights[:, rows, y : y + height, x : x + width] += weight
+
+    def blended(self, final_high: int) -> torch.Tensor:
+        """The blended latent of rows ``[low, final_high)``, which no later window touches (normalised in place)."""
+        begin, end = self.blended_high - self.low, final_high - self.low
+        self.sums[:, begin:end] /= self.weights[:, begin:end]
+        self.blended_high = final_high
+        return self.sums[:, :end]
+
+    def drop_below(self, row: int) -> None:
+        """Forget rows below ``row``: shift the kept rows to the buffer start and clear the rest."""
+        shift, keep = row - self.low, self.high - row
+        if shift <= 0:
+            return
+        for begin in range(0, keep, shift):  # blocks of at most `shift` rows never overlap their source
+            count = min(shift, keep - begin)
+            for buffer in (self.sums, self.weights):
+                buffer[:, begin : begin + count] = buffer[:, shift + begin : shift + begin + count]
+        for buffer in (self.sums, self.weights):
+            buffer[:, max(keep, 0) :] = 0
+        self.low, self.high = row, max(self.high, row)
+
+
+def _decode_rows(network, latent: torch.Tensor, slab_low: int, rows_ratio: float, first: int, stop: int,
+                 plane_coords: torch.Tensor, out_shape: tuple[int, ...], destination: torch.Tensor,
+                 query_chunk: int) -> None:
+    """Query output rows ``[first, stop)`` from the latent slab that starts at input row ``slab_low``."""
+    device, slab_rows, plane_size = latent.device, latent.shape[1], plane_coords.shape[0]
+    # Cell in the slab's normalised unit: along the first axis one output row spans rows_ratio input rows.
+    cell = torch.tensor([2 * rows_ratio / slab_rows, 2 / out_shape[1], 2 / out_shape[2]], device=device)
+    total = (stop - first) * plane_size
+    for begin in range(0, total, query_chunk):
+        flat = torch.arange(begin, min(begin + query_chunk, total), device=device)
+        rows = first + torch.div(flat, plane_size, rounding_mode="floor")
+        input_row = (rows.double() + 0.5) * rows_ratio - 0.5  # continuous input index of each output row
+        row_coord = (-1 + 2 * (input_row - slab_low + 0.5) / slab_rows).float()
+        coords = torch.cat([row_coord[:, None], plane_coords[flat % plane_size]], dim=1)[None]
+        prediction = network.query(latent[None], coords, cell.expand_as(coords))
+        destination[begin : begin + flat.numel()] = prediction.reshape(-1).float().cpu()
+
+
+class TUMSynInferer(Inferer):
+    """MONAI ``Inferer`` around ``synthesize_volume``: ``inferer(inputs [B, 1, D, H, W], network, prompt, out_shape)``.
+
+    Holds the engine settings; ``prompt`` (the official template or a Prompt) defaults to the one given here.
+    """
+
+    def __init__(self, prompt: str | None = None, roi_size: Sequence[int] = (64, 64, 64), overlap: float = 0.25,
+                 sigma_scale: float = 0.125, sw_batch_size: int = 1, query_chunk: int = 65536, amp: bool = True,
+                 progress: bool = True):
+        if not 0 <= overlap < 1:
+            raise ValueError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
+        if min(roi_size) < 1 or query_chunk < 1 or sw_batch_size < 1:
+            raise ValueError(f"roi_size, query_chunk, sw_batch_size: expected positive sizes, got "
+                             f"{list(roi_size)}, {query_chunk}, {sw_batch_size}")
+        self.prompt = prompt
+        self.settings = dict(roi_size=tuple(int(r) for r in roi_size), overlap=float(overlap),
+                             sigma_scale=float(sigma_scale), sw_batch_size=int(sw_batch_size),
+                             query_chunk=int(query_chunk), amp=bool(amp), progress=bool(progress))
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, prompt: str | Prompt | None = None,
+                 out_shape: Sequence[int] | None = None) -> torch.Tensor:
+        prompt = prompt if prompt is not None else self.prompt
+        tokens = modality = None
+        if prompt is not None:
+            prompt = prompt if isinstance(prompt, Prompt) else Prompt.parse(prompt)
+            tokens = tokenize(prompt.render())
+            modality = torch.tensor([MODALITIES.index(prompt.modality)])
+        out_shape = tuple(inputs.shape[2:]) if out_shape is None else tuple(out_shape)
+        return torch.stack([synthesize_volume(network, item, tokens, out_shape, modality=modality, **self.settings)
+                            for item in inputs])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def _checked_spacing(value: Any, what: str) -> tuple[float, float, float]:
+    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
+    if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{what}: expected 3 positive voxel sizes in mm (x, y, z), got {value!r}")
+    return tuple(float(v) for v in values)
+
+
+def source_prompt(volume: Volume) -> Prompt | None:
+    """What the input's own metadata (BIDS sidecar + participants.tsv, DICOM header) says about it, if readable."""
+    try:
+        return prompt_from_image(volume.path, voxel_size=volume.spacing)
+    except PromptError as error:
+        volume.warnings.append(f"no source prompt: {error}")
+        return None
+
+
+def target_prompt(text: str, source: Prompt | None, input_spacing: Sequence[float],
+                  target_spacing: Sequence[float] | None) -> Prompt:
+    """The prompt the network is given.
+
+    ``text`` is either the official template, or a modality name optionally followed by template fields
+    (``"FLAIR"``, ``"FLAIR; Age: 70"``): age, sex and scanner then come from the input's metadata (``source``),
+    and the voxel size from ``target_spacing`` or the input's. An explicit ``target_spacing`` always sets the
+    voxel size.
+    """
+    try:
+        prompt = Prompt.parse(text)
+    except PromptError as template_error:
+        head, _, fields = str(text).partition(";")
+        try:
+            modality = canonical_modality(head.strip())
+        except PromptError as modality_error:
+            bare_word = head.strip() and ":" not in head and " " not in head.strip()
+            raise (modality_error if bare_word else template_error) from None  # a bare word meant a modality
+        given = Prompt.parse(f"Modality: {modality}; {fields}") if fields.strip() else Prompt(modality=modality)
+        inherited = {} if source is None else {
+            "age": source.age, "sex": source.sex, "field_strength": source.field_strength,
+            "manufacturer": source.manufacturer}
+        explicit = {k: v for k, v in vars(given).items() if v is not None}
+        prompt = Prompt(**{**inherited, **explicit})
+    if target_spacing is not None:
+        return prompt.replace(voxel_size=tuple(target_spacing))
+    if prompt.voxel_size is None:
+        return prompt.replace(voxel_size=tuple(input_spacing))
+    return prompt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One case
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(os.path.normpath(path))
+    for extension in NIFTI_EXTENSIONS:
+        if name.endswith(extension):
+            return name[: -len(extension)]
+    return name
+
+
+def output_paths(input_image: str, modality: str, output_dir: str) -> dict[str, str]:
+    """Where a case's files go: ``<output_dir>/<input stem>_<modality>.{nii.gz,png,json}``."""
+    base = os.path.join(output_dir, f"{_stem(input_image)}_{modality}")
+    return {"image": base + ".nii.gz", "preview": base + ".png", "sidecar": base + ".json"}
+
+
+def is_finished(paths: dict[str, str]) -> bool:
+    """A case is done when its sidecar (written last) parses and names an image of the recorded size."""
+    try:
+        with open(paths["sidecar"]) as handle:
+            record = json.load(handle)
+        return os.path.getsize(paths["image"]) == record["output_bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def bundle_version() -> str | None:
+    """The bundle's version from ``configs/metadata.json`` (the model's version in the sidecar)."""
+    try:
+        with open(os.path.join(scripts.BUNDLE_ROOT, "configs", "metadata.json")) as handle:
+            return json.load(handle).get("version")
+    except (OSError, ValueError):
+        return None
+
+
+def _refuse_overwriting_inputs(paths: dict[str, str], protected: Sequence[str | None]) -> None:
+    protected_real = {os.path.realpath(p) for p in protected if p}
+    for path in paths.values():
+        if os.path.realpath(path) in protected_real:
+            raise ValueError(f"{path}: the output would overwrite an input file; choose another output_dir")
+
+
+def run_inference(input_image: str, prompt: str, output_dir: str, network: torch.nn.Module,
+                  target_spacing: Sequence[float] | float | None = None, reference: str | None = None, *,
+                  inferer: TUMSynInferer | None = None, volume_index: int | None = None,
+                  nan_policy: str = "refuse", preview: bool = True) -> dict[str, str]:
+    """Synthesise one case and write its image, preview and sidecar; returns their paths.
+
+    Everything that can be wrong with the input (file, prompt, spacing, memory) is checked before anything is
+    written, so a refused case leaves no file behind.
+    """
+    inferer = inferer or TUMSynInferer()
+    spacing = None if target_spacing is None else _checked_spacing(target_spacing, "target_spacing")
+    volume = load_volume(str(input_image), volume_index=volume_index, nan_policy=nan_policy)
+    reference_volume = None if reference is None else load_volume(str(reference))
+    source = source_prompt(volume)
+    target = target_prompt(prompt, source, volume.spacing, spacing)
+    tokenize(target.render())  # checks the token limit before any work
+    paths = output_paths(input_image, target.modality, output_dir)
+    _refuse_overwriting_inputs(paths, [str(input_image), reference])
+
+    # The grid follows the requested numbers, not the prompt's rounding of them (which may round tiny sizes to 0).
+    grid_spacing = spacing if spacing is not None else _checked_spacing(target.voxel_size, "prompt 'Voxel size'")
+    out_shape, out_affine = output_grid(volume.array.shape, volume.affine, grid_spacing)
+    check_memory(OUTPUT_BYTES_PER_VOXEL * float(np.prod(out_shape)), f"output grid {out_shape} for {input_image}")
+    orientation = _canonical_orientation(volume.affine)
+    canonical = nib.orientations.apply_orientation(volume.array, orientation)
+    image = torch.from_numpy(np.ascontiguousarray(normalize_intensity(canonical)))[None]
+    logger.info("%s -> %s grid %s", input_image, target.render(), out_shape)
+    prediction = inferer(image[None], network, prompt=target, out_shape=_reorder_shape(out_shape, orientation))[0, 0]
+    # Background stays background: zero where the input's non-zero mask, resampled to the output grid, is off.
+    mask = F.interpolate((image[None] != 0).float(), size=prediction.shape, mode="trilinear", align_corners=False)
+    prediction = (prediction.clamp_(min=0) * (mask[0, 0] >= 0.5)).numpy()
+    synthesized = np.ascontiguousarray(_from_canonical(prediction, orientation), dtype=np.float32)
+
+    save_nifti(synthesized, out_affine, paths["image"])
+    if preview:
+        save_preview(paths["preview"], volume, synthesized, out_affine, reference_volume)
+    record = {
+        "input_image": os.path.abspath(str(input_image)),
+        "output_image": os.path.basename(paths["image"]),
+        "output_bytes": os.path.getsize(paths["image"]),
+        "preview": os.path.basename(paths["preview"]) if preview else None,
+        "prompt_given": prompt,
+        "target_prompt": target.render(),
+        "source_prompt": None if source is None else source.render(),
+        "input_spacing": list(volume.spacing),
+        "target_spacing": list(target.voxel_size),
+        "output_spacing": [float(s) for s in np.linalg.norm(out_affine[:3, :3], axis=0)],
+        "output_shape": list(out_shape),
+        "reference": None if reference is None else os.path.abspath(reference),
+        "model_version": bundle_version(),
+        "intensity": "normalised (brain 99th percentile of the input = 1), float32",
+        "warnings": volume.warnings,
+    }
+    with atomic_path(paths["sidecar"]) as temporary, open(temporary, "w") as handle:
+        json.dump(record, handle, indent=2)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Many cases
+
+
+CASE_KEYS = ("input_image", "prompt", "target_spacing", "reference")
+
+
+def load_datalist(path: str) -> list[dict[str, Any]]:
+    """Cases from a CSV (header with input_image, prompt[, target_spacing, reference]) or JSON list/``{"data": [...]}``.
+
+    Relative image paths are taken relative to the datalist's folder.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such datalist file")
+    try:
+        if path.endswith(".csv"):
+            with open(path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            for row in rows:
+                if row.get("target_spacing"):
+                    row["target_spacing"] = json.loads(row["target_spacing"])
+        else:
+            with open(path) as handle:
+                rows = json.load(handle)
+            rows = rows.get("data") if isinstance(rows, dict) else rows
+    except (ValueError, csv.Error) as error:
+        raise ValueError(f"{path}: unreadable datalist ({error})") from None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{path}: expected a non-empty list of cases with input_image and prompt")
+    folder = os.path.dirname(os.path.abspath(path))
+    cases = []
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not row.get("input_image") or not row.get("prompt"):
+            raise ValueError(f"{path}: case {number} needs 'input_image' and 'prompt', got {row!r}")
+        unknown = set(row) - set(CASE_KEYS)
+        if unknown:
+            raise ValueError(f"{path}: case {number} has unknown keys {sorted(unknown)}; expected {list(CASE_KEYS)}")
+        case = {key: row.get(key) or None for key in CASE_KEYS}
+        for key in ("input_image", "reference"):
+            if case[key]:
+                case[key] = os.path.join(folder, case[key])
+        cases.append(case)
+    return cases
+
+
+def default_input_image(dataset_dir: str) -> str:
+    """The embedded default: a simulated subject's 1 mm T1w, simulating the dataset on first use."""
+    def candidates():
+        return sorted(f for f in _glob_bids(dataset_dir, "T1w") if "_acq-" not in f and "_ce-" not in f)
+
+    if not candidates():
+        from scripts.simulator import simulate
+
+        logger.info("simulating the default dataset in %s (first use)", dataset_dir)
+        simulate(dataset_dir, num_subjects=1, seed=0)
+    found = candidates()
+    if not found:
+        raise ValueError(f"{dataset_dir}: no sub-*/anat/sub-*_T1w.nii.gz image to use as the default input")
+    return found[0]
+
+
+def _glob_bids(root: str, suffix: str) -> list[str]:
+    return glob.glob(os.path.join(root, "sub-*", "anat", f"sub-*_{suffix}.nii.gz"))
+
+
+def inference_cases(input_image: str | None, prompt: str, target_spacing: Any, reference: str | None,
+                    datalist: str | None, dataset_dir: str) -> list[dict[str, Any]]:
+    """The cases one config run handles: a datalist's rows, else the one given input (or the embedded default)."""
+    if datalist:
+        return load_datalist(datalist)
+    image = input_image or default_input_image(dataset_dir)
+    return [{"input_image": image, "prompt": prompt, "target_spacing": target_spacing, "reference": reference}]
+
+
+def run_batch(cases: Sequence[dict[str, Any]], output_dir: str, network: torch.nn.Module, *, overwrite: bool = False,
+              **options: Any) -> list[dict[str, str]]:
+    """``run_inference`` per case, skipping finished ones (their sidecar) unless ``overwrite``.
+
+    A failing case does not stop the others; the run then ends with one error naming how many failed and why.
+    """
+    done, failures = [], []
+    for case in cases:
+        try:
+            if not overwrite:
+                modality = _target_modality(case["prompt"])
+                paths = output_paths(case["input_image"], modality, output_dir)
+                if modality and is_finished(paths):
+                    logger.info("skipping %s: already finished (%s)", case["input_image"], paths["sidecar"])
+                    done.append(paths)
+                    continue
+            done.append(run_inference(case["input_image"], case["prompt"], output_dir, network,
+                                      case.get("target_spacing"), case.get("reference"), **options))
+        except (ValueError, OSError) as error:
+            logger.error("%s", error)
+            failures.append(str(error))
+    if len(cases) == 1 and failures:
+        raise ValueError(failures[0])
+    if failures:
+        raise ValueError(f"{len(failures)} of {len(cases)} cases failed; first: {failures[0]}")
+    return done
+
+
+def _target_modality(prompt: str) -> str | None:
+    """The modality a prompt asks for without reading the image (None when it cannot tell)."""
+    try:
+        return Prompt.parse(prompt).modality
+    except PromptError:
+        try:
+            return canonical_modality(str(prompt).partition(";")[0].strip())
+        except PromptError:
+            return None
+
+
+def load_network_weights(network: torch.nn.Module, ckpt_path: str) -> torch.nn.Module:
+    """Load a state dict safely (``weights_only``); a missing, corrupt or mismatched file is a one-line error."""
+    if not os.path.isfile(ckpt_path):
+        raise ValueError(f"{ckpt_path}: no such weights file (train one, or pass --ckpt_path)")
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt zip, pickled code refused by weights_only, ...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+        raise ValueError(f"{ckpt_path}: not a loadable weights file ({first_line})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{ckpt_path}: expected a state dict, got {type(state).__name__}")
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    resized = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or resized:
+        def few(keys):
+            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") if keys else "none"
+
+        raise ValueError(f"{ckpt_path}: weights do not fit this network config (is --scale right?): "
+                         f"missing {few(missing)}; unexpected {few(unexpected)}; different shape {few(resized)}")
+    network.load_state_dict(state)
+    return network.eval()
+
+
+class SynthesisRunner:
+    """The ``evaluator`` of ``configs/inference.yaml``: ``run()`` synthesises every case of ``dataset``."""
+
+    def __init__(self, network: torch.nn.Module, inferer: TUMSynInferer, dataset: Sequence[dict[str, Any]],
+                 output_dir: str, overwrite: bool = True, volume_index: int | None = None,
+                 nan_policy: str = "refuse", preview: bool = True):
+        self.network, self.inferer, self.dataset, self.output_dir = network, inferer, dataset, output_dir
+        self.overwrite = overwrite
+        self.options = dict(volume_index=volume_index, nan_policy=nan_policy, preview=preview)
+
+    def run(self) -> list[dict[str, str]]:
+        written = run_batch([self.dataset[i] for i in range(len(self.dataset))], self.output_dir, self.network,
+                            overwrite=self.overwrite, inferer=self.inferer, **self.options)
+        for paths in written:
+            logger.info("wrote %s", paths["image"])
+        return written

@@ -1,0 +1,531 @@
+"""Whole-volume inference: geometry, blending, chunking, batch resume, DICOM input, bad inputs, the config."""
+
+import csv
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import map_coordinates
+
+from helpers import write_bids_image, write_dicom_series
+from scripts.inference_engine import (
+    TUMSynInferer,
+    gaussian_window,
+    inference_cases,
+    load_datalist,
+    load_network_weights,
+    output_grid,
+    run_batch,
+    run_inference,
+    synthesize_volume,
+)
+from scripts.intensity import normalize_intensity
+from scripts.prompt import tokenize
+from scripts.tumsyn_net import build_tumsyn_net
+from scripts.volume_io import load_volume
+
+T2W_TEMPLATE = ("Age: 40; Gender: M; Scanner: 3.0 Siemens; Modality: T2w; Voxel size: (1.0, 1.0, 1.0); "
+                "Imaging parameter TR(ms), TE(ms), TI(ms), and FA(degree):  (4000.0, 100.0, None, 90.0)")
+FAST = TUMSynInferer(roi_size=(16, 16, 16), query_chunk=4096, progress=False)
+
+
+class SamplingNet(torch.nn.Module):
+    """Stand-in with the TUMSynNet encode/query API: features = image (optionally through a local 3x3x3 conv),
+    query = trilinear sampling of feature 0, so the output is the input resampled onto the query grid."""
+
+    def __init__(self, conv: bool = False):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1) if conv else None
+        self.scale = torch.nn.Parameter(torch.ones(()))  # gives the engine a device to read
+
+    def encode(self, image, tokens=None, modality=None):
+        return self.conv(image) if self.conv is not None else image * self.scale
+
+    def query(self, features, coords, cell):
+        grid = coords.flip(-1)[:, :, None, None, :]  # grid_sample wants (W, H, D) order
+        sampled = F.grid_sample(features, grid, mode="bilinear", align_corners=False, padding_mode="border")
+        return sampled[:, :1, :, 0, 0].transpose(1, 2)
+
+
+def smooth_volume(shape, period=12.0):
+    axes = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    return 1.0 + 0.3 * np.sin(axes[0] / period * 2 * np.pi) * np.cos(axes[1] / period * 2 * np.pi) + 0.02 * axes[2]
+
+
+def blob_volume(shape, affine, landmark, sigma_mm=4.0):
+    """A Gaussian blob centred on the world point ``landmark`` plus a dim pedestal (non-zero everywhere)."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(np.float64)
+    world = index @ affine[:3, :3].T + affine[:3, 3]
+    distance2 = ((world - np.asarray(landmark)) ** 2).sum(-1)
+    return (0.1 + np.exp(-distance2 / (2 * sigma_mm**2))).astype(np.float32)
+
+
+def world_centroid(path, threshold=0.5):
+    image = nib.load(path)
+    data = np.asarray(image.dataobj, dtype=np.float64)
+    weights = np.clip(data - threshold * data.max(), 0, None)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), -1).reshape(-1, 3)
+    centre = (index * weights.reshape(-1, 1)).sum(0) / weights.sum()
+    return image.affine[:3, :3] @ centre + image.affine[:3, 3]
+
+
+def rotation(axis, degrees):
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def make_affine(linear, shape, centre=(2.0, -5.0, 8.0)):
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = np.asarray(centre) - linear @ ((np.asarray(shape) - 1) / 2)
+    return affine
+
+
+AFFINES = {
+    "RAS": lambda shape: make_affine(np.diag([1.0, 1.0, 1.0]), shape),
+    "LPS": lambda shape: make_affine(np.diag([-1.0, -1.0, 1.0]), shape),
+    "oblique_anisotropic": lambda shape: make_affine(rotation(0, 20) @ rotation(2, -15) @ np.diag([1.0, 1.5, 2.0]),
+                                                     shape),
+    "coronal_stored": lambda shape: make_affine(np.array([[-1.0, 0, 0], [0, 0, 2.0], [0, -1.0, 0]]), shape),
+}
+
+
+def write_nifti(path, data, affine, dtype=np.float32):
+    nib.save(nib.Nifti1Image(np.asarray(data).astype(dtype), affine), str(path))
+    return str(path)
+
+
+def write_raw_nifti(path, shape, data: bytes, sform=None):
+    """A NIfTI written byte by byte, for headers nibabel refuses to produce (``sform``: 3x4 rows, taken as is)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    if sform is not None:
+        header["srow_x"], header["srow_y"], header["srow_z"] = sform
+        header["sform_code"] = 1
+    with gzip.open(path, "wb") as handle:
+        handle.write(header.binaryblock + b"\0" * 4 + data)
+    return str(path)
+
+
+def files_in(folder):
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Geometry
+
+
+@pytest.mark.parametrize("shape, spacing, target, expected", [
+    ((24, 24, 24), (1, 1, 1), (0.5, 0.5, 0.5), (48, 48, 48)),
+    ((24, 24, 6), (1, 1, 5), (1, 1, 1), (24, 24, 30)),
+    ((20, 30, 10), (1, 1, 1), (2, 3, 1), (10, 10, 10)),
+    ((25, 25, 25), (0.8, 0.8, 0.8), (1, 1, 1), (20, 20, 20)),
+])
+def test_output_grid_shape_and_fov(shape, spacing, target, expected):
+    affine = make_affine(rotation(1, 30) @ np.diag(spacing), shape)
+    out_shape, out_affine = output_grid(shape, affine, target)
+    assert out_shape == expected
+    np.testing.assert_allclose(np.linalg.norm(out_affine[:3, :3], axis=0), target, atol=1e-9)
+    for corner in ([-0.5] * 3, np.asarray(shape) - 0.5):  # outer FOV corners coincide in world space
+        inner = np.asarray(corner) if corner[0] == -0.5 else np.asarray(out_shape) - 0.5
+        np.testing.assert_allclose(out_affine[:3, :3] @ inner + out_affine[:3, 3],
+                                   affine[:3, :3] @ np.asarray(corner) + affine[:3, 3], atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(AFFINES))
+def test_output_keeps_orientation_and_world_space(tmp_path, name):
+    shape = (24, 20, 16)
+    affine = AFFINES[name](shape)
+    landmark = affine[:3, :3] @ np.array([13.0, 8.0, 9.0]) + affine[:3, 3]
+    path = write_nifti(tmp_path / "sub-01_T1w.nii.gz", blob_volume(shape, affine, landmark), affine)
+    written = run_inference(path, "T2w", str(tmp_path / "out"), SamplingNet(), target_spacing=(0.75, 0.75, 0.75),
+                            inferer=FAST, preview=False)
+    output = nib.load(written["image"])
+    assert output.get_data_dtype() == np.float32
+    assert nib.aff2axcodes(output.affine) == nib.aff2axcodes(affine)
+    out_spacing = np.linalg.norm(output.affine[:3, :3], axis=0)  # 0.75 mm, rounded to tile the FOV exactly
+    np.testing.assert_allclose(out_spacing, 0.75, atol=0.02)
+    np.testing.assert_allclose(output.affine[:3, :3] / out_spacing,
+                               affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0), atol=1e-6)
+    assert np.linalg.norm(world_centroid(written["image"]) - landmark) < 0.35
+
+    # Round trip: the output resampled back onto the input grid is the (normalised) input.
+    source = normalize_intensity(np.asarray(nib.load(path).dataobj, dtype=np.float32))
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), 0).reshape(3, -1).astype(float)
+    world = affine[:3, :3] @ index + affine[:3, 3:4]
+    out_index = np.linalg.inv(output.affine[:3, :3]) @ (world - output.affine[:3, 3:4])
+    back = map_coordinates(np.asarray(output.dataobj), out_index, order=1).reshape(shape)
+    interior = (slice(3, -3),) * 3
+    error = np.abs(back[interior] - source[interior])
+    assert error.max() < 0.1 and error.mean() < 0.01  # two trilinear interpolations of a 4 mm blob
+
+
+def test_sidecar_records_prompts_and_spacing(tmp_path):
+    root = tmp_path / "bids"
+    path = write_bids_image(str(root), "07", "T1w", blob_volume((20, 20, 20), np.eye(4), (9, 9, 9)),
+                            {"RepetitionTime": 2.3, "EchoTime": 0.003, "FlipAngle": 9, "MagneticFieldStrength": 3,
+                             "Manufacturer": "Siemens"}, participants=[{"participant_id": "sub-07", "age": 61,
+                                                                        "sex": "F"}])
+    written = run_inference(path, "FLAIR", str(tmp_path / "out"), SamplingNet(), target_spacing=2.0, inferer=FAST,
+                            preview=False)
+    assert os.path.basename(written["image"]) == "sub-07_T1w_FLAIR.nii.gz"
+    record = json.load(open(written["sidecar"]))
+    assert "Modality: T1w" in record["source_prompt"] and "Age: 61" in record["source_prompt"]
+    # Age, sex and scanner come from the input's metadata; the voxel size from target_spacing.
+    assert record["target_prompt"].startswith("Age: 61; Gender: F; Scanner: 3.0 Siemens; Modality: FLAIR; "
+                                              "Voxel size: (2.0, 2.0, 2.0)")
+    assert record["output_shape"] == [10, 10, 10]
+    assert record["model_version"] and record["output_bytes"] == os.path.getsize(written["image"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engine
+
+
+@pytest.mark.parametrize("out_shape", [(45, 39, 11), (7, 13, 30), (30, 26, 22)])
+def test_windows_and_slabs_reproduce_whole_volume_exactly(out_shape):
+    image = torch.rand(1, 30, 26, 22)
+    whole = F.interpolate(image[None], size=out_shape, mode="trilinear", align_corners=False)[0]
+    windowed = synthesize_volume(SamplingNet(), image, None, out_shape, roi_size=(10, 12, 8), progress=False)
+    torch.testing.assert_close(windowed, whole, atol=1e-5, rtol=0)
+
+
+def test_gaussian_blending_is_seam_free():
+    torch.manual_seed(0)
+    net = SamplingNet(conv=True)  # a local encoder: windows differ from the whole volume only by zero-padding
+    image = torch.from_numpy(smooth_volume((40, 36, 32)))[None]
+    whole = synthesize_volume(net, image, None, (40, 36, 32), roi_size=(64, 64, 64), progress=False)
+    windowed = synthesize_volume(net, image, None, (40, 36, 32), roi_size=(16, 16, 16), overlap=0.25,
+                                 progress=False)
+    flat = synthesize_volume(net, image, None, (40, 36, 32), roi_size=(16, 16, 16), overlap=0.25,
+                             sigma_scale=1e3, progress=False)  # equal weights: the padded window borders show
+    seam, unblended = (windowed - whole).abs().max(), (flat - whole).abs().max()
+    assert seam < 0.02 * (whole.max() - whole.min())
+    assert unblended > 20 * seam
+    # Along the first axis (window rows, slab edges) the deviation is the same at window borders as elsewhere.
+    per_row = (windowed - whole).abs()[0].amax((1, 2))
+    borders = [12, 15, 24, 27]  # window starts 0, 12, 24 of 16 voxels
+    assert per_row[borders].max() < 1.5 * per_row[[5, 9, 19, 31]].max()
+
+
+def test_gaussian_window_is_positive_and_peaked():
+    weight = gaussian_window((8, 12, 16), 0.125)
+    assert weight.shape == (8, 12, 16) and weight.min() > 0
+    assert weight[0, 0, 0] < 1e-6 * weight.max()  # no floor: corners weigh (almost) nothing
+
+
+def test_chunked_queries_equal_unchunked():
+    torch.manual_seed(0)
+    net = SamplingNet(conv=True)
+    image = torch.rand(1, 20, 18, 16)
+    one = synthesize_volume(net, image, None, (33, 30, 25), roi_size=(12, 12, 12), query_chunk=10**7, progress=False)
+    many = synthesize_volume(net, image, None, (33, 30, 25), roi_size=(12, 12, 12), query_chunk=97, progress=False)
+    torch.testing.assert_close(one, many, atol=1e-6, rtol=0)
+
+
+def test_real_network_windows_match_whole_volume():
+    torch.manual_seed(0)
+    net = build_tumsyn_net("small").eval()
+    image = torch.from_numpy(smooth_volume((24, 24, 24)))[None]
+    tokens = tokenize(T2W_TEMPLATE)
+    whole = synthesize_volume(net, image, tokens, (24, 24, 48), roi_size=(64, 64, 64), progress=False)
+    windowed = synthesize_volume(net, image, tokens, (24, 24, 48), roi_size=(16, 16, 16), query_chunk=1000,
+                                 progress=False)
+    assert whole.shape == (1, 24, 24, 48)
+    # The fusion gate pools over each window, so windows differ slightly from the whole volume; blending keeps it small.
+    assert (windowed - whole).abs().mean() < 0.05 * whole.abs().mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def test_dicom_series_geometry_and_source_prompt(tmp_path):
+    volume = (1000 * blob_volume((16, 14, 8), np.diag([0.9, 0.9, 3.0, 1]), (7, 6, 12))).astype(np.int16)
+    folder = tmp_path / "t1_series"
+    write_dicom_series(str(folder), volume, spacing=(0.9, 0.9, 3.0), RepetitionTime=2300.0, EchoTime=2.98,
+                       InversionTime=900.0, FlipAngle=9.0, MagneticFieldStrength=3.0, Manufacturer="SIEMENS",
+                       PatientAge="045Y", PatientSex="F", SeriesDescription="t1_mprage_sag")
+    loaded = load_volume(str(folder))
+    np.testing.assert_array_equal(loaded.array, volume)
+    np.testing.assert_allclose(loaded.affine, np.diag([-0.9, -0.9, 3.0, 1.0]), atol=1e-5)  # LPS -> RAS
+    written = run_inference(str(folder), "T2w", str(tmp_path / "out"), SamplingNet(), target_spacing=(0.9, 0.9, 1.5),
+                            inferer=FAST, preview=False)
+    assert os.path.basename(written["image"]) == "t1_series_T2w.nii.gz"
+    assert nib.load(written["image"]).shape == (16, 14, 16)
+    record = json.load(open(written["sidecar"]))
+    assert record["source_prompt"] == ("Age: 45; Gender: F; Scanner: 3.0 Siemens; Modality: T1w; "
+                                       "Voxel size: (0.9, 0.9, 3.0); Imaging parameter TR(ms), TE(ms), TI(ms), "
+                                       "and FA(degree):  (2300.0, 2.98, 900.0, 9.0)")
+    assert record["target_prompt"].startswith("Age: 45; Gender: F; Scanner: 3.0 Siemens; Modality: T2w")
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float64])
+def test_integer_and_double_inputs_work(tmp_path, dtype):
+    data = 200 * blob_volume((16, 16, 16), np.eye(4), (8, 8, 8))
+    path = write_nifti(tmp_path / "in.nii.gz", data, np.diag([1.2, 1.2, 1.2, 1.0]), dtype)
+    written = run_inference(path, T2W_TEMPLATE, str(tmp_path / "out"), SamplingNet(), inferer=FAST, preview=False)
+    output = np.asarray(nib.load(written["image"]).dataobj)
+    assert output.dtype == np.float32 and output.shape == (19, 19, 19) and 0.9 < output.max() <= 1.5
+
+
+def test_background_stays_zero_and_4d_volume_index(tmp_path):
+    data = np.zeros((16, 16, 16, 3), np.float32)
+    data[4:12, 4:12, 4:12, 1] = 5.0 + np.arange(8)[:, None, None]
+    path = write_nifti(tmp_path / "series.nii.gz", data, np.eye(4))
+    written = run_inference(path, "PD", str(tmp_path / "out"), SamplingNet(), target_spacing=0.5, volume_index=1,
+                            inferer=FAST, preview=False)
+    output = np.asarray(nib.load(written["image"]).dataobj)
+    assert output[:7].max() == 0 and output[25:].max() == 0 and output[:, :7].max() == 0
+    assert output[9:23, 9:23, 9:23].min() > 0
+
+
+def test_preview_with_reference(tmp_path):
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    path = write_nifti(tmp_path / "in.nii.gz", blob_volume((20, 20, 10), affine, (10, 10, 10)), affine)
+    reference = write_nifti(tmp_path / "ref.nii.gz", blob_volume((20, 20, 20), np.eye(4), (10, 10, 10)), np.eye(4))
+    written = run_inference(path, "T2w", str(tmp_path / "out"), SamplingNet(), target_spacing=1.0,
+                            reference=reference, inferer=FAST)
+    with open(written["preview"], "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.load(open(written["sidecar"]))["reference"] == os.path.abspath(reference)
+    assert files_in(tmp_path / "out") == ["in_T2w.json", "in_T2w.nii.gz", "in_T2w.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch
+
+
+def test_batch_resumes_and_skips_finished_cases(tmp_path):
+    paths = [write_nifti(tmp_path / f"case{i}.nii.gz", blob_volume((12, 12, 12), np.eye(4), (6, 6, 6 + i)),
+                         np.eye(4)) for i in range(2)]
+    datalist = tmp_path / "cases.csv"
+    with open(datalist, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["input_image", "prompt", "target_spacing"])
+        writer.writerow(["case0.nii.gz", "T2w", "[2, 2, 2]"])
+        writer.writerow(["case1.nii.gz", T2W_TEMPLATE, ""])
+    cases = load_datalist(str(datalist))
+    assert cases[0]["input_image"] == paths[0] and cases[0]["target_spacing"] == [2, 2, 2]
+    out = tmp_path / "out"
+    first = run_batch(cases, str(out), SamplingNet(), inferer=FAST, preview=False)
+    assert [nib.load(p["image"]).shape for p in first] == [(6, 6, 6), (12, 12, 12)]
+    stamps = {p["image"]: os.path.getmtime(p["image"]) for p in first}
+    os.utime(first[0]["image"], (1, 1)), os.utime(first[1]["image"], (1, 1))
+
+    open(first[1]["sidecar"], "w").write("{ truncated")  # an interrupted case: its sidecar does not verify
+    run_batch(cases, str(out), SamplingNet(), inferer=FAST, preview=False)
+    assert os.path.getmtime(first[0]["image"]) == 1  # finished: skipped
+    assert os.path.getmtime(first[1]["image"]) != 1 and json.load(open(first[1]["sidecar"]))  # redone
+
+    run_batch(cases, str(out), SamplingNet(), inferer=FAST, preview=False, overwrite=True)
+    assert os.path.getmtime(first[0]["image"]) != 1
+    assert set(stamps) == {p["image"] for p in first}
+
+
+def test_batch_reports_failures_but_finishes_the_rest(tmp_path):
+    good = write_nifti(tmp_path / "good.nii.gz", blob_volume((12, 12, 12), np.eye(4), (6, 6, 6)), np.eye(4))
+    cases = [{"input_image": str(tmp_path / "missing.nii.gz"), "prompt": "T2w"}, {"input_image": good, "prompt": "T2w"}]
+    with pytest.raises(ValueError, match="1 of 2 cases failed; first: .*missing.nii.gz: no such file"):
+        run_batch(cases, str(tmp_path / "out"), SamplingNet(), inferer=FAST, preview=False)
+    assert files_in(tmp_path / "out") == ["good_T2w.json", "good_T2w.nii.gz"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs: one line naming the file or field, nothing written
+
+
+def _bad_nifti(tmp_path, kind):
+    if kind == "missing":
+        return str(tmp_path / "nope.nii.gz"), {}
+    if kind == "not_an_image":
+        path = tmp_path / "notes.nii.gz"
+        path.write_text("patient notes, not an image")
+        return str(path), {}
+    if kind == "truncated":
+        path = write_nifti(tmp_path / "cut.nii.gz", np.random.rand(24, 24, 24), np.eye(4))
+        blob = open(path, "rb").read()
+        open(path, "wb").write(blob[: len(blob) // 2])
+        return path, {}
+    if kind == "2d":
+        return write_nifti(tmp_path / "slice.nii.gz", np.random.rand(24, 24), np.eye(4)), {}
+    if kind == "single_slice":
+        return write_nifti(tmp_path / "slice.nii.gz", np.random.rand(24, 24, 1), np.eye(4)), {}
+    if kind == "4d":
+        return write_nifti(tmp_path / "bold.nii.gz", np.random.rand(8, 8, 8, 5), np.eye(4)), {}
+    if kind == "nan":
+        data = np.random.rand(12, 12, 12)
+        data[3, 3, 3] = np.nan
+        return write_nifti(tmp_path / "nan.nii.gz", data, np.eye(4)), {}
+    if kind == "constant":
+        return write_nifti(tmp_path / "flat.nii.gz", np.full((12, 12, 12), 7.0), np.eye(4)), {}
+    if kind == "singular_affine":  # an sform squashing the y axis: nibabel refuses to write it itself
+        return write_raw_nifti(tmp_path / "flat_affine.nii.gz", (12, 12, 12),
+                               np.random.rand(12, 12, 12).astype(np.float32).tobytes("F"),
+                               sform=[[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]]), {}
+    if kind == "absurd_size":  # a header promising 27e12 voxels, and little data
+        return write_raw_nifti(tmp_path / "huge.nii.gz", (30000, 30000, 30000), b"\0" * 1024), {}
+    good = write_nifti(tmp_path / "good.nii.gz", blob_volume((12, 12, 12), np.eye(4), (6, 6, 6)), np.eye(4))
+    return good, {
+        "empty_prompt": {"prompt": ""},
+        "unknown_modality": {"prompt": "T5w"},
+        "unparsable_prompt": {"prompt": "make it look like a T2"},
+        "te_above_tr": {"prompt": T2W_TEMPLATE.replace("(4000.0, 100.0", "(100.0, 4000.0")},
+        "zero_spacing": {"target_spacing": [1.0, 0.0, 1.0]},
+        "negative_spacing": {"target_spacing": -1.0},
+        "huge_output": {"target_spacing": 1e-4},
+        "bad_reference": {"reference": str(tmp_path / "notes.txt")},
+    }[kind]
+
+
+BAD_INPUTS = {
+    "missing": "no such file", "not_an_image": "not a readable NIfTI", "truncated": "truncated or corrupt",
+    "2d": "2D image", "single_slice": "2D image", "4d": "volume_index", "nan": "NaN/Inf", "constant": "constant image",
+    "singular_affine": "non-invertible", "absurd_size": "GiB of memory", "empty_prompt": "empty prompt",
+    "unknown_modality": "'Modality': expected one of T1w", "unparsable_prompt": "prompt: cannot read", "te_above_tr": "TE", "zero_spacing": "target_spacing",
+    "negative_spacing": "target_spacing", "huge_output": "GiB of memory", "bad_reference": "notes.txt: no such file",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, kind):
+    path, overrides = _bad_nifti(tmp_path, kind)
+    arguments = {"prompt": "T2w", "target_spacing": None, "reference": None, **overrides}
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as raised:
+        run_inference(path, arguments["prompt"], str(out), SamplingNet(), arguments["target_spacing"],
+                      arguments["reference"], inferer=FAST)
+    message = str(raised.value)
+    assert "\n" not in message and BAD_INPUTS[kind] in message
+    assert files_in(out) == []
+
+
+def test_nan_repair_is_recorded(tmp_path):
+    data = blob_volume((12, 12, 12), np.eye(4), (6, 6, 6))
+    data[2, 2, 2] = np.inf
+    path = write_nifti(tmp_path / "inf.nii.gz", data, np.eye(4))
+    written = run_inference(path, "T2w", str(tmp_path / "out"), SamplingNet(), nan_policy="repair", inferer=FAST,
+                            preview=False)
+    assert "1 NaN/Inf voxels were set to 0" in json.load(open(written["sidecar"]))["warnings"][0]
+
+
+def test_refuses_to_overwrite_the_input(tmp_path):
+    path = write_nifti(tmp_path / "scan.nii.gz", blob_volume((12, 12, 12), np.eye(4), (6, 6, 6)), np.eye(4))
+    os.symlink(path, tmp_path / "scan_T2w.nii.gz")  # the output name resolves to the input file
+    before = open(path, "rb").read()
+    with pytest.raises(ValueError, match="would overwrite an input"):
+        run_inference(str(tmp_path / "scan.nii.gz"), "T2w", str(tmp_path), SamplingNet(), inferer=FAST)
+    assert open(path, "rb").read() == before
+
+
+class CodeOnLoad:
+    """A pickle payload that creates a file when unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_weights_missing_corrupt_malicious_or_mismatched(tmp_path):
+    net = SamplingNet(conv=True)
+    with pytest.raises(ValueError, match="no such weights file"):
+        load_network_weights(net, str(tmp_path / "none.pt"))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a loadable weights file"):
+        load_network_weights(net, str(tmp_path / "bad.pt"))
+    torch.save(SamplingNet().state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="missing conv.bias, conv.weight; unexpected none"):
+        load_network_weights(net, str(tmp_path / "other.pt"))
+    marker = tmp_path / "pwned"
+    torch.save({"conv.weight": CodeOnLoad(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a loadable weights file"):
+        load_network_weights(net, str(tmp_path / "evil.pt"))
+    assert not marker.exists()  # weights_only refused to unpickle the payload
+    torch.save(net.state_dict(), tmp_path / "good.pt")
+    assert not load_network_weights(SamplingNet(conv=True), str(tmp_path / "good.pt")).training
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bundle config
+
+
+def test_config_runs_and_has_the_infer_properties(tmp_path, bundle_root):
+    from monai.bundle import ConfigWorkflow
+
+    ckpt = tmp_path / "model.pt"
+    torch.save(build_tumsyn_net("small").state_dict(), ckpt)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    path = write_nifti(tmp_path / "sub-01_FLAIR.nii.gz", 300 * blob_volume((20, 20, 10), affine, (10, 10, 10)), affine)
+    workflow = ConfigWorkflow(config_file=os.path.join(bundle_root, "configs", "inference.yaml"),
+                              workflow_type="infer", input_image=path, prompt=T2W_TEMPLATE,
+                              output_dir=str(tmp_path / "out"), ckpt_path=str(ckpt), target_spacing=[2, 2, 2],
+                              roi_size=[16, 16, 16])
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    workflow.run()
+    workflow.finalize()
+    assert files_in(tmp_path / "out") == ["sub-01_FLAIR_T2w.json", "sub-01_FLAIR_T2w.nii.gz", "sub-01_FLAIR_T2w.png"]
+    assert nib.load(str(tmp_path / "out" / "sub-01_FLAIR_T2w.nii.gz")).shape == (10, 10, 10)
+
+
+def test_default_input_is_simulated_on_first_use(tmp_path, monkeypatch):
+    import scripts.simulator
+
+    calls = []
+
+    def fake_simulate(output_dir, num_subjects, seed):
+        calls.append((output_dir, num_subjects, seed))
+        for name in ("sub-000_acq-ax5mm_T1w", "sub-000_T1w", "sub-000_ce-gadolinium_T1w"):
+            write_bids_image(output_dir, "000", name.split("_", 1)[1], np.ones((4, 4, 4)), {})
+
+    monkeypatch.setattr(scripts.simulator, "simulate", fake_simulate)
+    dataset = str(tmp_path / "simulated")
+    case = inference_cases(None, T2W_TEMPLATE, None, None, None, dataset)[0]
+    assert case["input_image"] == os.path.join(dataset, "sub-000", "anat", "sub-000_T1w.nii.gz")
+    inference_cases(None, T2W_TEMPLATE, None, None, None, dataset)
+    assert calls == [(dataset, 1, 0)]  # the second run finds the dataset
+
+
+def test_command_line_contract(tmp_path, bundle_root):
+    """`python -m monai.bundle run` exactly as users type it (the bundle folder joins sys.path only in `run`)."""
+    torch.save(build_tumsyn_net("small").state_dict(), tmp_path / "model.pt")
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    path = write_nifti(tmp_path / "scan.nii.gz", 300 * blob_volume((16, 16, 8), affine, (8, 8, 8)), affine)
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+               os.path.join(bundle_root, "configs", "inference.yaml"), "--input_image", path, "--prompt",
+               "FLAIR; Age: 70", "--target_spacing", "[2, 2, 2]", "--output_dir", str(tmp_path / "out"),
+               "--ckpt_path", str(tmp_path / "model.pt")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(bundle_root), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.load(open(tmp_path / "out" / "scan_FLAIR.json"))
+    assert record["target_prompt"].startswith("Age: 70; Gender: None; Scanner: None; Modality: FLAIR; "
+                                              "Voxel size: (2.0, 2.0, 2.0)")
+    assert nib.load(str(tmp_path / "out" / "scan_FLAIR.nii.gz")).shape == (8, 8, 8)
+
+
+@pytest.mark.slow
+def test_no_argument_run_writes_image_and_preview(bundle_root):
+    """`make demo`: the embedded default (simulated subject, shipped weights), minutes on a CPU."""
+    if not os.path.isfile(os.path.join(bundle_root, "models", "model.pt")):
+        pytest.skip("bundle/models/model.pt is not trained yet")
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+               os.path.join(bundle_root, "configs", "inference.yaml")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(bundle_root), timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = os.path.join(bundle_root, "output", "inference")
+    written = [name for name in files_in(out) if name.endswith("_T2w.nii.gz")]
+    assert written and os.path.isfile(os.path.join(out, written[0].replace(".nii.gz", ".png")))
