@@ -383,6 +383,24 @@ def _refuse_overwriting_inputs(paths: dict[str, str], protected: Sequence[str | 
             raise ValueError(f"{path}: the output would overwrite an input file; choose another output_dir")
 
 
+def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, inferer: TUMSynInferer,
+                     spacing: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The synthesized image (float32, the input's voxel order) and its affine on the grid tiling the input's FOV at
+    ``spacing`` (default: the target prompt's voxel size); the background (the input's zeros) stays 0."""
+    spacing = target.voxel_size if spacing is None else spacing
+    out_shape, out_affine = output_grid(volume.array.shape, volume.affine, spacing)
+    check_memory(OUTPUT_BYTES_PER_VOXEL * float(np.prod(out_shape)), f"output grid {out_shape} for {volume.path}")
+    orientation = _canonical_orientation(volume.affine)
+    canonical = nib.orientations.apply_orientation(volume.array, orientation)
+    image = torch.from_numpy(np.ascontiguousarray(normalize_intensity(canonical)))[None]
+    logger.info("%s -> %s grid %s", volume.path, target.render(), out_shape)
+    prediction = inferer(image[None], network, prompt=target, out_shape=_reorder_shape(out_shape, orientation))[0, 0]
+    # Background stays background: zero where the input's non-zero mask, resampled to the output grid, is off.
+    mask = F.interpolate((image[None] != 0).float(), size=prediction.shape, mode="trilinear", align_corners=False)
+    prediction = (prediction.clamp_(min=0) * (mask[0, 0] >= 0.5)).numpy()
+    return np.ascontiguousarray(_from_canonical(prediction, orientation), dtype=np.float32), out_affine
+
+
 def run_inference(input_image: str, prompt: str, output_dir: str, network: torch.nn.Module,
                   target_spacing: Sequence[float] | float | None = None, reference: str | None = None, *,
                   inferer: TUMSynInferer | None = None, volume_index: int | None = None,
@@ -404,18 +422,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
 
     # The grid follows the requested numbers, not the prompt's rounding of them (which may round tiny sizes to 0).
     grid_spacing = spacing if spacing is not None else _checked_spacing(target.voxel_size, "prompt 'Voxel size'")
-    out_shape, out_affine = output_grid(volume.array.shape, volume.affine, grid_spacing)
-    check_memory(OUTPUT_BYTES_PER_VOXEL * float(np.prod(out_shape)), f"output grid {out_shape} for {input_image}")
-    orientation = _canonical_orientation(volume.affine)
-    canonical = nib.orientations.apply_orientation(volume.array, orientation)
-    image = torch.from_numpy(np.ascontiguousarray(normalize_intensity(canonical)))[None]
-    logger.info("%s -> %s grid %s", input_image, target.render(), out_shape)
-    prediction = inferer(image[None], network, prompt=target, out_shape=_reorder_shape(out_shape, orientation))[0, 0]
-    # Background stays background: zero where the input's non-zero mask, resampled to the output grid, is off.
-    mask = F.interpolate((image[None] != 0).float(), size=prediction.shape, mode="trilinear", align_corners=False)
-    prediction = (prediction.clamp_(min=0) * (mask[0, 0] >= 0.5)).numpy()
-    synthesized = np.ascontiguousarray(_from_canonical(prediction, orientation), dtype=np.float32)
-
+    synthesized, out_affine = synthesize_image(volume, target, network, inferer, grid_spacing)
     save_nifti(synthesized, out_affine, paths["image"])
     if preview:
         save_preview(paths["preview"], volume, synthesized, out_affine, reference_volume)
@@ -430,7 +437,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "input_spacing": list(volume.spacing),
         "target_spacing": list(target.voxel_size),
         "output_spacing": [float(s) for s in np.linalg.norm(out_affine[:3, :3], axis=0)],
-        "output_shape": list(out_shape),
+        "output_shape": list(synthesized.shape),
         "reference": None if reference is None else os.path.abspath(reference),
         "model_version": bundle_version(),
         "intensity": "normalised (brain 99th percentile of the input = 1), float32",
