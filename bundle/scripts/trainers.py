@@ -12,6 +12,7 @@ import math
 import os
 
 import torch
+from ignite import distributed as idist
 from ignite.metrics import Metric
 from monai.engines import PrepareBatch
 from monai.utils import evenly_divisible_all_gather
@@ -58,29 +59,29 @@ class RetrievalAccuracy(Metric):
     """
 
     DIRECTIONS = ("image_to_text", "text_to_image")
+    required_output_keys = ("pred", "label")  # of the evaluator's output: the BMLIP features dict, the tokens
 
-    def __init__(self, k: int = 1, direction: str = "image_to_text", output_transform=lambda output: output,
-                 device="cpu"):
+    def __init__(self, k: int = 1, direction: str = "image_to_text", output_transform=lambda output: output):
         if direction not in self.DIRECTIONS:
             raise ValueError(f"RetrievalAccuracy direction: expected one of {self.DIRECTIONS}, got {direction!r}")
         self.k, self.direction = int(k), direction
-        super().__init__(output_transform=output_transform, device=device)
+        super().__init__(output_transform=output_transform)
 
     def reset(self) -> None:
         self._image, self._text, self._tokens = [], [], []
 
     def update(self, output) -> None:
-        """``output``: the evaluator's output dict (``pred`` = the BMLIP features dict, ``label`` = tokens)."""
-        self._image.append(output["pred"]["image_features"].detach().float().cpu())
-        self._text.append(output["pred"]["text_features"].detach().float().cpu())
-        self._tokens.append(output["label"].detach().cpu())
+        features, tokens = output
+        self._image.append(features["image_features"].detach().float().cpu())
+        self._text.append(features["text_features"].detach().float().cpu())
+        self._tokens.append(tokens.detach().cpu())
 
     def compute(self) -> float:
         if not self._image:
             raise ValueError("RetrievalAccuracy: no validation batches were seen")
         image, text, tokens = (torch.cat(parts) for parts in (self._image, self._text, self._tokens))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            image, text, tokens = (evenly_divisible_all_gather(x.to(self._device), concat=True).cpu()
+            image, text, tokens = (evenly_divisible_all_gather(x.to(idist.device()), concat=True).cpu()
                                    for x in (image, text, tokens))
         similarity = image @ text.T if self.direction == "image_to_text" else text @ image.T
         same_prompt = (tokens[:, None, :] == tokens[None, :, :]).all(dim=-1)
