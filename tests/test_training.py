@@ -235,7 +235,7 @@ def test_warmup_then_cosine_to_zero():
 # ----------------------------------------------------------------------------------------------- the configs
 
 STAGE2_TINY = dict(lr_size=[8, 8, 8], num_queries=512, patches_per_volume=4, batch_size=2, val_lr_size=[8, 8, 4],
-                   val_scale=[2.0, 2.0, 4.0], val_fraction=0.2)
+                   val_scale=[2.0, 2.0, 4.0], val_fraction=0.2, val_interval=1)
 
 
 def test_stage1_config_learns_retrieval_above_chance(dataset, tmp_path):

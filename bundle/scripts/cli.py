@@ -36,14 +36,43 @@ def simulate(output_dir: str | None = None, num_subjects: int | None = None, see
     _run_config("simulate", **{k: v for k, v in given.items() if v is not None})
 
 
+def train(stage: int, **overrides: Any) -> None:
+    """Train stage 1 (BMLIP text encoder) or 2 (synthesis network): configs/stage{1,2}_train.yaml, same overrides."""
+    if stage not in (1, 2):
+        raise ValueError(f"train: expected stage 1 or 2, got {stage!r}")
+    _run_config(f"stage{stage}_train", "training", **overrides)
+
+
+def infer(**overrides: Any) -> None:
+    """Synthesize (configs/inference.yaml): --input_image IN --prompt "..." --output_dir O; none = the default."""
+    _run_config("inference", **overrides)
+
+
+def evaluate(**overrides: Any) -> None:
+    """Benchmark on held-out subjects (configs/evaluate.yaml): --dataset_dir D --output_dir O."""
+    _run_config("evaluate", **overrides)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: a bad input ends with one line on stderr and exit status 1, never a traceback."""
-    commands = {"prompt": prompt, "simulate": simulate}
+    commands = {"prompt": prompt, "simulate": simulate, "train": train, "infer": infer, "evaluate": evaluate}
     try:
         fire.Fire(commands, command=argv, name="tumsyn")
-    except (ValueError, FileNotFoundError) as error:
-        print(f"tumsyn: error: {error}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - every failure ends as one line naming its cause
+        user_error = _user_error(error)
+        if user_error is None:
+            raise
+        print(f"tumsyn: error: {user_error}", file=sys.stderr)
         sys.exit(1)
+
+
+def _user_error(error: BaseException | None) -> BaseException | None:
+    """The bad-input error behind ``error``: MONAI's config parser wraps what a config expression raised."""
+    while error is not None:
+        if isinstance(error, (ValueError, FileNotFoundError)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":
