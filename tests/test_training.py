@@ -282,6 +282,11 @@ def test_stage2_config_lowers_validation_l1(dataset, tmp_path, text_encoder_path
     assert trained["val_psnr"] > untrained["val_psnr"] + 3, (untrained, trained)
     assert -1 <= trained["val_ssim"] <= 1  # computed; too short a budget to assert its gain
     assert os.path.isfile(tmp_path / "checkpoints" / "model_best.pt")
+    # the exported deployable weights load into the inference config's network definition
+    from scripts.inference_engine import load_network_weights
+    from scripts.tumsyn_net import build_tumsyn_net
+
+    load_network_weights(build_tumsyn_net("small", conditioning="text"), str(tmp_path / "model.pt"))
 
 
 def test_stage2_onehot_trains_and_resumes_from_the_saved_epoch(dataset, tmp_path):

@@ -103,3 +103,17 @@ def export_text_encoder(network: torch.nn.Module, path: str) -> str:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0:
         save_text_encoder(model.text_encoder, path, model.text_config)
     return path
+
+
+def export_network_weights(checkpoint_path: str, path: str) -> str:
+    """Write the stage-2 network's state dict alone (what ``configs/inference.yaml`` loads as ``models/model.pt``)
+    from a checkpoint that holds it directly (``model_best.pt``) or under ``network`` (``checkpoint_*.pt``)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        return path
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    state = state.get("network", state)
+    state = {key.removeprefix("module."): value for key, value in state.items()}  # a DDP-wrapped network's keys
+    temporary = f"{path}.tmp{os.getpid()}"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+    return path
