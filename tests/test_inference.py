@@ -497,7 +497,7 @@ def test_default_input_is_simulated_on_first_use(tmp_path, monkeypatch):
     case = inference_cases(None, T2W_TEMPLATE, None, None, None, dataset)[0]
     assert case["input_image"] == os.path.join(dataset, "sub-000", "anat", "sub-000_T1w.nii.gz")
     inference_cases(None, T2W_TEMPLATE, None, None, None, dataset)
-    assert calls == [(dataset, 1, 0)]  # the second run finds the dataset
+    assert calls == [(dataset, 1, 1000)]  # held-out seed; the second run finds the dataset
 
 
 def test_command_line_contract(tmp_path, bundle_root):
@@ -529,3 +529,20 @@ def test_no_argument_run_writes_image_and_preview(bundle_root):
     out = os.path.join(bundle_root, "output", "inference")
     written = [name for name in files_in(out) if name.endswith("_T2w.nii.gz")]
     assert written and os.path.isfile(os.path.join(out, written[0].replace(".nii.gz", ".png")))
+
+
+def test_default_case_synthesizes_the_subjects_t2w_with_its_own_prompt(tmp_path, monkeypatch):
+    import scripts.simulator
+
+    def fake_simulate(output_dir, num_subjects, seed):
+        write_bids_image(output_dir, "001", "T1w", np.ones((4, 4, 4)), {"RepetitionTime": 2.3})
+        write_bids_image(output_dir, "001", "T2w", np.ones((4, 4, 4)), {"RepetitionTime": 4.0, "EchoTime": 0.1})
+
+    monkeypatch.setattr(scripts.simulator, "simulate", fake_simulate)
+    dataset = str(tmp_path / "demo")
+    case = inference_cases(None, None, None, None, None, dataset)[0]
+    t2w = os.path.join(dataset, "sub-001", "anat", "sub-001_T2w.nii.gz")
+    assert case["reference"] == t2w
+    assert "Modality: T2w" in case["prompt"] and "(4000.0, 100.0, None, None)" in case["prompt"]
+    with pytest.raises(ValueError, match="prompt"):
+        inference_cases(case["input_image"], None, None, None, None, dataset)

@@ -493,16 +493,20 @@ def load_datalist(path: str) -> list[dict[str, Any]]:
     return cases
 
 
+# The embedded default case is a subject simulated with a seed no training run uses (held out).
+DEFAULT_SEED = 1000
+
+
 def default_input_image(dataset_dir: str) -> str:
-    """The embedded default: a simulated subject's 1 mm T1w, simulating the dataset on first use."""
+    """The embedded default: a held-out simulated subject's 1 mm T1w, simulating it on first use."""
     def candidates():
         return sorted(f for f in _glob_bids(dataset_dir, "T1w") if "_acq-" not in f and "_ce-" not in f)
 
     if not candidates():
         from scripts.simulator import simulate
 
-        logger.info("simulating the default dataset in %s (first use)", dataset_dir)
-        simulate(dataset_dir, num_subjects=1, seed=0)
+        logger.info("simulating the default subject in %s (first use)", dataset_dir)
+        simulate(dataset_dir, num_subjects=1, seed=DEFAULT_SEED)
     found = candidates()
     if not found:
         raise ValueError(f"{dataset_dir}: no sub-*/anat/sub-*_T1w.nii.gz image to use as the default input")
@@ -518,6 +522,16 @@ def inference_cases(input_image: str | None, prompt: str, target_spacing: Any, r
     """The cases one config run handles: a datalist's rows, else the one given input (or the embedded default)."""
     if datalist:
         return load_datalist(datalist)
+    if input_image is None and prompt is None:
+        # The embedded default: synthesize the simulated subject's T2w from its T1w, with the T2w's own prompt, and
+        # show the real T2w beside it (reference), so the preview measures the model at a glance.
+        image = default_input_image(dataset_dir)
+        truth = image.replace("_T1w.nii.gz", "_T2w.nii.gz")
+        if os.path.isfile(truth):
+            return [{"input_image": image, "prompt": prompt_from_image(truth).render(),
+                     "target_spacing": target_spacing, "reference": reference or truth}]
+    if prompt is None:
+        raise ValueError("prompt: expected the official template or a target modality (--prompt), got none")
     image = input_image or default_input_image(dataset_dir)
     return [{"input_image": image, "prompt": prompt, "target_spacing": target_spacing, "reference": reference}]
 
