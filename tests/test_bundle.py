@@ -52,3 +52,18 @@ def test_metadata_versions_match_the_installed_stack():
     assert meta["monai_version"] == monai.__version__
     assert torch.__version__.startswith(meta["pytorch_version"])
     assert meta["numpy_version"] == numpy.__version__
+
+
+def test_configs_run_from_inside_the_bundle_folder(tmp_path):
+    """The zoo layout: `cd bundle && python -m monai.bundle run --config_file configs/...` finds `scripts`."""
+    out = tmp_path / "simulated"
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/simulate.yaml", "--output_dir",
+         str(out), "--num_subjects", "1", "--voxel_mm", "2", "--sites", "['IXI']"],
+        cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "sub-001" / "anat" / "sub-001_T1w.nii.gz").is_file()
+    assert (out / "sub-001" / "anat" / "sub-001_acq-cor3p2mm_PDw.nii.gz").is_file()
+    with open(out / "participants.tsv") as handle:
+        assert "IXI" in handle.read()
