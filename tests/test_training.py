@@ -173,6 +173,20 @@ def test_random_patches_query_the_right_target_values():
         assert np.all(np.abs(sample["coords"].numpy()) <= 1.0)
 
 
+def test_patches_are_centred_in_the_brain():
+    brain = np.zeros((60, 60, 60), np.float32)
+    brain[40:50, 40:50, 40:50] = 1.0  # a small brain in a corner of a large background
+    data = {"images": np.stack([brain, 2 * brain]), "tokens": torch.zeros(2, 90, dtype=torch.long),
+            "modalities": torch.tensor([0, 1]), "prompts": ["a", "b"], "subject": "sub-x"}
+    in_brain = []
+    for foreground_prob in (1.0, 0.0):
+        transform = sr_patches.RandSRPatchesd(lr_size=(8, 8, 8), num_samples=40, num_queries=64, scale_range=(1, 1),
+                                              anisotropic_prob=0.0, foreground_prob=foreground_prob)
+        transform.set_random_state(seed=0)
+        in_brain.append(np.mean([float(s["image"].max()) > 0 for s in transform(data)]))
+    assert in_brain[0] == 1.0 and in_brain[1] < 0.5, in_brain
+
+
 def test_slice_profiles_average_the_slab():
     rng = np.random.default_rng(0)
     volume = rng.random((16, 16, 16)).astype(np.float32)

@@ -136,18 +136,30 @@ class RandSRPatchesd(Randomizable, MapTransform):
 
     def __init__(self, keys="images", lr_size=(20, 20, 20), num_samples: int = 1, num_queries: int = 4096,
                  scale_range=(1.0, 4.0), anisotropic_prob: float = 0.5, inplane_scale_range=(1.0, 1.5),
-                 thickness_ratio_range=(0.8, 1.2), profile: str = "gaussian"):
+                 thickness_ratio_range=(0.8, 1.2), profile: str = "gaussian", foreground_prob: float = 0.9):
         MapTransform.__init__(self, keys)
         self.lr_size = tuple(int(n) for n in lr_size)
         self.num_samples, self.num_queries = int(num_samples), int(num_queries)
         self.scale_range, self.inplane_scale_range = tuple(scale_range), tuple(inplane_scale_range)
         self.anisotropic_prob, self.thickness_ratio_range = float(anisotropic_prob), tuple(thickness_ratio_range)
         self.profile = _check_profile(profile)
+        self.foreground_prob = float(foreground_prob)
         if len(self.lr_size) != 3 or min(self.scale_range) < 1 or min(self.inplane_scale_range) < 1:
             raise ValueError(f"RandSRPatchesd: expected a 3D lr_size and scales >= 1, got lr_size {lr_size}, "
                              f"scale_range {scale_range}, inplane_scale_range {inplane_scale_range}")
 
-    def randomize(self, volume_shape) -> PatchGeometry:
+    def _centre(self, target: np.ndarray) -> np.ndarray:
+        """A random patch centre: with ``foreground_prob`` a voxel of the target's brain (non-zero), else anywhere.
+
+        Uniform patches of a whole-head grid are mostly background, which teaches little; centring most patches in
+        the brain spends the steps on tissue contrast (background and the brain edge still appear around them).
+        """
+        brain = np.flatnonzero(target) if self.R.rand() < self.foreground_prob else np.empty(0, dtype=np.int64)
+        if brain.size == 0:
+            return (self.R.rand(3) * np.asarray(target.shape)).astype(int)
+        return np.asarray(np.unravel_index(brain[self.R.randint(brain.size)], target.shape))
+
+    def randomize(self, volume_shape, centre=None) -> PatchGeometry:
         if self.R.rand() < self.anisotropic_prob:
             slice_axis = self.R.randint(3)
             scale = [self.R.uniform(*self.inplane_scale_range) for _ in range(3)]
@@ -158,8 +170,11 @@ class RandSRPatchesd(Randomizable, MapTransform):
         thickness = [p / n for p, n in zip(hr_size, self.lr_size)]
         if slice_axis is not None:
             thickness[slice_axis] *= self.R.uniform(*self.thickness_ratio_range)
-        # a patch larger than the volume is centred with random jitter into the zero background around it
-        start = tuple(int(self.R.randint(min(0, d - p), max(0, d - p) + 1)) for d, p in zip(volume_shape, hr_size))
+        if centre is None:  # a patch larger than the volume is centred with random jitter into the zero background
+            start = tuple(int(self.R.randint(min(0, d - p), max(0, d - p) + 1)) for d, p in zip(volume_shape, hr_size))
+        else:  # around the centre, kept inside the volume where it fits
+            start = tuple(int(np.clip(c - p // 2, min(0, d - p), max(0, d - p)))
+                          for c, p, d in zip(centre, hr_size, volume_shape))
         return PatchGeometry(start, hr_size, self.lr_size, tuple(thickness))
 
     def __call__(self, data) -> list[dict]:
@@ -170,7 +185,7 @@ class RandSRPatchesd(Randomizable, MapTransform):
         samples = []
         for _ in range(self.num_samples):
             source, target = self.R.choice(volumes.shape[0], size=2, replace=False)
-            geometry = self.randomize(volumes.shape[1:])
+            geometry = self.randomize(volumes.shape[1:], self._centre(volumes[target]))
             points = self.R.uniform(-0.5, np.asarray(geometry.hr_size) - 0.5, size=(self.num_queries, 3))
             sample = _sample(volumes[source], volumes[target], geometry, points, self.profile)
             sample.update(tokens=data["tokens"][target], modality=data["modalities"][target],

@@ -1,0 +1,66 @@
+"""The evaluate config with the shipped weights on two held-out simulated subjects: measured quality thresholds."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+from monai.bundle import ConfigWorkflow
+
+from conftest import BUNDLE_ROOT
+from scripts.evaluation import TASKS, bids_image, resample_to, tasks_named
+
+MODEL = os.path.join(BUNDLE_ROOT, "models", "model.pt")
+CONFIG = os.path.join(BUNDLE_ROOT, "configs", "evaluate.yaml")
+# One training-site task, one joint super-resolution task, one zero-shot task (a TE outside every training range),
+# on a 2 mm held-out subject of each site. Per task: the shipped model's minimum PSNR (dB), set from the measured
+# value (bundle/docs/README.md: 19.62, 16.33, 14.68) minus 1.5 dB, and the measure on which it must beat the
+# identity baseline (for the super-resolution task PSNR does not: the model card says so).
+THRESHOLDS = {"T2w->FLAIR": (18.1, "psnr"), "cor3.2mm PD->T1w": (14.8, "ssim"), "T1w->PD (unseen TE)": (13.2, "psnr")}
+
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory):
+    if not os.path.isfile(MODEL):
+        pytest.fail(f"{MODEL} is missing: the shipped weights are part of the bundle")
+    root = tmp_path_factory.mktemp("evaluation")
+    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type=None, dataset_dir=str(root / "data"),
+                              output_dir=str(root / "out"), simulate_voxel_mm=2, tasks=list(THRESHOLDS),
+                              **{"simulate_sites": ["clinical", "unseen-params"]})
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    with open(root / "out" / "metrics.csv") as handle:
+        return root, list(csv.DictReader(handle))
+
+
+def test_writes_every_output(evaluation):
+    root, rows = evaluation
+    for name in ("metrics.csv", "summary.csv", "metrics.md", "metrics.png"):
+        assert os.path.getsize(root / "out" / name) > 0
+    assert {row["task"] for row in rows} == set(THRESHOLDS)
+    assert {row["method"] for row in rows} >= {"tumsyn", "identity"}
+
+
+@pytest.mark.parametrize("task", list(THRESHOLDS))
+def test_shipped_model_meets_its_measured_quality(evaluation, task):
+    _, rows = evaluation
+    scores = {row["method"]: row for row in rows if row["task"] == task}
+    minimum_psnr, beats_identity_on = THRESHOLDS[task]
+    assert float(scores["tumsyn"]["psnr"]) > minimum_psnr, scores
+    assert float(scores["tumsyn"][beats_identity_on]) > float(scores["identity"][beats_identity_on]), scores
+
+
+def test_task_names_and_errors():
+    assert tasks_named(None) == TASKS
+    with pytest.raises(ValueError, match="unknown"):
+        tasks_named(["T1w->nothing"])
+    assert bids_image("/d", "sub-001", "T1CE", "ax5mm").endswith("sub-001/anat/sub-001_acq-ax5mm_ce-gadolinium_T1w.nii.gz")
+
+
+def test_resampling_maps_world_space():
+    image = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    # a 1 mm grid whose voxel (2k, 2l, 2m) is the world point of the 2 mm voxel (k, l, m)
+    fine = resample_to(image, affine, (8, 10, 12), np.diag([1.0, 1.0, 1.0, 1.0]))
+    np.testing.assert_allclose(fine[::2, ::2, ::2], image, atol=1e-5)
