@@ -13,7 +13,9 @@ MODEL = os.path.join(BUNDLE_ROOT, "models", "model.pt")
 
 
 def test_inference_config_has_the_required_properties():
-    assert ConfigWorkflow(config_file=CONFIG, workflow_type="infer").check_properties() == []
+    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="infer")
+    workflow.initialize()
+    assert workflow.check_properties() == []
 
 
 def test_network_def_accepts_the_image_alone():
@@ -25,6 +27,7 @@ def test_checkpoint_exports_to_torchscript_with_the_same_output(tmp_path):
     ckpt_export(net_id="network_def", filepath=exported, ckpt_file=MODEL, meta_file=META, config_file=CONFIG)
     scripted = torch.jit.load(exported)
     workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="infer")
+    workflow.initialize()
     network = workflow.parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(MODEL, map_location="cpu", weights_only=True))
     image = torch.rand(1, 1, 16, 16, 16)
