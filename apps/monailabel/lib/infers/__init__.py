@@ -1,0 +1,3 @@
+from .tumsyn_synthesis import TUMSynSynthesis
+
+__all__ = ["TUMSynSynthesis"]
