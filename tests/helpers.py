@@ -1,12 +1,18 @@
-"""Small writers of real-shaped test inputs (DICOM series, BIDS images) shared by the tests."""
+"""Small writers of real-shaped test inputs (NIfTI, DICOM series, BIDS images) and a stand-in network, shared by the
+tests."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 
 import nibabel as nib
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scripts.inference_engine import TUMSynInferer
 
 
 def write_dicom_series(folder: str, volume: np.ndarray, spacing=(1.0, 1.0, 2.0), **header) -> list[str]:
@@ -57,3 +63,58 @@ def write_bids_image(root: str, subject: str, stem_suffix: str, volume: np.ndarr
         with open(os.path.join(root, "participants.tsv"), "w") as handle:
             handle.write("\n".join(rows) + "\n")
     return path
+
+
+# A valid target prompt, and engine settings small enough for test volumes.
+T2W_TEMPLATE = ("Age: 40; Gender: M; Scanner: 3.0 Siemens; Modality: T2w; Voxel size: (1.0, 1.0, 1.0); "
+                "Imaging parameter TR(ms), TE(ms), TI(ms), and FA(degree):  (4000.0, 100.0, None, 90.0)")
+FAST = TUMSynInferer(roi_size=(16, 16, 16), query_chunk=4096, progress=False)
+
+
+class SamplingNet(torch.nn.Module):
+    """Stand-in with the TUMSynNet encode/query API: features = image (optionally through a local 3x3x3 conv),
+    query = trilinear sampling of feature 0, so the output is the input resampled onto the query grid."""
+
+    def __init__(self, conv: bool = False):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1) if conv else None
+        self.scale = torch.nn.Parameter(torch.ones(()))  # gives the engine a device to read
+
+    def encode(self, image, tokens=None, modality=None):
+        return self.conv(image) if self.conv is not None else image * self.scale
+
+    def query(self, features, coords, cell):
+        grid = coords.flip(-1)[:, :, None, None, :]  # grid_sample wants (W, H, D) order
+        sampled = F.grid_sample(features, grid, mode="bilinear", align_corners=False, padding_mode="border")
+        return sampled[:, :1, :, 0, 0].transpose(1, 2)
+
+
+def blob_volume(shape, affine, landmark, sigma_mm=4.0):
+    """A Gaussian blob centred on the world point ``landmark`` plus a dim pedestal (non-zero everywhere)."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(np.float64)
+    world = index @ affine[:3, :3].T + affine[:3, 3]
+    distance2 = ((world - np.asarray(landmark)) ** 2).sum(-1)
+    return (0.1 + np.exp(-distance2 / (2 * sigma_mm**2))).astype(np.float32)
+
+
+def write_nifti(path, data, affine, dtype=np.float32):
+    nib.save(nib.Nifti1Image(np.asarray(data).astype(dtype), affine), str(path))
+    return str(path)
+
+
+def write_raw_nifti(path, shape, data: bytes, sform=None):
+    """A NIfTI written byte by byte, for headers nibabel refuses to produce (``sform``: 3x4 rows, taken as is)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    if sform is not None:
+        header["srow_x"], header["srow_y"], header["srow_z"] = sform
+        header["sform_code"] = 1
+    with gzip.open(path, "wb") as handle:
+        handle.write(header.binaryblock + b"\0" * 4 + data)
+    return str(path)
+
+
+def files_in(folder):
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []

@@ -1,7 +1,6 @@
-"""Whole-volume inference: geometry, blending, chunking, batch resume, DICOM input, bad inputs, the config."""
+"""Whole-volume inference: geometry, blending, chunking, DICOM and 4D input, the config (bad inputs, batch resume
+and safe loading: test_reliability.py)."""
 
-import csv
-import gzip
 import json
 import os
 import subprocess
@@ -14,57 +13,26 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 
-from helpers import write_bids_image, write_dicom_series
-from scripts.inference_engine import (
-    TUMSynInferer,
-    gaussian_window,
-    inference_cases,
-    load_datalist,
-    load_network_weights,
-    output_grid,
-    run_batch,
-    run_inference,
-    synthesize_volume,
+from helpers import (
+    FAST,
+    T2W_TEMPLATE,
+    SamplingNet,
+    blob_volume,
+    files_in,
+    write_bids_image,
+    write_dicom_series,
+    write_nifti,
 )
+from scripts.inference_engine import gaussian_window, inference_cases, output_grid, run_inference, synthesize_volume
 from scripts.intensity import normalize_intensity
 from scripts.prompt import tokenize
 from scripts.tumsyn_net import build_tumsyn_net
 from scripts.volume_io import load_volume
 
-T2W_TEMPLATE = ("Age: 40; Gender: M; Scanner: 3.0 Siemens; Modality: T2w; Voxel size: (1.0, 1.0, 1.0); "
-                "Imaging parameter TR(ms), TE(ms), TI(ms), and FA(degree):  (4000.0, 100.0, None, 90.0)")
-FAST = TUMSynInferer(roi_size=(16, 16, 16), query_chunk=4096, progress=False)
-
-
-class SamplingNet(torch.nn.Module):
-    """Stand-in with the TUMSynNet encode/query API: features = image (optionally through a local 3x3x3 conv),
-    query = trilinear sampling of feature 0, so the output is the input resampled onto the query grid."""
-
-    def __init__(self, conv: bool = False):
-        super().__init__()
-        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1) if conv else None
-        self.scale = torch.nn.Parameter(torch.ones(()))  # gives the engine a device to read
-
-    def encode(self, image, tokens=None, modality=None):
-        return self.conv(image) if self.conv is not None else image * self.scale
-
-    def query(self, features, coords, cell):
-        grid = coords.flip(-1)[:, :, None, None, :]  # grid_sample wants (W, H, D) order
-        sampled = F.grid_sample(features, grid, mode="bilinear", align_corners=False, padding_mode="border")
-        return sampled[:, :1, :, 0, 0].transpose(1, 2)
-
 
 def smooth_volume(shape, period=12.0):
     axes = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
     return 1.0 + 0.3 * np.sin(axes[0] / period * 2 * np.pi) * np.cos(axes[1] / period * 2 * np.pi) + 0.02 * axes[2]
-
-
-def blob_volume(shape, affine, landmark, sigma_mm=4.0):
-    """A Gaussian blob centred on the world point ``landmark`` plus a dim pedestal (non-zero everywhere)."""
-    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(np.float64)
-    world = index @ affine[:3, :3].T + affine[:3, 3]
-    distance2 = ((world - np.asarray(landmark)) ** 2).sum(-1)
-    return (0.1 + np.exp(-distance2 / (2 * sigma_mm**2))).astype(np.float32)
 
 
 def world_centroid(path, threshold=0.5):
@@ -98,29 +66,6 @@ AFFINES = {
                                                      shape),
     "coronal_stored": lambda shape: make_affine(np.array([[-1.0, 0, 0], [0, 0, 2.0], [0, -1.0, 0]]), shape),
 }
-
-
-def write_nifti(path, data, affine, dtype=np.float32):
-    nib.save(nib.Nifti1Image(np.asarray(data).astype(dtype), affine), str(path))
-    return str(path)
-
-
-def write_raw_nifti(path, shape, data: bytes, sform=None):
-    """A NIfTI written byte by byte, for headers nibabel refuses to produce (``sform``: 3x4 rows, taken as is)."""
-    header = nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_data_dtype(np.float32)
-    header["vox_offset"] = 352
-    if sform is not None:
-        header["srow_x"], header["srow_y"], header["srow_z"] = sform
-        header["sform_code"] = 1
-    with gzip.open(path, "wb") as handle:
-        handle.write(header.binaryblock + b"\0" * 4 + data)
-    return str(path)
-
-
-def files_in(folder):
-    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,161 +247,6 @@ def test_preview_with_reference(tmp_path):
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.load(open(written["sidecar"]))["reference"] == os.path.abspath(reference)
     assert files_in(tmp_path / "out") == ["in_T2w.json", "in_T2w.nii.gz", "in_T2w.png"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Batch
-
-
-def test_batch_resumes_and_skips_finished_cases(tmp_path):
-    paths = [write_nifti(tmp_path / f"case{i}.nii.gz", blob_volume((12, 12, 12), np.eye(4), (6, 6, 6 + i)),
-                         np.eye(4)) for i in range(2)]
-    datalist = tmp_path / "cases.csv"
-    with open(datalist, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["input_image", "prompt", "target_spacing"])
-        writer.writerow(["case0.nii.gz", "T2w", "[2, 2, 2]"])
-        writer.writerow(["case1.nii.gz", T2W_TEMPLATE, ""])
-    cases = load_datalist(str(datalist))
-    assert cases[0]["input_image"] == paths[0] and cases[0]["target_spacing"] == [2, 2, 2]
-    out = tmp_path / "out"
-    first = run_batch(cases, str(out), SamplingNet(), inferer=FAST, preview=False)
-    assert [nib.load(p["image"]).shape for p in first] == [(6, 6, 6), (12, 12, 12)]
-    stamps = {p["image"]: os.path.getmtime(p["image"]) for p in first}
-    os.utime(first[0]["image"], (1, 1)), os.utime(first[1]["image"], (1, 1))
-
-    open(first[1]["sidecar"], "w").write("{ truncated")  # an interrupted case: its sidecar does not verify
-    run_batch(cases, str(out), SamplingNet(), inferer=FAST, preview=False)
-    assert os.path.getmtime(first[0]["image"]) == 1  # finished: skipped
-    assert os.path.getmtime(first[1]["image"]) != 1 and json.load(open(first[1]["sidecar"]))  # redone
-
-    run_batch(cases, str(out), SamplingNet(), inferer=FAST, preview=False, overwrite=True)
-    assert os.path.getmtime(first[0]["image"]) != 1
-    assert set(stamps) == {p["image"] for p in first}
-
-
-def test_batch_reports_failures_but_finishes_the_rest(tmp_path):
-    good = write_nifti(tmp_path / "good.nii.gz", blob_volume((12, 12, 12), np.eye(4), (6, 6, 6)), np.eye(4))
-    cases = [{"input_image": str(tmp_path / "missing.nii.gz"), "prompt": "T2w"}, {"input_image": good, "prompt": "T2w"}]
-    with pytest.raises(ValueError, match="1 of 2 cases failed; first: .*missing.nii.gz: no such file"):
-        run_batch(cases, str(tmp_path / "out"), SamplingNet(), inferer=FAST, preview=False)
-    assert files_in(tmp_path / "out") == ["good_T2w.json", "good_T2w.nii.gz"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Bad inputs: one line naming the file or field, nothing written
-
-
-def _bad_nifti(tmp_path, kind):
-    if kind == "missing":
-        return str(tmp_path / "nope.nii.gz"), {}
-    if kind == "not_an_image":
-        path = tmp_path / "notes.nii.gz"
-        path.write_text("patient notes, not an image")
-        return str(path), {}
-    if kind == "truncated":
-        path = write_nifti(tmp_path / "cut.nii.gz", np.random.rand(24, 24, 24), np.eye(4))
-        blob = open(path, "rb").read()
-        open(path, "wb").write(blob[: len(blob) // 2])
-        return path, {}
-    if kind == "2d":
-        return write_nifti(tmp_path / "slice.nii.gz", np.random.rand(24, 24), np.eye(4)), {}
-    if kind == "single_slice":
-        return write_nifti(tmp_path / "slice.nii.gz", np.random.rand(24, 24, 1), np.eye(4)), {}
-    if kind == "4d":
-        return write_nifti(tmp_path / "bold.nii.gz", np.random.rand(8, 8, 8, 5), np.eye(4)), {}
-    if kind == "nan":
-        data = np.random.rand(12, 12, 12)
-        data[3, 3, 3] = np.nan
-        return write_nifti(tmp_path / "nan.nii.gz", data, np.eye(4)), {}
-    if kind == "constant":
-        return write_nifti(tmp_path / "flat.nii.gz", np.full((12, 12, 12), 7.0), np.eye(4)), {}
-    if kind == "singular_affine":  # an sform squashing the y axis: nibabel refuses to write it itself
-        return write_raw_nifti(tmp_path / "flat_affine.nii.gz", (12, 12, 12),
-                               np.random.rand(12, 12, 12).astype(np.float32).tobytes("F"),
-                               sform=[[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]]), {}
-    if kind == "absurd_size":  # a header promising 27e12 voxels, and little data
-        return write_raw_nifti(tmp_path / "huge.nii.gz", (30000, 30000, 30000), b"\0" * 1024), {}
-    good = write_nifti(tmp_path / "good.nii.gz", blob_volume((12, 12, 12), np.eye(4), (6, 6, 6)), np.eye(4))
-    return good, {
-        "empty_prompt": {"prompt": ""},
-        "unknown_modality": {"prompt": "T5w"},
-        "unparsable_prompt": {"prompt": "make it look like a T2"},
-        "te_above_tr": {"prompt": T2W_TEMPLATE.replace("(4000.0, 100.0", "(100.0, 4000.0")},
-        "zero_spacing": {"target_spacing": [1.0, 0.0, 1.0]},
-        "negative_spacing": {"target_spacing": -1.0},
-        "huge_output": {"target_spacing": 1e-4},
-        "bad_reference": {"reference": str(tmp_path / "notes.txt")},
-    }[kind]
-
-
-BAD_INPUTS = {
-    "missing": "no such file", "not_an_image": "not a readable NIfTI", "truncated": "truncated or corrupt",
-    "2d": "2D image", "single_slice": "2D image", "4d": "volume_index", "nan": "NaN/Inf", "constant": "constant image",
-    "singular_affine": "non-invertible", "absurd_size": "GiB of memory", "empty_prompt": "empty prompt",
-    "unknown_modality": "'Modality': expected one of T1w", "unparsable_prompt": "prompt: cannot read", "te_above_tr": "TE", "zero_spacing": "target_spacing",
-    "negative_spacing": "target_spacing", "huge_output": "GiB of memory", "bad_reference": "notes.txt: no such file",
-}
-
-
-@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
-def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, kind):
-    path, overrides = _bad_nifti(tmp_path, kind)
-    arguments = {"prompt": "T2w", "target_spacing": None, "reference": None, **overrides}
-    out = tmp_path / "out"
-    with pytest.raises(ValueError) as raised:
-        run_inference(path, arguments["prompt"], str(out), SamplingNet(), arguments["target_spacing"],
-                      arguments["reference"], inferer=FAST)
-    message = str(raised.value)
-    assert "\n" not in message and BAD_INPUTS[kind] in message
-    assert files_in(out) == []
-
-
-def test_nan_repair_is_recorded(tmp_path):
-    data = blob_volume((12, 12, 12), np.eye(4), (6, 6, 6))
-    data[2, 2, 2] = np.inf
-    path = write_nifti(tmp_path / "inf.nii.gz", data, np.eye(4))
-    written = run_inference(path, "T2w", str(tmp_path / "out"), SamplingNet(), nan_policy="repair", inferer=FAST,
-                            preview=False)
-    assert "1 NaN/Inf voxels were set to 0" in json.load(open(written["sidecar"]))["warnings"][0]
-
-
-def test_refuses_to_overwrite_the_input(tmp_path):
-    path = write_nifti(tmp_path / "scan.nii.gz", blob_volume((12, 12, 12), np.eye(4), (6, 6, 6)), np.eye(4))
-    os.symlink(path, tmp_path / "scan_T2w.nii.gz")  # the output name resolves to the input file
-    before = open(path, "rb").read()
-    with pytest.raises(ValueError, match="would overwrite an input"):
-        run_inference(str(tmp_path / "scan.nii.gz"), "T2w", str(tmp_path), SamplingNet(), inferer=FAST)
-    assert open(path, "rb").read() == before
-
-
-class CodeOnLoad:
-    """A pickle payload that creates a file when unpickled."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def test_weights_missing_corrupt_malicious_or_mismatched(tmp_path):
-    net = SamplingNet(conv=True)
-    with pytest.raises(ValueError, match="no such weights file"):
-        load_network_weights(net, str(tmp_path / "none.pt"))
-    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a loadable weights file"):
-        load_network_weights(net, str(tmp_path / "bad.pt"))
-    torch.save(SamplingNet().state_dict(), tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="missing conv.bias, conv.weight; unexpected none"):
-        load_network_weights(net, str(tmp_path / "other.pt"))
-    marker = tmp_path / "pwned"
-    torch.save({"conv.weight": CodeOnLoad(str(marker))}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="not a loadable weights file"):
-        load_network_weights(net, str(tmp_path / "evil.pt"))
-    assert not marker.exists()  # weights_only refused to unpickle the payload
-    torch.save(net.state_dict(), tmp_path / "good.pt")
-    assert not load_network_weights(SamplingNet(conv=True), str(tmp_path / "good.pt")).training
 
 
 # ---------------------------------------------------------------------------------------------------------------

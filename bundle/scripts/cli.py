@@ -9,6 +9,7 @@ from typing import Any
 import fire
 
 from scripts import BUNDLE_ROOT
+from scripts.errors import UserInputError, guard_text_fields, user_error
 from scripts.prompt import prompt_from_image
 
 
@@ -19,6 +20,7 @@ def _config(name: str) -> str:
 def _run_config(name: str, run_id: str = "run", **overrides: Any) -> None:
     from monai.bundle import run
 
+    guard_text_fields()  # overrides such as --prompt are text, never run as code by MONAI's config parser
     run(run_id, config_file=_config(name), **overrides)
 
 
@@ -39,7 +41,7 @@ def simulate(output_dir: str | None = None, num_subjects: int | None = None, see
 def train(stage: int, **overrides: Any) -> None:
     """Train stage 1 (BMLIP text encoder) or 2 (synthesis network): configs/stage{1,2}_train.yaml, same overrides."""
     if stage not in (1, 2):
-        raise ValueError(f"train: expected stage 1 or 2, got {stage!r}")
+        raise UserInputError(f"train: expected stage 1 or 2, got {stage!r}")
     _run_config(f"stage{stage}_train", "training", **overrides)
 
 
@@ -58,21 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     commands = {"prompt": prompt, "simulate": simulate, "train": train, "infer": infer, "evaluate": evaluate}
     try:
         fire.Fire(commands, command=argv, name="tumsyn")
-    except Exception as error:  # noqa: BLE001 - every failure ends as one line naming its cause
-        user_error = _user_error(error)
-        if user_error is None:
+    except Exception as error:  # noqa: BLE001 - a bad input ends as one line naming its cause; a bug as a traceback
+        cause = user_error(error)
+        if cause is None:
             raise
-        print(f"tumsyn: error: {user_error}", file=sys.stderr)
+        print(f"tumsyn: error: {cause}", file=sys.stderr)
         sys.exit(1)
-
-
-def _user_error(error: BaseException | None) -> BaseException | None:
-    """The bad-input error behind ``error``: MONAI's config parser wraps what a config expression raised."""
-    while error is not None:
-        if isinstance(error, (ValueError, FileNotFoundError)):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
 
 
 if __name__ == "__main__":

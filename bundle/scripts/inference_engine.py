@@ -35,8 +35,10 @@ from tqdm import tqdm
 
 import scripts
 
+from .errors import UserInputError, guard_text_fields, one_line
 from .intensity import normalize_intensity
 from .liif import make_coord
+from .ood import ood_warnings
 from .preview import save_preview
 from .prompt import MODALITIES, Prompt, PromptError, canonical_modality, prompt_from_image, tokenize
 from .volume_io import Volume, atomic_path, check_memory, load_volume, save_nifti
@@ -141,17 +143,25 @@ def synthesize_volume(
     query_chunk: int = 65536,
     amp: bool = True,
     progress: bool = True,
+    decode_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The network's prediction on a grid of ``out_shape`` tiling the field of view of ``image``: ``[1, *out_shape]``.
 
     ``image [1, D, H, W]`` is normalised; ``tokens [1, L]`` (or ``modality [1]``) is the target condition. Output
     voxel j of n along an axis of n_in input voxels sits at normalised coordinate -1 + (2j + 1) / n. Runs on the
     network's device and returns float32 on the CPU.
+
+    ``decode_mask`` (bool, ``out_shape``; e.g. ``foreground_mask``): only its voxels are decoded, the rest are 0,
+    and windows no such voxel reads are not encoded. Every decoded voxel equals the unmasked result (a query reads
+    only its own corner latents, and a skipped window adds nothing to them).
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"image: expected shape [1, D, H, W], got {list(image.shape)}")
     device = next(network.parameters()).device
     in_shape, out_shape = tuple(image.shape[1:]), tuple(int(n) for n in out_shape)
+    if decode_mask is not None and tuple(decode_mask.shape) != out_shape:
+        raise ValueError(f"decode_mask: expected shape {list(out_shape)} (the output grid), "
+                         f"got {list(decode_mask.shape)}")
     roi = tuple(min(int(r), n) for r, n in zip(roi_size, in_shape))
     starts = [_window_starts(n, r, overlap) for n, r in zip(in_shape, roi)]
     window_weight = gaussian_window(roi, sigma_scale, device)
@@ -164,22 +174,28 @@ def synthesize_volume(
     plane_coords = make_coord(out_shape[1:]).to(device)  # [H' * W', 2], shared by every output row
     plane_size = plane_coords.shape[0]
     output = torch.empty(out_shape, dtype=torch.float32)
+    flat_mask = None if decode_mask is None else decode_mask.to("cpu", torch.bool).reshape(-1)
 
     windows = [(y, x) for y in starts[1] for x in starts[2]]
     bar = tqdm(total=len(starts[0]) * len(windows), desc="synthesize", unit="window", disable=not progress)
     slab = None
+    slab_low = 0  # first input row still needed; the slab starts there once a window is encoded
     next_row = 0
     with torch.inference_mode(), _autocast(device, amp):
         for index, z in enumerate(starts[0]):
-            for batch_start in range(0, len(windows), sw_batch_size):
-                batch = windows[batch_start : batch_start + sw_batch_size]
+            read = windows if decode_mask is None else [
+                (y, x) for y, x in windows if _window_is_read(decode_mask, (z, y, x), roi, in_shape, out_shape)]
+            for batch_start in range(0, len(read), sw_batch_size):
+                batch = read[batch_start : batch_start + sw_batch_size]
                 crops = torch.stack([image[:, z : z + roi[0], y : y + roi[1], x : x + roi[2]] for y, x in batch])
                 encoded = network.encode(crops.to(device), tokens, modality).float()
                 if slab is None:
-                    slab = _LatentSlab(encoded.shape[1], roi[0] + 2 * QUERY_HALO + 1, in_shape[1:], device)
+                    slab = _LatentSlab(encoded.shape[1], roi[0] + 2 * QUERY_HALO + 1, in_shape[1:], device,
+                                       slab_low)
                 for (y, x), latent in zip(batch, encoded):
                     slab.add(latent * window_weight, window_weight, z, y, x)
                 bar.update(len(batch))
+            bar.update(len(windows) - len(read))
             # Rows below the next window row are final; decode every output row whose reads lie in them.
             final_high = starts[0][index + 1] if index + 1 < len(starts[0]) else in_shape[0]
             last_row = next_row
@@ -188,12 +204,19 @@ def synthesize_volume(
             ):
                 last_row += 1
             if last_row > next_row:
-                _decode_rows(network, slab.blended(final_high), slab.low, rows_ratio, next_row, last_row,
-                             plane_coords, out_shape, output.view(-1)[next_row * plane_size : last_row * plane_size],
-                             query_chunk)
+                rows = slice(next_row * plane_size, last_row * plane_size)
+                destination = output.view(-1)[rows]
+                if slab is None:  # no window read so far: no voxel of these rows is decoded
+                    destination.zero_()
+                else:
+                    _decode_rows(network, slab.blended(final_high), slab.low, rows_ratio, next_row, last_row,
+                                 plane_coords, out_shape, destination, query_chunk,
+                                 None if flat_mask is None else flat_mask[rows])
                 next_row = last_row
             if next_row < out_shape[0]:  # forget the rows no later output row reads
-                slab.drop_below(min(max(int(first_latent_row[next_row]) - QUERY_HALO, 0), final_high))
+                slab_low = max(slab_low, min(max(int(first_latent_row[next_row]) - QUERY_HALO, 0), final_high))
+                if slab is not None:
+                    slab.drop_below(slab_low)
     bar.close()
     return output.unsqueeze(0)
 
@@ -202,11 +225,11 @@ class _LatentSlab:
     """Gaussian-weighted sums of window latents over input rows ``[low, high)`` (all columns), in a buffer of fixed
     capacity allocated once, so peak memory is channels x capacity x H x W whatever the number of slices."""
 
-    def __init__(self, channels: int, capacity: int, plane: Sequence[int], device: torch.device):
+    def __init__(self, channels: int, capacity: int, plane: Sequence[int], device: torch.device, low: int = 0):
         self.sums = torch.zeros((channels, capacity, *plane), device=device)
         self.weights = torch.zeros((1, capacity, *plane), device=device)
-        self.low = self.high = 0  # input rows held
-        self.blended_high = 0  # rows below it already hold sums / weights
+        self.low = self.high = low  # input rows held
+        self.blended_high = low  # rows below it already hold sums / weights
 
     def add(self, weighted_latent: torch.Tensor, weight: torch.Tensor, z: int, y: int, x: int) -> None:
         depth, height, width = weight.shape
@@ -220,7 +243,10 @@ class _LatentSlab:
     def blended(self, final_high: int) -> torch.Tensor:
         """The blended latent of rows ``[low, final_high)``, which no later window touches (normalised in place)."""
         begin, end = self.blended_high - self.low, final_high - self.low
-        self.sums[:, begin:end] /= self.weights[:, begin:end]
+        # Latents no window covered (skipped windows: no decoded voxel reads them) become 0 rather than 0 / 0 = NaN,
+        # which a zero-weight corner would still carry into a prediction (NaN x 0). Covered latents weigh ~1e-11 or
+        # more at the default sigma_scale, so the clamp leaves them unchanged.
+        self.sums[:, begin:end] /= self.weights[:, begin:end].clamp(min=1e-30)
         self.blended_high = final_high
         return self.sums[:, :end]
 
@@ -240,31 +266,71 @@ class _LatentSlab:
 
 def _decode_rows(network, latent: torch.Tensor, slab_low: int, rows_ratio: float, first: int, stop: int,
                  plane_coords: torch.Tensor, out_shape: tuple[int, ...], destination: torch.Tensor,
-                 query_chunk: int) -> None:
-    """Query output rows ``[first, stop)`` from the latent slab that starts at input row ``slab_low``."""
+                 query_chunk: int, mask: torch.Tensor | None = None) -> None:
+    """Query output rows ``[first, stop)`` from the latent slab that starts at input row ``slab_low``; with a
+    ``mask`` (flat, bool, like ``destination``) only its voxels, the others are set to 0."""
     device, slab_rows, plane_size = latent.device, latent.shape[1], plane_coords.shape[0]
     # Cell in the slab's normalised unit: along the first axis one output row spans rows_ratio input rows.
     cell = torch.tensor([2 * rows_ratio / slab_rows, 2 / out_shape[1], 2 / out_shape[2]], device=device)
-    total = (stop - first) * plane_size
+    if mask is None:
+        selected, total = None, (stop - first) * plane_size
+    else:
+        destination.zero_()
+        selected = torch.nonzero(mask).squeeze(1)
+        total = selected.numel()
     for begin in range(0, total, query_chunk):
-        flat = torch.arange(begin, min(begin + query_chunk, total), device=device)
+        if selected is None:
+            flat_cpu = slice(begin, min(begin + query_chunk, total))
+            flat = torch.arange(flat_cpu.start, flat_cpu.stop, device=device)
+        else:
+            flat_cpu = selected[begin : begin + query_chunk]
+            flat = flat_cpu.to(device)
         rows = first + torch.div(flat, plane_size, rounding_mode="floor")
         input_row = (rows.double() + 0.5) * rows_ratio - 0.5  # continuous input index of each output row
         row_coord = (-1 + 2 * (input_row - slab_low + 0.5) / slab_rows).float()
         coords = torch.cat([row_coord[:, None], plane_coords[flat % plane_size]], dim=1)[None]
         prediction = network.query(latent[None], coords, cell.expand_as(coords))
-        destination[begin : begin + flat.numel()] = prediction.reshape(-1).float().cpu()
+        destination[flat_cpu] = prediction.reshape(-1).float().cpu()
+
+
+def _window_is_read(decode_mask: torch.Tensor, corner: Sequence[int], roi: Sequence[int], in_shape: Sequence[int],
+                    out_shape: Sequence[int]) -> bool:
+    """Whether a masked-in output voxel reads a latent of the window at ``corner`` (input index) of size ``roi``.
+
+    Output voxel j reads the latents at floor(u) and floor(u) + 1 around its input index u = (j + 0.5) r - 0.5
+    (r = input / output voxels), so those with s - 1 <= u < s + size read the window [s, s + size); the ranges
+    below take every j with s - 2 <= u <= s + size + 1 (a voxel of margin for rounding).
+    """
+    region = []
+    for start, size, n_in, n_out in zip(corner, roi, in_shape, out_shape):
+        ratio = n_in / n_out
+        low = max(math.ceil((start - 1.5) / ratio - 0.5), 0)
+        high = min(math.floor((start + size + 1.5) / ratio - 0.5) + 1, n_out)
+        region.append(slice(low, high))
+    return bool(decode_mask[tuple(region)].any())
+
+
+def foreground_mask(image: torch.Tensor, out_shape: Sequence[int]) -> torch.Tensor:
+    """Output voxels inside the input's non-zero region: its mask, trilinearly resampled to ``out_shape``, >= 0.5.
+
+    The rule by which the synthesized image is set to 0 outside the head, so decoding only these voxels
+    (``synthesize_volume(decode_mask=...)``) changes nothing that is written.
+    """
+    resampled = F.interpolate((image[None] != 0).float(), size=tuple(out_shape), mode="trilinear",
+                              align_corners=False)
+    return resampled[0, 0] >= 0.5
 
 
 class TUMSynInferer(Inferer):
     """MONAI ``Inferer`` around ``synthesize_volume``: ``inferer(inputs [B, 1, D, H, W], network, prompt, out_shape)``.
 
     Holds the engine settings; ``prompt`` (the official template or a Prompt) defaults to the one given here.
+    ``skip_background``: decode only ``foreground_mask`` voxels (0 elsewhere, as ``synthesize_image`` writes them).
     """
 
     def __init__(self, prompt: str | None = None, roi_size: Sequence[int] = (64, 64, 64), overlap: float = 0.25,
                  sigma_scale: float = 0.125, sw_batch_size: int = 1, query_chunk: int = 65536, amp: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, skip_background: bool = True):
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
         if min(roi_size) < 1 or query_chunk < 1 or sw_batch_size < 1:
@@ -274,6 +340,7 @@ class TUMSynInferer(Inferer):
         self.settings = dict(roi_size=tuple(int(r) for r in roi_size), overlap=float(overlap),
                              sigma_scale=float(sigma_scale), sw_batch_size=int(sw_batch_size),
                              query_chunk=int(query_chunk), amp=bool(amp), progress=bool(progress))
+        self.skip_background = bool(skip_background)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, prompt: str | Prompt | None = None,
                  out_shape: Sequence[int] | None = None) -> torch.Tensor:
@@ -284,7 +351,9 @@ class TUMSynInferer(Inferer):
             tokens = tokenize(prompt.render())
             modality = torch.tensor([MODALITIES.index(prompt.modality)])
         out_shape = tuple(inputs.shape[2:]) if out_shape is None else tuple(out_shape)
-        return torch.stack([synthesize_volume(network, item, tokens, out_shape, modality=modality, **self.settings)
+        return torch.stack([synthesize_volume(network, item, tokens, out_shape, modality=modality,
+                                              decode_mask=foreground_mask(item, out_shape) if self.skip_background
+                                              else None, **self.settings)
                             for item in inputs])
 
 
@@ -293,9 +362,12 @@ class TUMSynInferer(Inferer):
 
 
 def _checked_spacing(value: Any, what: str) -> tuple[float, float, float]:
-    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
-    if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"{what}: expected 3 positive voxel sizes in mm (x, y, z), got {value!r}")
+    def is_size(v: Any) -> bool:
+        return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    values = [value] * 3 if isinstance(value, (int, float, np.number)) else value
+    if not (isinstance(values, (list, tuple, np.ndarray)) and len(values) == 3 and all(map(is_size, values))):
+        raise UserInputError(f"{what}: expected 3 positive voxel sizes in mm (x, y, z), got {value!r}")
     return tuple(float(v) for v in values)
 
 
@@ -380,7 +452,20 @@ def _refuse_overwriting_inputs(paths: dict[str, str], protected: Sequence[str | 
     protected_real = {os.path.realpath(p) for p in protected if p}
     for path in paths.values():
         if os.path.realpath(path) in protected_real:
-            raise ValueError(f"{path}: the output would overwrite an input file; choose another output_dir")
+            raise UserInputError(f"{path}: the output would overwrite an input file; choose another output_dir")
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """Refuse an output folder that cannot be made or written before any work is done."""
+    if not output_dir:
+        raise UserInputError("output_dir: expected a folder to write to, got an empty path")
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):  # the nearest existing folder is where it will be created
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserInputError(f"output_dir {output_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"output_dir {output_dir}: no permission to write in {existing}")
 
 
 def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, inferer: TUMSynInferer,
@@ -396,8 +481,7 @@ def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, i
     logger.info("%s -> %s grid %s", volume.path, target.render(), out_shape)
     prediction = inferer(image[None], network, prompt=target, out_shape=_reorder_shape(out_shape, orientation))[0, 0]
     # Background stays background: zero where the input's non-zero mask, resampled to the output grid, is off.
-    mask = F.interpolate((image[None] != 0).float(), size=prediction.shape, mode="trilinear", align_corners=False)
-    prediction = (prediction.clamp_(min=0) * (mask[0, 0] >= 0.5)).numpy()
+    prediction = (prediction.clamp_(min=0) * foreground_mask(image, prediction.shape)).numpy()
     return np.ascontiguousarray(_from_canonical(prediction, orientation), dtype=np.float32), out_affine
 
 
@@ -411,6 +495,10 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
     written, so a refused case leaves no file behind.
     """
     inferer = inferer or TUMSynInferer()
+    if not isinstance(prompt, str):
+        raise UserInputError(f"prompt: expected text (the official template or a modality such as 'FLAIR'), got "
+                             f"{type(prompt).__name__} {prompt!r}")
+    _check_output_dir(str(output_dir))
     spacing = None if target_spacing is None else _checked_spacing(target_spacing, "target_spacing")
     volume = load_volume(str(input_image), volume_index=volume_index, nan_policy=nan_policy)
     reference_volume = None if reference is None else load_volume(str(reference))
@@ -419,6 +507,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
     tokenize(target.render())  # checks the token limit before any work
     paths = output_paths(input_image, target.modality, output_dir)
     _refuse_overwriting_inputs(paths, [str(input_image), reference])
+    out_of_distribution = ood_warnings(volume, target)  # warnings, not refusals (scripts/ood.py)
 
     # The grid follows the requested numbers, not the prompt's rounding of them (which may round tiny sizes to 0).
     grid_spacing = spacing if spacing is not None else _checked_spacing(target.voxel_size, "prompt 'Voxel size'")
@@ -442,6 +531,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "model_version": bundle_version(),
         "intensity": "normalised (brain 99th percentile of the input = 1), float32",
         "warnings": volume.warnings,
+        "ood_warnings": out_of_distribution,
     }
     with atomic_path(paths["sidecar"]) as temporary, open(temporary, "w") as handle:
         json.dump(record, handle, indent=2)
@@ -461,7 +551,7 @@ def load_datalist(path: str) -> list[dict[str, Any]]:
     Relative image paths are taken relative to the datalist's folder.
     """
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such datalist file")
+        raise UserInputError(f"{path}: no such datalist file")
     try:
         if path.endswith(".csv"):
             with open(path, newline="") as handle:
@@ -474,17 +564,18 @@ def load_datalist(path: str) -> list[dict[str, Any]]:
                 rows = json.load(handle)
             rows = rows.get("data") if isinstance(rows, dict) else rows
     except (ValueError, csv.Error) as error:
-        raise ValueError(f"{path}: unreadable datalist ({error})") from None
+        raise UserInputError(f"{path}: unreadable datalist ({one_line(error)})") from None
     if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{path}: expected a non-empty list of cases with input_image and prompt")
+        raise UserInputError(f"{path}: expected a non-empty list of cases with input_image and prompt")
     folder = os.path.dirname(os.path.abspath(path))
     cases = []
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not row.get("input_image") or not row.get("prompt"):
-            raise ValueError(f"{path}: case {number} needs 'input_image' and 'prompt', got {row!r}")
+            raise UserInputError(f"{path}: case {number} needs 'input_image' and 'prompt', got {row!r}")
         unknown = set(row) - set(CASE_KEYS)
         if unknown:
-            raise ValueError(f"{path}: case {number} has unknown keys {sorted(unknown)}; expected {list(CASE_KEYS)}")
+            raise UserInputError(f"{path}: case {number} has unknown keys {sorted(unknown)}; expected "
+                                 f"{list(CASE_KEYS)}")
         case = {key: row.get(key) or None for key in CASE_KEYS}
         for key in ("input_image", "reference"):
             if case[key]:
@@ -509,7 +600,7 @@ def default_input_image(dataset_dir: str) -> str:
         simulate(dataset_dir, num_subjects=1, seed=DEFAULT_SEED)
     found = candidates()
     if not found:
-        raise ValueError(f"{dataset_dir}: no sub-*/anat/sub-*_T1w.nii.gz image to use as the default input")
+        raise UserInputError(f"{dataset_dir}: no sub-*/anat/sub-*_T1w.nii.gz image to use as the default input")
     return found[0]
 
 
@@ -531,7 +622,7 @@ def inference_cases(input_image: str | None, prompt: str, target_spacing: Any, r
             return [{"input_image": image, "prompt": prompt_from_image(truth).render(),
                      "target_spacing": target_spacing, "reference": reference or truth}]
     if prompt is None:
-        raise ValueError("prompt: expected the official template or a target modality (--prompt), got none")
+        raise UserInputError("prompt: expected the official template or a target modality (--prompt), got none")
     image = input_image or default_input_image(dataset_dir)
     return [{"input_image": image, "prompt": prompt, "target_spacing": target_spacing, "reference": reference}]
 
@@ -540,7 +631,8 @@ def run_batch(cases: Sequence[dict[str, Any]], output_dir: str, network: torch.n
               **options: Any) -> list[dict[str, str]]:
     """``run_inference`` per case, skipping finished ones (their sidecar) unless ``overwrite``.
 
-    A failing case does not stop the others; the run then ends with one error naming how many failed and why.
+    A case refused for its input (or a failed write) does not stop the others; the run then ends with one error
+    naming how many failed and why. Any other exception is a bug and stops the run.
     """
     done, failures = [], []
     for case in cases:
@@ -554,13 +646,14 @@ def run_batch(cases: Sequence[dict[str, Any]], output_dir: str, network: torch.n
                     continue
             done.append(run_inference(case["input_image"], case["prompt"], output_dir, network,
                                       case.get("target_spacing"), case.get("reference"), **options))
-        except (ValueError, OSError) as error:
-            logger.error("%s", error)
-            failures.append(str(error))
+        except (UserInputError, OSError) as error:
+            if len(cases) > 1:  # a single case's error is the run's error, shown once
+                logger.error("%s", error)
+            failures.append(str(error) if isinstance(error, UserInputError) else one_line(error))
     if len(cases) == 1 and failures:
-        raise ValueError(failures[0])
+        raise UserInputError(failures[0])
     if failures:
-        raise ValueError(f"{len(failures)} of {len(cases)} cases failed; first: {failures[0]}")
+        raise UserInputError(f"{len(failures)} of {len(cases)} cases failed; first: {failures[0]}")
     return done
 
 
@@ -578,14 +671,14 @@ def _target_modality(prompt: str) -> str | None:
 def load_network_weights(network: torch.nn.Module, ckpt_path: str) -> torch.nn.Module:
     """Load a state dict safely (``weights_only``); a missing, corrupt or mismatched file is a one-line error."""
     if not os.path.isfile(ckpt_path):
-        raise ValueError(f"{ckpt_path}: no such weights file (train one, or pass --ckpt_path)")
+        raise UserInputError(f"{ckpt_path}: no such weights file (train one, or pass --ckpt_path)")
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt zip, pickled code refused by weights_only, ...
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
-        raise ValueError(f"{ckpt_path}: not a loadable weights file ({first_line})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{ckpt_path}: expected a state dict, got {type(state).__name__}")
+        raise UserInputError(f"{ckpt_path}: not a loadable weights file ({one_line(error)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        kind = type(state).__name__ if not isinstance(state, dict) else "a dict holding non-tensor values"
+        raise UserInputError(f"{ckpt_path}: expected a state dict (parameter name -> tensor), got {kind}")
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -594,8 +687,12 @@ def load_network_weights(network: torch.nn.Module, ckpt_path: str) -> torch.nn.M
         def few(keys):
             return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") if keys else "none"
 
-        raise ValueError(f"{ckpt_path}: weights do not fit this network config (is --scale right?): "
-                         f"missing {few(missing)}; unexpected {few(unexpected)}; different shape {few(resized)}")
+        raise UserInputError(f"{ckpt_path}: weights do not fit this network config (is --scale right?): "
+                             f"missing {few(missing)}; unexpected {few(unexpected)}; different shape {few(resized)}")
+    broken = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if broken:
+        raise UserInputError(f"{ckpt_path}: NaN/Inf values in {len(broken)} tensors (first: {broken[0]}); the file "
+                             f"is damaged or training diverged")
     network.load_state_dict(state)
     return network.eval()
 
@@ -616,3 +713,8 @@ class SynthesisRunner:
         for paths in written:
             logger.info("wrote %s", paths["image"])
         return written
+
+
+# The config's `prompt` is user text: MONAI's parser must never evaluate it (scripts.errors); the inference config
+# imports this module before it reads the prompt.
+guard_text_fields()

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import UserInputError
+
 MODALITIES = ("T1w", "T2w", "FLAIR", "SWI", "T2star", "PD", "T1CE")
 CONTEXT_LENGTH = 90
 
@@ -46,7 +48,7 @@ _FIELDS = {"age": "age", "gender": "sex", "sex": "sex", "scanner": "scanner", "m
            "voxel size": "voxel_size", _PARAMETERS_KEY.lower(): "parameters"}
 
 
-class PromptError(ValueError):
+class PromptError(UserInputError):
     """A prompt, or the metadata it is built from, cannot be read; the message names the field and what was expected."""
 
 

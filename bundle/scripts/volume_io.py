@@ -1,7 +1,7 @@
 """Reading and writing the volumes inference works on: NIfTI in any orientation and DICOM series directories.
 
-Every input is checked before a network sees it, and every problem is one ``ValueError`` line naming the file and
-what was expected, so a clinical user knows what to fix. Arrays keep the file's voxel order; the affine maps voxel
+Every input is checked before a network sees it, and every problem is one ``UserInputError`` line naming the file
+and what was expected, so a clinical user knows what to fix. Arrays keep the file's voxel order; the affine maps voxel
 indices to RAS+ millimetres (the NIfTI convention), so DICOM's LPS geometry is converted on load.
 Writes are atomic: a crash never leaves a half-written file under the final name.
 """
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import nibabel as nib
 import numpy as np
+
+from .errors import UserInputError, one_line
 
 NAN_POLICIES = ("refuse", "repair")
 
@@ -58,8 +60,16 @@ def check_memory(needed_bytes: float, what: str) -> None:
     """Refuse before allocating when ``needed_bytes`` exceeds what the machine has free."""
     available = available_memory_bytes()
     if needed_bytes > available:
-        raise ValueError(f"{what}: needs about {needed_bytes / 2**30:.1f} GiB of memory, "
-                         f"only {available / 2**30:.1f} GiB is available")
+        raise UserInputError(f"{what}: needs about {_bytes_text(needed_bytes)} of memory, only "
+                             f"{_bytes_text(available)} is available")
+
+
+def _bytes_text(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024:
+            return f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} PiB"
 
 
 def load_volume(path: str, volume_index: int | None = None, nan_policy: str = "refuse") -> Volume:
@@ -69,9 +79,13 @@ def load_volume(path: str, volume_index: int | None = None, nan_policy: str = "r
     ``repair`` (set them to 0 and record a warning).
     """
     if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy: expected one of {NAN_POLICIES}, got {nan_policy!r}")
+        raise UserInputError(f"nan_policy: expected one of {NAN_POLICIES}, got {nan_policy!r}")
+    if volume_index is not None and (isinstance(volume_index, bool) or not isinstance(volume_index, (int, np.integer))):
+        raise UserInputError(f"volume_index: expected a whole number (a volume of a 4D series), got {volume_index!r}")
+    if not path:
+        raise UserInputError("input image: expected a NIfTI file or a DICOM series folder, got an empty path")
     if not os.path.exists(path):
-        raise ValueError(f"{path}: no such file or directory")
+        raise UserInputError(f"{path}: no such file or directory")
     notes: list[str] = []
     if os.path.isdir(path):
         array, affine = _read_dicom_series(path, notes)
@@ -83,38 +97,47 @@ def load_volume(path: str, volume_index: int | None = None, nan_policy: str = "r
     return volume
 
 
-def _spatial_shape(path: str, shape: tuple[int, ...], volume_index: int | None) -> tuple[tuple[int, ...], int | None]:
-    """The 3D shape to read and the 4th-axis index to take, or a one-line error for 2D/4D+ data."""
-    if len(shape) == 4 and shape[3] == 1:
-        shape, volume_index = shape[:3], 0
-    elif len(shape) == 4:
+def _volume_slicer(path: str, shape: tuple[int, ...], volume_index: int | None) -> tuple[tuple[int, ...], tuple]:
+    """The 3D shape to read and the index taking it from the file's array, or a one-line error for 2D/4D data.
+
+    Trailing axes of length 1 (a "4D" file of one volume) are dropped; a 4th axis of several volumes needs
+    ``volume_index``.
+    """
+    extra = shape[3:]
+    while extra and extra[-1] == 1:
+        extra = extra[:-1]
+    if len(extra) > 1:
+        raise UserInputError(f"{path}: expected a 3D volume, got {len(shape)} dimensions (shape {shape})")
+    if extra:
         if volume_index is None:
-            raise ValueError(f"{path}: a 4D series of {shape[3]} volumes (shape {shape}); pick one with volume_index "
-                             f"(0..{shape[3] - 1})")
-        if not 0 <= volume_index < shape[3]:
-            raise ValueError(f"{path}: volume_index {volume_index} is outside 0..{shape[3] - 1}")
-        shape = shape[:3]
-    elif len(shape) > 4:
-        raise ValueError(f"{path}: expected a 3D volume, got {len(shape)} dimensions (shape {shape})")
-    else:
-        volume_index = None
-    if len(shape) < 3 or min(shape) < 2:
-        raise ValueError(f"{path}: a 2D image (shape {shape}); expected a 3D volume with at least 2 voxels per axis")
-    return shape, volume_index
+            raise UserInputError(f"{path}: a 4D series of {extra[0]} volumes (shape {shape}); pick one with "
+                                 f"--volume_index (0..{extra[0] - 1})")
+        if not 0 <= volume_index < extra[0]:
+            raise UserInputError(f"{path}: volume_index {volume_index} is outside 0..{extra[0] - 1}")
+    elif volume_index not in (None, 0):
+        raise UserInputError(f"{path}: volume_index {volume_index} given, but the image holds one volume (shape "
+                             f"{shape})")
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        raise UserInputError(f"{path}: a 2D image (shape {shape}); expected a 3D volume with at least 2 voxels "
+                             f"per axis")
+    index = (slice(None),) * 3 + ((volume_index,) if extra else ()) + (0,) * (len(shape) - 3 - len(extra))
+    return shape[:3], index
 
 
 def _read_nifti(path: str, volume_index: int | None) -> tuple[np.ndarray, np.ndarray]:
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises ImageFileError, OSError, EOFError... for non-images
-        raise ValueError(f"{path}: not a readable NIfTI image ({error.__class__.__name__}: {error})") from None
-    shape, volume_index = _spatial_shape(path, tuple(int(n) for n in image.shape), volume_index)
+        raise UserInputError(f"{path}: not a readable NIfTI image ({one_line(error)})") from None
+    dtype = np.dtype(image.get_data_dtype())
+    if dtype.kind not in "biuf":  # complex, RGB (structured) or text data is no MR magnitude image
+        raise UserInputError(f"{path}: expected a grey-scale image of real numbers, got data type {dtype}")
+    shape, index = _volume_slicer(path, tuple(int(n) for n in image.shape), volume_index)
     check_memory(INPUT_COPIES * 4 * float(np.prod(shape)), f"{path} (shape {shape})")
     try:
-        data = image.dataobj if volume_index is None else image.dataobj[..., volume_index]
-        array = np.asarray(data, dtype=np.float32)
+        array = np.asarray(image.dataobj[index], dtype=np.float32)
     except (EOFError, zlib.error, OSError, ValueError) as error:  # a cut .nii.gz fails only while decompressing
-        raise ValueError(f"{path}: truncated or corrupt image data ({error.__class__.__name__}: {error})") from None
+        raise UserInputError(f"{path}: truncated or corrupt image data ({one_line(error)})") from None
     return array.reshape(shape), np.asarray(image.affine, dtype=np.float64)
 
 
@@ -124,18 +147,19 @@ def _read_dicom_series(folder: str, notes: list[str]) -> tuple[np.ndarray, np.nd
     names_generator = itk.GDCMSeriesFileNames.New(Directory=folder)
     series = list(names_generator.GetSeriesUIDs())
     if not series:
-        raise ValueError(f"{folder}: no DICOM series found in this directory")
+        raise UserInputError(f"{folder}: no DICOM series found in this directory")
     if len(series) > 1:  # the largest series is usually the scan, smaller ones localisers
         notes.append(f"{folder}: {len(series)} DICOM series found, read the one with the most files")
     files = max((list(names_generator.GetFileNames(uid)) for uid in series), key=len)
+    check_memory(INPUT_COPIES * 4 * _dicom_voxel_count(files), f"{folder} ({len(files)} DICOM files)")
     try:
         image = itk.imread(files, itk.F)
     except Exception as error:  # ITK raises RuntimeError with a long C++ message
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
-        raise ValueError(f"{folder}: unreadable DICOM series ({first_line})") from None
+        raise UserInputError(f"{folder}: unreadable DICOM series ({one_line(error)})") from None
     array = itk.array_from_image(image).transpose(2, 1, 0)  # ITK's numpy view is (z, y, x); keep index (i, j, k)
     if array.ndim != 3 or min(array.shape) < 2:
-        raise ValueError(f"{folder}: a 2D image (shape {array.shape}); expected a 3D series of at least 2 slices")
+        raise UserInputError(f"{folder}: a 2D image (shape {array.shape}); expected a 3D series of at least 2 "
+                             f"slices")
     direction = np.asarray(image.GetDirection(), dtype=np.float64)
     affine = np.eye(4)
     affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)
@@ -143,13 +167,25 @@ def _read_dicom_series(folder: str, notes: list[str]) -> tuple[np.ndarray, np.nd
     return np.ascontiguousarray(array, dtype=np.float32), _LPS_TO_RAS @ affine
 
 
+def _dicom_voxel_count(files: list[str]) -> float:
+    """Voxels a series holds, from its first file's header (all slices of a series share rows and columns)."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        frames = int(getattr(header, "NumberOfFrames", 1) or 1)
+        return float(int(header.Rows) * int(header.Columns) * frames * len(files))
+    except Exception:  # noqa: BLE001 - an unreadable header is reported by ITK's read right after
+        return 0.0
+
+
 def _check_affine(volume: Volume) -> None:
     linear = volume.affine[:3, :3]
     finite = bool(np.all(np.isfinite(volume.affine)))
     singular_values = np.linalg.svd(linear, compute_uv=False) if finite else None
     if not finite or singular_values.min() <= 1e-6 * singular_values.max():
-        raise ValueError(f"{volume.path}: non-invertible voxel-to-world affine (zero or non-finite voxel size or "
-                         f"collinear axes): {np.round(linear, 4).tolist()}")
+        raise UserInputError(f"{volume.path}: non-invertible voxel-to-world affine (zero or non-finite voxel size "
+                             f"or collinear axes): {np.round(linear, 4).tolist()}")
 
 
 def _check_values(volume: Volume, nan_policy: str) -> None:
@@ -157,13 +193,13 @@ def _check_values(volume: Volume, nan_policy: str) -> None:
     bad = int(finite.size - np.count_nonzero(finite))
     if bad:
         if nan_policy == "refuse":
-            raise ValueError(f"{volume.path}: {bad} NaN/Inf voxels; repair them (nan_policy='repair' sets them to 0) "
-                             f"or fix the file")
+            raise UserInputError(f"{volume.path}: {bad} NaN/Inf voxels; fix the file, or set them to 0 with "
+                                 f"--nan_policy repair")
         volume.array[~finite] = 0.0
         volume.warnings.append(f"{volume.path}: {bad} NaN/Inf voxels were set to 0")
     low, high = float(volume.array.min()), float(volume.array.max())
     if low == high:
-        raise ValueError(f"{volume.path}: a constant image (every voxel is {low}); expected an MR volume")
+        raise UserInputError(f"{volume.path}: a constant image (every voxel is {low}); expected an MR volume")
 
 
 @contextlib.contextmanager
@@ -177,6 +213,12 @@ def atomic_path(path: str):
         with open(temporary, "rb") as written:  # flush to disk before the rename makes it visible
             os.fsync(written.fileno())
         os.replace(temporary, path)
+        with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every platform)
+            folder_handle = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(folder_handle)
+            finally:
+                os.close(folder_handle)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)

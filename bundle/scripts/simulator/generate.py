@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import UserInputError
 from . import bids
 from .acquisition import Geometry, acquire_geometry, add_rician_noise, bias_field, noise_sigma, skull_strip_mask, \
     to_scanner_scale
@@ -116,14 +117,8 @@ def simulate(output_dir: str, num_subjects: int = 20, seed: int = 0, sites: list
     seeded by ``(seed, i)``, so a dataset is reproducible and a subject does not depend on how many others are made.
     ``voxel_mm`` (integer) coarsens the truth grid, for tests and quick looks.
     """
-    if isinstance(num_subjects, bool) or not isinstance(num_subjects, (int, np.integer)) or num_subjects <= 0:
-        raise ValueError(f"num_subjects: expected a positive integer, got {num_subjects!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
-    site_names = list(PRESETS) if sites is None else [sites] if isinstance(sites, str) else list(sites)
-    presets = [get_preset(name) for name in site_names]
-    if not presets:
-        raise ValueError("sites: expected at least one site preset name, got an empty list")
+    _check_arguments(output_dir, num_subjects, seed, voxel_mm)
+    presets = [get_preset(name) for name in _site_names(sites)]
     root = os.path.abspath(str(output_dir))
     os.makedirs(root, exist_ok=True)
     subjects, images = [], []
@@ -136,3 +131,31 @@ def simulate(output_dir: str, num_subjects: int = 20, seed: int = 0, sites: list
     bids.write_participants(root, subjects)
     bids.write_descriptions(root, int(seed))
     return images
+
+
+def _check_arguments(output_dir, num_subjects, seed, voxel_mm) -> None:
+    """Checked before anything is written: one ``UserInputError`` line naming the bad argument."""
+    def whole(value: object) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not output_dir:
+        raise UserInputError("output_dir: expected a folder to write the dataset to, got an empty path")
+    if os.path.exists(str(output_dir)) and not os.path.isdir(str(output_dir)):
+        raise UserInputError(f"output_dir {output_dir}: a file, not a folder")
+    if not whole(num_subjects) or num_subjects <= 0:
+        raise UserInputError(f"num_subjects: expected a positive integer, got {num_subjects!r}")
+    if not whole(seed) or seed < 0:
+        raise UserInputError(f"seed: expected a non-negative integer, got {seed!r}")
+    if not (whole(voxel_mm) or isinstance(voxel_mm, float) and voxel_mm.is_integer()) or voxel_mm < 1:
+        raise UserInputError(f"voxel_mm: expected a positive integer (mm of the truth grid), got {voxel_mm!r}")
+
+
+def _site_names(sites: list[str] | str | None) -> list[str]:
+    """The site presets to cycle through (default: all), every name checked."""
+    names = list(PRESETS) if sites is None else [sites] if isinstance(sites, str) else list(sites)
+    if not names:
+        raise UserInputError("sites: expected at least one site preset name, got an empty list")
+    unknown = [name for name in names if name not in PRESETS]
+    if unknown:
+        raise UserInputError(f"sites: unknown site preset(s) {unknown}; expected some of {sorted(PRESETS)}")
+    return names

@@ -1,0 +1,100 @@
+"""What the bundle does with what users give it: a bad input is one line, and text is never run as code.
+
+``UserInputError`` is the one exception type for a wrong file, field or value; its message is one line naming it
+and what was expected. Entry points show only that line and exit with status 1: ``tumsyn`` catches it, and for
+``python -m monai.bundle run`` the excepthook installed when ``scripts`` is imported prints it (MONAI wraps errors
+raised inside config expressions in ``RuntimeError``; the hook finds the user error behind it).
+
+MONAI's config parser runs an override value as Python when it starts with ``$`` (and instantiates any ``_target_``
+a dict names; ``fire`` turns a ``{...}`` argument into a dict), so ``--prompt '$__import__("os").system(...)'``
+would run the command. ``guard_text_fields`` makes MONAI refuse to evaluate or instantiate any config item under
+the ids in ``TEXT_FIELDS``: a prompt is data, and such a value ends as one ``UserInputError`` line before any of it
+runs. ``@id`` and ``%file#id`` values are only references to other config content (no code), and what they bring
+in is guarded the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+# Top-level config ids whose values are user text (never expressions or components).
+TEXT_FIELDS = ("prompt",)
+
+# Characters of an offending value quoted in an error message.
+_QUOTE_CHARS = 80
+
+
+class UserInputError(ValueError):
+    """Something the user gave (a file, a config field, a prompt) is wrong: a one-line message naming it and what
+    was expected. A ``ValueError``, so callers that handle bad values keep handling it."""
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message`` of a library's exception, to quote inside a one-line error."""
+    lines = str(error).strip().splitlines()
+    return f"{error.__class__.__name__}: {lines[0]}" if lines else error.__class__.__name__
+
+
+def user_error(error: BaseException | None) -> UserInputError | None:
+    """The ``UserInputError`` behind ``error``, following explicit causes (``raise ... from``) as MONAI wraps."""
+    while error is not None:
+        if isinstance(error, UserInputError):
+            return error
+        error = error.__cause__
+    return None
+
+
+def install_excepthook() -> None:
+    """Print an uncaught user error as ``error: <message>`` (one line, exit status 1); anything else as before."""
+    previous = sys.excepthook
+    if getattr(previous, "prints_user_errors", False):
+        return
+
+    def hook(kind, value, traceback):
+        found = user_error(value)
+        if found is None:
+            previous(kind, value, traceback)
+        else:
+            print(f"error: {found}", file=sys.stderr)
+
+    hook.prints_user_errors = True
+    sys.excepthook = hook
+
+
+def _text_field(item_id: str) -> str | None:
+    top = item_id.replace("::", "#").split("#", 1)[0]
+    return top if top in TEXT_FIELDS else None
+
+
+def _refuse_code(item: Any) -> None:
+    field = _text_field(item.get_id())
+    if field is not None:
+        value = repr(item.get_config())
+        value = value if len(value) <= _QUOTE_CHARS else value[:_QUOTE_CHARS] + "..."
+        raise UserInputError(f"{field}: {value} would run as code in MONAI's config parser (a value starting with "
+                             f"'$' or a dict with '_target_'); a {field} is plain text, e.g. 'T2w' or the official "
+                             f"template")
+
+
+def guard_text_fields() -> None:
+    """Make MONAI's config parser refuse to evaluate or instantiate anything under ``TEXT_FIELDS`` (idempotent)."""
+    from monai.bundle.config_item import ConfigComponent, ConfigExpression
+
+    if getattr(ConfigExpression.evaluate, "guards_text_fields", False):
+        return
+    evaluate, instantiate = ConfigExpression.evaluate, ConfigComponent.instantiate
+
+    @functools.wraps(evaluate)
+    def guarded_evaluate(self, globals=None, locals=None):
+        _refuse_code(self)
+        return evaluate(self, globals, locals)
+
+    @functools.wraps(instantiate)
+    def guarded_instantiate(self, **kwargs):
+        _refuse_code(self)
+        return instantiate(self, **kwargs)
+
+    guarded_evaluate.guards_text_fields = True
+    ConfigExpression.evaluate, ConfigComponent.instantiate = guarded_evaluate, guarded_instantiate

@@ -1,0 +1,537 @@
+"""Reliability and security (issue #9) at every entry point: a bad input is one line naming the file or field and
+nothing is written; unusual but valid inputs work; writes are atomic and batches resume; weights and prompts are
+data, never code (also through MONAI's config parser); `python -m monai.bundle run` prints one line, no traceback."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import scripts.volume_io
+from helpers import (
+    FAST,
+    T2W_TEMPLATE,
+    SamplingNet,
+    blob_volume,
+    files_in,
+    write_bids_image,
+    write_dicom_series,
+    write_nifti,
+    write_raw_nifti,
+)
+from scripts.errors import UserInputError, guard_text_fields, install_excepthook
+from scripts.evaluation import Method, run_evaluation
+from scripts.inference_engine import load_datalist, load_network_weights, run_batch, run_inference
+from scripts.prompt import prompt_from_image, tokenize
+from scripts.simulator import simulate
+from scripts.volume_io import atomic_path, load_volume, save_nifti
+
+# What a prompt would run if anything evaluated it: creates the file PWNED in the working directory.
+CODE = "$__import__('os').system('touch PWNED')"
+# A valid template whose 4 + 3 decimals push it past the text encoder's 90-token context.
+LONG_PROMPT = ("Age: 45.55; Gender: F; Scanner: 1.5 Philips; Modality: FLAIR; Voxel size: (0.45, 0.45, 0.45); "
+               "Imaging parameter TR(ms), TE(ms), TI(ms), and FA(degree):  (12345.67, 123.45, 2345.67, 123.45)")
+
+
+def one_line(error) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in tmp_path, so a prompt that ran as code would leave PWNED there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference (run_inference, what the config, the batch and MONAI Label call): every bad input, nothing written
+
+
+def _good_image(tmp_path):
+    return write_nifti(tmp_path / "good.nii.gz", blob_volume((12, 12, 12), np.eye(4), (6, 6, 6)), np.eye(4))
+
+
+def _nifti(tmp_path, name, data, affine=np.eye(4), dtype=np.float32):
+    return write_nifti(tmp_path / name, data, affine, dtype)
+
+
+def _truncated(tmp_path):
+    path = _nifti(tmp_path, "cut.nii.gz", np.random.rand(24, 24, 24))
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[: len(blob) // 2])
+    return path
+
+
+def _with(value, flat_index, data):
+    data.flat[flat_index] = value
+    return data
+
+
+def _text_file(tmp_path, name):
+    (tmp_path / name).write_text("patient notes, not an image")
+    return str(tmp_path / name)
+
+
+def _empty_folder(tmp_path, name):
+    (tmp_path / name).mkdir()
+    return str(tmp_path / name)
+
+
+BAD_IMAGES = {  # kind: (writer of the input, run_inference keyword arguments, expected part of the message)
+    "missing": (lambda t: str(t / "nope.nii.gz"), {}, "nope.nii.gz: no such file or directory"),
+    "empty_path": (lambda t: "", {}, "got an empty path"),
+    "not_an_image": (lambda t: _text_file(t, "notes.nii.gz"), {}, "notes.nii.gz: not a readable NIfTI image"),
+    "truncated": (_truncated, {}, "cut.nii.gz: truncated or corrupt image data"),
+    "2d": (lambda t: _nifti(t, "slice.nii.gz", np.random.rand(24, 24)), {}, "a 2D image (shape (24, 24))"),
+    "single_slice": (lambda t: _nifti(t, "slice.nii.gz", np.random.rand(24, 24, 1)), {}, "a 2D image"),
+    "4d": (lambda t: _nifti(t, "bold.nii.gz", np.random.rand(8, 8, 8, 5)), {},
+           "a 4D series of 5 volumes (shape (8, 8, 8, 5)); pick one with --volume_index (0..4)"),
+    "4d_index_outside": (lambda t: _nifti(t, "bold.nii.gz", np.random.rand(8, 8, 8, 5)), {"volume_index": 5},
+                         "volume_index 5 is outside 0..4"),
+    "index_of_3d": (_good_image, {"volume_index": 2}, "volume_index 2 given, but the image holds one volume"),
+    "index_not_a_number": (_good_image, {"volume_index": "1"}, "volume_index: expected a whole number"),
+    "5d": (lambda t: _nifti(t, "multi.nii.gz", np.random.rand(8, 8, 8, 2, 2)), {}, "got 5 dimensions"),
+    "complex": (lambda t: _nifti(t, "phase.nii.gz", np.random.rand(8, 8, 8), dtype=np.complex64), {},
+                "expected a grey-scale image of real numbers, got data type complex64"),
+    "nan": (lambda t: _nifti(t, "nan.nii.gz", _with(np.nan, 100, np.random.rand(12, 12, 12))), {},
+            "nan.nii.gz: 1 NaN/Inf voxels; fix the file, or set them to 0 with --nan_policy repair"),
+    "inf": (lambda t: _nifti(t, "inf.nii.gz", _with(-np.inf, 7, np.random.rand(12, 12, 12))), {}, "1 NaN/Inf voxels"),
+    "unknown_nan_policy": (_good_image, {"nan_policy": "ignore"}, "nan_policy: expected one of ('refuse', 'repair')"),
+    "all_zero": (lambda t: _nifti(t, "zero.nii.gz", np.zeros((12, 12, 12))), {},
+                 "a constant image (every voxel is 0.0)"),
+    "constant": (lambda t: _nifti(t, "flat.nii.gz", np.full((12, 12, 12), 7.0)), {}, "every voxel is 7.0"),
+    "singular_affine": (lambda t: write_raw_nifti(t / "flat_affine.nii.gz", (12, 12, 12),
+                                                  np.random.rand(12, 12, 12).astype(np.float32).tobytes("F"),
+                                                  sform=[[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]]), {},
+                        "non-invertible voxel-to-world affine"),
+    "nan_affine": (lambda t: write_raw_nifti(t / "nan_affine.nii.gz", (12, 12, 12),
+                                             np.random.rand(12, 12, 12).astype(np.float32).tobytes("F"),
+                                             sform=[[1, 0, 0, 0], [0, np.nan, 0, 0], [0, 0, 1, 0]]), {},
+                   "non-invertible voxel-to-world affine"),
+    "absurd_size": (lambda t: write_raw_nifti(t / "huge.nii.gz", (30000, 30000, 30000), b"\0" * 1024), {},
+                    "huge.nii.gz (shape (30000, 30000, 30000)): needs about 392.9 TiB of memory, only"),
+    "empty_dicom_folder": (lambda t: _empty_folder(t, "series"), {}, "series: no DICOM series found in this directory"),
+    "empty_prompt": (_good_image, {"prompt": ""}, "got an empty prompt"),
+    "prompt_not_text": (_good_image, {"prompt": 40}, "prompt: expected text"),
+    "unknown_modality": (_good_image, {"prompt": "T5w"}, "prompt field 'Modality': expected one of T1w"),
+    "unparsable_prompt": (_good_image, {"prompt": "make it look like a T2"}, "prompt: cannot read"),
+    "prompt_code": (_good_image, {"prompt": CODE}, "prompt: cannot read \"$__import__('os')"),
+    "te_above_tr": (_good_image, {"prompt": T2W_TEMPLATE.replace("(4000.0, 100.0", "(100.0, 4000.0")},
+                    "TE 4000.0 ms cannot exceed TR 100.0 ms"),
+    "ti_above_tr": (_good_image, {"prompt": "FLAIR; Imaging parameter TR(ms), TE(ms), TI(ms), and FA(degree):  "
+                                            "(2000, 100, 2500, 90)"}, "TI 2500.0 ms cannot exceed TR 2000.0 ms"),
+    "negative_te": (_good_image, {"prompt": T2W_TEMPLATE.replace("100.0", "-5")},
+                    "prompt field 'TE': expected a positive time in ms, got '-5'"),
+    "prompt_too_long": (_good_image, {"prompt": LONG_PROMPT}, "prompt is 94 tokens long"),
+    "zero_spacing": (_good_image, {"target_spacing": [1.0, 0.0, 1.0]}, "target_spacing: expected 3 positive"),
+    "negative_spacing": (_good_image, {"target_spacing": -1.0}, "target_spacing: expected 3 positive"),
+    "text_spacing": (_good_image, {"target_spacing": "1mm"}, "target_spacing: expected 3 positive"),
+    "nan_spacing": (_good_image, {"target_spacing": [1.0, float("nan"), 1.0]}, "target_spacing"),
+    "huge_output": (_good_image, {"target_spacing": 1e-4}, "good.nii.gz: needs about 18.4 PiB of memory, only"),
+    "bad_reference": (_good_image, {"reference": "notes.txt"}, "notes.txt: no such file"),
+    "output_dir_is_a_file": (_good_image, {"output_dir": "good.nii.gz"}, "is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
+def test_inference_refuses_bad_input_in_one_line_and_writes_nothing(in_tmp, kind):
+    write, overrides, expected = BAD_IMAGES[kind]
+    path = write(in_tmp)
+    arguments = {"prompt": "T2w", "output_dir": "out", **overrides}
+    with pytest.raises(UserInputError) as raised:
+        run_inference(path, arguments.pop("prompt"), arguments.pop("output_dir"), SamplingNet(), inferer=FAST,
+                      **arguments)
+    assert expected in one_line(raised)
+    assert files_in(in_tmp / "out") == [] and not (in_tmp / "PWNED").exists()
+
+
+def test_nan_repair_is_recorded(tmp_path):
+    data = blob_volume((12, 12, 12), np.eye(4), (6, 6, 6))
+    data[2, 2, 2] = np.inf
+    path = write_nifti(tmp_path / "inf.nii.gz", data, np.eye(4))
+    written = run_inference(path, "T2w", str(tmp_path / "out"), SamplingNet(), nan_policy="repair", inferer=FAST,
+                            preview=False)
+    assert "1 NaN/Inf voxels were set to 0" in json.load(open(written["sidecar"]))["warnings"][0]
+
+
+def test_refuses_to_overwrite_the_input(tmp_path):
+    path = write_nifti(tmp_path / "scan.nii.gz", blob_volume((12, 12, 12), np.eye(4), (6, 6, 6)), np.eye(4))
+    os.symlink(path, tmp_path / "scan_T2w.nii.gz")  # the output name resolves to the input file
+    before = open(path, "rb").read()
+    with pytest.raises(UserInputError, match="would overwrite an input"):
+        run_inference(str(tmp_path / "scan.nii.gz"), "T2w", str(tmp_path), SamplingNet(), inferer=FAST)
+    assert open(path, "rb").read() == before
+
+
+def test_dicom_series_too_large_is_refused_with_the_numbers(tmp_path, monkeypatch):
+    folder = str(tmp_path / "series")
+    write_dicom_series(folder, (100 * np.random.rand(16, 12, 6)).astype(np.int16))
+    monkeypatch.setattr(scripts.volume_io, "available_memory_bytes", lambda: 1000)
+    with pytest.raises(UserInputError) as raised:
+        load_volume(folder)
+    # 4 float32 working copies of 16 x 12 x 6 voxels = 18432 bytes
+    assert "series (6 DICOM files): needs about 18.0 KiB of memory, only 1000.0 B is available" in one_line(raised)
+
+
+@pytest.mark.parametrize("shape, volume_index", [
+    ((8, 8, 8, 1), None),  # a "4D" file of one volume
+    ((8, 8, 8, 1, 1), None),  # trailing singleton axes (some converters write 5D)
+    ((8, 8, 8, 3, 1), 2),  # a series with a trailing singleton axis: volume_index still picks the volume
+    ((8, 8, 8), 0),  # volume 0 of a single volume
+])
+def test_singleton_axes_and_volume_index_are_valid(tmp_path, shape, volume_index):
+    data = 0.5 * np.random.rand(*shape)
+    if len(shape) > 3:  # volume v holds values in [v, v + 0.5)
+        data += np.arange(shape[3]).reshape((1, 1, 1, -1) + (1,) * (len(shape) - 4))
+    volume = load_volume(write_nifti(tmp_path / "v.nii.gz", data, np.eye(4)), volume_index=volume_index)
+    assert volume.array.shape == (8, 8, 8) and np.floor(volume.array.min()) == (volume_index or 0)
+
+
+def test_prompt_text_with_parser_characters_reaches_the_tokenizer_as_text(in_tmp):
+    path = _good_image(in_tmp)
+    written = run_inference(path, "FLAIR; Scanner: 3.0 $vendor@%x", "out", SamplingNet(), inferer=FAST,
+                            preview=False)
+    assert "Scanner: 3.0 $vendor@%x; Modality: FLAIR" in json.load(open(written["sidecar"]))["target_prompt"]
+
+
+def test_metadata_is_data(in_tmp):
+    """A BIDS sidecar whose manufacturer is Python code: the prompt carries it as text, nothing runs."""
+    sidecar = {"RepetitionTime": 2.3, "EchoTime": 0.003, "MagneticFieldStrength": 3, "Manufacturer": CODE}
+    path = write_bids_image(str(in_tmp), "01", "T1w", np.random.rand(8, 8, 8), sidecar)
+    text = prompt_from_image(path).render()
+    assert "Scanner: 3.0 $__import__('os').system('touch;" in text
+    assert tokenize(text).shape == (1, 90) and not (in_tmp / "PWNED").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch (datalist)
+
+
+def _datalist(tmp_path, kind):
+    path = tmp_path / ("cases.json" if kind != "missing" else "nothing.csv")
+    content = {"unreadable": "{ not json", "empty": "[]", "no_prompt": '[{"input_image": "a.nii.gz"}]',
+               "unknown_key": '[{"input_image": "a.nii.gz", "prompt": "T2w", "modality": "T2w"}]'}.get(kind)
+    if content is not None:
+        path.write_text(content)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("missing", "nothing.csv: no such datalist file"),
+    ("unreadable", "cases.json: unreadable datalist (JSONDecodeError: "),
+    ("empty", "expected a non-empty list of cases"),
+    ("no_prompt", "case 1 needs 'input_image' and 'prompt'"),
+    ("unknown_key", "case 1 has unknown keys ['modality']"),
+])
+def test_bad_datalist_is_one_line(tmp_path, kind, expected):
+    with pytest.raises(UserInputError) as raised:
+        load_datalist(_datalist(tmp_path, kind))
+    assert expected in one_line(raised)
+
+
+def test_batch_reports_failures_but_finishes_the_rest(in_tmp):
+    good = _good_image(in_tmp)
+    cases = [{"input_image": str(in_tmp / "missing.nii.gz"), "prompt": "T2w"},
+             {"input_image": good, "prompt": CODE},  # a datalist's prompt is text: refused, never run
+             {"input_image": good, "prompt": "T2w"}]
+    with pytest.raises(UserInputError) as raised:
+        run_batch(cases, "out", SamplingNet(), inferer=FAST, preview=False)
+    assert "2 of 3 cases failed; first: " in one_line(raised) and "missing.nii.gz: no such file" in str(raised.value)
+    assert files_in(in_tmp / "out") == ["good_T2w.json", "good_T2w.nii.gz"] and not (in_tmp / "PWNED").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interruption: atomic writes, resume
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, OSError])
+def test_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch, interruption):
+    path = str(tmp_path / "out" / "image.nii.gz")
+    save_nifti(np.ones((4, 4, 4)), np.eye(4), path)
+    before = open(path, "rb").read()
+
+    def half_then_interrupt(image, filename):
+        open(filename, "wb").write(before[: len(before) // 2])
+        raise interruption("killed mid-write")
+
+    monkeypatch.setattr(scripts.volume_io.nib, "save", half_then_interrupt)
+    with pytest.raises(interruption):
+        save_nifti(np.zeros((4, 4, 4)), np.eye(4), path)
+    assert open(path, "rb").read() == before and files_in(tmp_path / "out") == ["image.nii.gz"]
+
+
+def test_atomic_path_publishes_only_on_success(tmp_path):
+    target = tmp_path / "record.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(str(target)) as temporary:
+            open(temporary, "w").write("{ half")
+            raise RuntimeError("crash")
+    assert files_in(tmp_path) == []
+    with atomic_path(str(target)) as temporary:
+        open(temporary, "w").write("{}")
+        assert not target.exists()  # invisible under the final name until complete
+    assert target.read_text() == "{}" and files_in(tmp_path) == ["record.json"]
+
+
+class FailingNet(SamplingNet):
+    def encode(self, image, tokens=None, modality=None):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+
+def test_a_failure_during_synthesis_writes_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_inference(_good_image(tmp_path), "T2w", str(tmp_path / "out"), FailingNet(), inferer=FAST)
+    assert files_in(tmp_path / "out") == []
+
+
+def _interrupt(paths, state):
+    """Leave a finished case as a kill at some moment would: after the image, before its sidecar, or damaged."""
+    if state == "sidecar_cut":
+        open(paths["sidecar"], "w").write("{ truncated")
+    elif state == "killed_before_sidecar":
+        os.remove(paths["sidecar"])
+    elif state == "image_cut_after_sidecar":
+        blob = open(paths["image"], "rb").read()
+        open(paths["image"], "wb").write(blob[:100])
+
+
+@pytest.mark.parametrize("state", ["sidecar_cut", "killed_before_sidecar", "image_cut_after_sidecar"])
+def test_batch_resumes_redoing_only_unfinished_cases(tmp_path, state):
+    paths = [write_nifti(tmp_path / f"case{i}.nii.gz", blob_volume((12, 12, 12), np.eye(4), (6, 6, 6 + i)),
+                         np.eye(4)) for i in range(2)]
+    datalist = tmp_path / "cases.csv"
+    with open(datalist, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["input_image", "prompt", "target_spacing"])
+        writer.writerow(["case0.nii.gz", "T2w", "[2, 2, 2]"])
+        writer.writerow(["case1.nii.gz", T2W_TEMPLATE, ""])
+    cases = load_datalist(str(datalist))
+    assert cases[0]["input_image"] == paths[0] and cases[0]["target_spacing"] == [2, 2, 2]
+    out = tmp_path / "out"
+    first = run_batch(cases, str(out), SamplingNet(), inferer=FAST, preview=False)
+    assert [nib.load(p["image"]).shape for p in first] == [(6, 6, 6), (12, 12, 12)]
+    os.utime(first[0]["image"], (1, 1))
+    _interrupt(first[1], state)
+
+    run_batch(cases, str(out), SamplingNet(), inferer=FAST, preview=False)
+    assert os.path.getmtime(first[0]["image"]) == 1  # finished (its sidecar verifies): skipped
+    record = json.load(open(first[1]["sidecar"]))  # redone, and verifiable again
+    assert record["output_bytes"] == os.path.getsize(first[1]["image"])
+    assert nib.load(first[1]["image"]).shape == (12, 12, 12)
+
+    run_batch(cases, str(out), SamplingNet(), inferer=FAST, preview=False, overwrite=True)
+    assert os.path.getmtime(first[0]["image"]) != 1  # asked to: rewritten
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights: missing, corrupt, mismatched, malicious
+
+
+class CodeOnLoad:
+    """A pickle payload that creates a file when unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _weights(tmp_path, kind):
+    path = tmp_path / f"{kind}.pt"
+    net = SamplingNet(conv=True)
+    if kind == "corrupt":
+        path.write_bytes(b"not a checkpoint")
+    elif kind == "truncated":
+        torch.save(net.state_dict(), path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "not_a_dict":
+        torch.save([p.detach() for p in net.parameters()], path)
+    elif kind == "non_tensor_values":
+        torch.save({**net.state_dict(), "epoch": 3}, path)
+    elif kind == "other_network":
+        torch.save(SamplingNet().state_dict(), path)
+    elif kind == "resized":
+        torch.save({**net.state_dict(), "conv.weight": torch.zeros(4, 1, 3, 3, 3)}, path)
+    elif kind == "nan_weights":
+        torch.save({**net.state_dict(), "conv.bias": torch.tensor([0.0, float("nan")])}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("missing", "missing.pt: no such weights file (train one, or pass --ckpt_path)"),
+    ("corrupt", "corrupt.pt: not a loadable weights file"),
+    ("truncated", "truncated.pt: not a loadable weights file"),
+    ("not_a_dict", "expected a state dict (parameter name -> tensor), got list"),
+    ("non_tensor_values", "got a dict holding non-tensor values"),
+    ("other_network", "weights do not fit this network config (is --scale right?): missing conv.bias, conv.weight; "
+                      "unexpected none; different shape none"),
+    ("resized", "missing none; unexpected none; different shape conv.weight"),
+    ("nan_weights", "NaN/Inf values in 1 tensors (first: conv.bias)"),
+])
+def test_bad_weights_are_one_line(tmp_path, kind, expected):
+    with pytest.raises(UserInputError) as raised:
+        load_network_weights(SamplingNet(conv=True), _weights(tmp_path, kind))
+    assert expected in one_line(raised)
+
+
+def test_a_checkpoint_crafted_to_run_code_does_not_run_it(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"conv.weight": CodeOnLoad(str(marker))}, tmp_path / "evil.pt")
+    torch.load(tmp_path / "evil.pt", weights_only=False)  # the payload is real: full unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(UserInputError) as raised:
+        load_network_weights(SamplingNet(conv=True), str(tmp_path / "evil.pt"))
+    assert "evil.pt: not a loadable weights file (UnpicklingError: " in one_line(raised)
+    assert not marker.exists()
+    torch.save(SamplingNet(conv=True).state_dict(), tmp_path / "good.pt")
+    assert not load_network_weights(SamplingNet(conv=True), str(tmp_path / "good.pt")).training
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Simulate and evaluate entry points (the other argument checks are in test_simulator.py / test_evaluation.py)
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    ({"output_dir": "taken.txt"}, "output_dir taken.txt: a file, not a folder"),
+    ({"num_subjects": "3"}, "num_subjects: expected a positive integer, got '3'"),
+    ({"voxel_mm": 0}, "voxel_mm: expected a positive integer"),
+    ({"sites": []}, "sites: expected at least one site preset name"),
+    ({"sites": ["IXI", "Atlantis"]}, "sites: unknown site preset(s) ['Atlantis']"),
+])
+def test_simulate_refuses_bad_arguments_before_writing(in_tmp, arguments, expected):
+    (in_tmp / "taken.txt").write_text("")
+    with pytest.raises(UserInputError) as raised:
+        simulate(**{"output_dir": "dataset", "num_subjects": 1, "progress": False, **arguments})
+    assert expected in one_line(raised)
+    assert files_in(in_tmp) == ["taken.txt"]
+
+
+def _tiny_bids(root, source_bytes=None):
+    """One HCP-D subject with a T1w (``source_bytes`` replaces its file) and a T2w with its sidecar."""
+    image = 100 * blob_volume((10, 10, 10), np.eye(4), (5, 5, 5))
+    write_bids_image(str(root), "001", "T2w", image, {"RepetitionTime": 4.0, "EchoTime": 0.1},
+                     participants=[{"participant_id": "sub-001", "site": "HCP-D"}])
+    source = write_bids_image(str(root), "001", "T1w", image, {"RepetitionTime": 2.3, "EchoTime": 0.003})
+    if source_bytes is not None:
+        open(source, "wb").write(source_bytes)
+    return str(root)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("not_bids", "nowhere: not a BIDS dataset (no participants.tsv)"),
+    ("output_dir_is_a_file", "output_dir taken.txt: a file, not a folder"),
+    ("unknown_subject", "no subjects to evaluate (asked for ['sub-999'])"),
+    ("corrupt_source", "sub-001_T1w.nii.gz: not a readable NIfTI image"),
+])
+def test_evaluate_refuses_bad_input_before_writing(in_tmp, kind, expected):
+    (in_tmp / "taken.txt").write_text("")
+    dataset = _tiny_bids(in_tmp / "bids", b"garbage" if kind == "corrupt_source" else None)
+    arguments = {"dataset_dir": "nowhere" if kind == "not_bids" else dataset, "output_dir": "out", "subjects": None}
+    arguments.update({"output_dir_is_a_file": {"output_dir": "taken.txt"},
+                      "unknown_subject": {"subjects": ["sub-999"]}}.get(kind, {}))
+    with pytest.raises(UserInputError) as raised:
+        run_evaluation(arguments["dataset_dir"], arguments["output_dir"], [Method("identity", None, "identity")], FAST,
+                       subjects=arguments["subjects"])
+    assert expected in one_line(raised)
+    assert not (in_tmp / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MONAI's config parser: a prompt override is never evaluated or instantiated
+
+
+def _parser(prompt):
+    from monai.bundle import ConfigParser
+
+    guard_text_fields()  # as importing scripts.inference_engine (the inference config does) installs it
+    return ConfigParser({"imports": ["$import os"], "ckpt": "/models/model.pt", "prompt": prompt,
+                         "used": "$str(@prompt)", "other": "$1 + 1"})
+
+
+@pytest.mark.parametrize("value", [
+    CODE,  # an expression
+    "$import antigravity",  # an import statement (MONAI evaluates those first, for any item)
+    {"_target_": "os.system", "command": "touch PWNED"},  # fire turns a "{...}" argument into a dict
+    [CODE],
+    {"nested": {"_target_": "os.system", "command": "touch PWNED"}},
+    "%evil.yaml#payload",  # a macro pulling in code from a file
+])
+def test_config_parser_never_runs_a_prompt(in_tmp, value):
+    (in_tmp / "evil.yaml").write_text(f'payload: "{CODE}"\n')
+    with pytest.raises(UserInputError) as raised:
+        _parser(value).get_parsed_content("used")
+    assert one_line(raised).startswith("prompt: ") and "would run as code in MONAI's config parser" in str(raised.value)
+    assert not (in_tmp / "PWNED").exists()
+
+
+def test_config_parser_keeps_prompt_text_and_other_expressions():
+    text = "FLAIR; Scanner: 3.0 $vendor@%x"  # parser characters inside the text are not at its start: kept as is
+    assert _parser(text).get_parsed_content("used") == text
+    # `@id` is a reference to other config content (never code): the prompt then fails its own checks
+    assert _parser("@ckpt").get_parsed_content("used") == "/models/model.pt"
+    assert _parser("T2w").get_parsed_content("other") == 2  # only the prompt is guarded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One line on the command line
+
+
+def test_excepthook_prints_the_user_error_behind_monai_wrapping(capsys, monkeypatch):
+    delegated = []
+    monkeypatch.setattr(sys, "excepthook", lambda *exc: delegated.append(exc))
+    install_excepthook()
+    try:
+        raise RuntimeError("Failed to evaluate ConfigExpression") from UserInputError("scan.nii.gz: a 2D image")
+    except RuntimeError as error:
+        sys.excepthook(type(error), error, error.__traceback__)
+    assert capsys.readouterr().err == "error: scan.nii.gz: a 2D image\n" and delegated == []
+    bug = KeyError("a bug")
+    sys.excepthook(KeyError, bug, None)
+    assert delegated == [(KeyError, bug, None)]  # not a user error: the usual traceback
+
+
+@pytest.fixture(scope="module")
+def small_weights(tmp_path_factory):
+    from scripts.tumsyn_net import build_tumsyn_net
+
+    path = tmp_path_factory.mktemp("weights") / "model.pt"
+    torch.save(build_tumsyn_net("small").state_dict(), path)
+    return str(path)
+
+
+def _bundle_run(config, cwd, *overrides):
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+               os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs",
+                            f"{config}.yaml"), *overrides]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["code_prompt", "truncated_input", "simulate_zero_subjects"])
+def test_bundle_run_prints_one_line_and_exits_1(tmp_path, small_weights, case):
+    """Real `python -m monai.bundle run`: a user error is the last stderr line, no traceback, no output."""
+    if case == "simulate_zero_subjects":
+        done = _bundle_run("simulate", tmp_path, "--output_dir", "dataset", "--num_subjects", "0")
+        expected = "error: num_subjects: expected a positive integer, got 0"
+    else:
+        image = _truncated(tmp_path) if case == "truncated_input" else _good_image(tmp_path)
+        prompt = CODE if case == "code_prompt" else "T2w"
+        done = _bundle_run("inference", tmp_path, "--input_image", image, "--prompt", prompt, "--output_dir", "out",
+                           "--ckpt_path", small_weights)
+        expected = ("error: prompt: \"$__import__('os').system('touch PWNED')\" would run as code"
+                    if case == "code_prompt" else f"error: {image}: truncated or corrupt image data")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert lines[-1].startswith(expected) and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "PWNED").exists() and files_in(tmp_path / "out") == []
+    assert files_in(tmp_path / "dataset") == []
