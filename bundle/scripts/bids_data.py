@@ -1,7 +1,9 @@
 """BIDS dataset -> training datalists for both stages.
 
 A dataset is scanned once into ``BidsImage`` records (path, subject, modality, prompt); subjects are split into
-train/validation deterministically by seed, so no subject's anatomy is seen in both. Stage 1 pairs every image with its
+train/validation deterministically by seed, so no subject's anatomy is seen in both. A dataset training cannot use
+(missing, empty, an image without its JSON sidecar, a prompt that does not parse or is too long) stops with one
+``UserInputError`` line naming the file, before any volume is loaded. Stage 1 pairs every image with its
 own prompt; stage 2 uses the images of a subject on its shared 1 mm "truth grid" (no ``acq-`` entity), every ordered
 (source, target) pair of contrasts, with the target's prompt as the instruction.
 """
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserInputError
 from .prompt import CONTEXT_LENGTH, MODALITIES, PromptError, bids_modality, count_tokens, prompt_from_bids, tokenize
 
 
@@ -35,7 +38,7 @@ def _entities(path: str) -> list[str]:
 def scan_bids(dataset_dir: str) -> list[BidsImage]:
     """Every anatomical image of ``dataset_dir`` with a known modality, sorted by path, with its rendered prompt."""
     if not os.path.isdir(dataset_dir):
-        raise ValueError(f"dataset_dir {dataset_dir!r}: no such folder (expected a BIDS dataset with sub-*/anat/)")
+        raise UserInputError(f"dataset_dir {dataset_dir!r}: no such folder (expected a BIDS dataset with sub-*/anat/)")
     paths = sorted(
         path
         for pattern in ("sub-*/anat/*.nii*", "sub-*/ses-*/anat/*.nii*")
@@ -43,18 +46,22 @@ def scan_bids(dataset_dir: str) -> list[BidsImage]:
         if bids_modality(path) is not None
     )
     if not paths:
-        raise ValueError(f"dataset_dir {dataset_dir!r}: no images found (expected sub-*/anat/sub-*_<suffix>.nii.gz "
-                         f"with a suffix for one of {', '.join(MODALITIES)})")
+        raise UserInputError(f"dataset_dir {dataset_dir!r}: no images found (expected sub-*/anat/sub-*_<suffix>.nii.gz "
+                             f"with a suffix for one of {', '.join(MODALITIES)})")
     records = []
     for path in paths:
+        sidecar = (path[: -len(".nii.gz")] if path.endswith(".nii.gz") else os.path.splitext(path)[0]) + ".json"
+        if not os.path.isfile(sidecar):
+            raise UserInputError(f"{path}: no JSON sidecar {os.path.basename(sidecar)} (training pairs each image with "
+                                 "its acquisition metadata: RepetitionTime, EchoTime, InversionTime, FlipAngle, ...)")
         try:
             prompt = prompt_from_bids(path).render()
         except PromptError as error:
-            raise ValueError(f"{path}: cannot build its prompt: {error}") from None
+            raise UserInputError(f"{path}: cannot build its prompt: {error}") from None
         length = count_tokens(prompt)
         if length > CONTEXT_LENGTH:
-            raise ValueError(f"{path}: its prompt is {length} tokens, the text encoder reads at most "
-                             f"{CONTEXT_LENGTH}: {prompt!r}")
+            raise UserInputError(f"{path}: its prompt is {length} tokens, the text encoder reads at most "
+                                 f"{CONTEXT_LENGTH}: {prompt!r}")
         entities = _entities(path)
         records.append(BidsImage(path=path, subject=entities[0], modality=bids_modality(path), prompt=prompt,
                                  on_truth_grid=not any(e.startswith("acq-") for e in entities)))
@@ -65,9 +72,9 @@ def split_subjects(subjects, val_fraction: float = 0.2, seed: int = 0) -> tuple[
     """(train, validation) subject lists: a seeded shuffle of the sorted unique subjects, at least one of each."""
     unique = sorted(set(subjects))
     if len(unique) < 2:
-        raise ValueError(f"subject split: expected at least 2 subjects (one for validation), got {len(unique)}")
+        raise UserInputError(f"subject split: expected at least 2 subjects (one for validation), got {len(unique)}")
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
+        raise UserInputError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
     random.Random(seed).shuffle(unique)
     n_val = min(len(unique) - 1, max(1, round(val_fraction * len(unique))))
     return sorted(unique[n_val:]), sorted(unique[:n_val])
@@ -102,7 +109,7 @@ def stage2_pairs(images: list[BidsImage]) -> list[dict]:
                 if s != t:
                     pairs.append({"source": source.path, "target": target.path, "prompt": target.prompt,
                                   "tokens": tokens[t], "modality": MODALITIES.index(target.modality),
-                                  "source_modality": MODALITIES.index(source.modality), "subject": subject})
+                                  "input_modality": MODALITIES.index(source.modality), "subject": subject})
     return pairs
 
 
@@ -133,13 +140,24 @@ def stage1_datalists(dataset_dir: str, val_fraction: float = 0.2, seed: int = 0)
     return stage1_datalist(train), stage1_datalist(val)
 
 
-def stage2_datalists(dataset_dir: str, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train subjects, validation pairs) for stage 2, split by subject; both must be non-empty."""
+def stage2_datalists(dataset_dir: str, val_fraction: float = 0.2, seed: int = 0,
+                     max_val_pairs: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(train subjects, validation pairs) for stage 2, split by subject; both must be non-empty.
+
+    ``max_val_pairs`` keeps a seeded random subset of the held-out pairs (in their original order): validation
+    synthesizes whole volumes, so a few pairs across subjects and contrasts keep it affordable.
+    """
     train, val = _split_images(dataset_dir, val_fraction, seed)
     train_subjects, val_pairs = stage2_subjects(train), stage2_pairs(val)
     if not train_subjects or not val_pairs:
-        raise ValueError(f"dataset_dir {dataset_dir!r}: stage 2 needs subjects with at least 2 contrasts on the "
-                         "truth grid (images without acq-) in both the training and the validation split")
+        raise UserInputError(f"dataset_dir {dataset_dir!r}: stage 2 needs subjects with at least 2 contrasts on the "
+                             "truth grid (images without acq-) in both the training and the validation split")
+    if max_val_pairs is not None:
+        if int(max_val_pairs) < 1:
+            raise UserInputError(f"max_val_pairs: expected a positive number of pairs or None, got {max_val_pairs!r}")
+        if len(val_pairs) > max_val_pairs:
+            kept = sorted(random.Random(seed).sample(range(len(val_pairs)), int(max_val_pairs)))
+            val_pairs = [val_pairs[i] for i in kept]
     return train_subjects, val_pairs
 
 
@@ -152,7 +170,7 @@ def ensure_dataset(dataset_dir: str, simulate_if_missing: bool, num_subjects: in
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not os.path.isdir(dataset_dir):
         if not simulate_if_missing:
-            raise ValueError(f"dataset_dir {dataset_dir!r}: no such folder (expected a BIDS dataset)")
+            raise UserInputError(f"dataset_dir {dataset_dir!r}: no such folder (expected a BIDS dataset)")
         if not distributed or torch.distributed.get_rank() == 0:
             from .simulator import simulate
 

@@ -131,7 +131,7 @@ class RandSRPatchesd(Randomizable, MapTransform):
     from ``inplane_scale_range``), otherwise an isotropic one of one random scale. Each item also needs ``tokens
     [M, L]``, ``modalities [M]``, ``prompts`` (per contrast), and yields ``image [1, *lr_size]``, ``coords``,
     ``cell``, ``label`` (``[num_queries, 3|3|1]``), the target's ``tokens``/``modality``/``prompt``,
-    ``source_modality``, ``patch_start`` and ``patch_size``.
+    ``input_modality``, ``patch_start`` and ``patch_size``.
     """
 
     def __init__(self, keys="images", lr_size=(20, 20, 20), num_samples: int = 1, num_queries: int = 4096,
@@ -189,34 +189,38 @@ class RandSRPatchesd(Randomizable, MapTransform):
             points = self.R.uniform(-0.5, np.asarray(geometry.hr_size) - 0.5, size=(self.num_queries, 3))
             sample = _sample(volumes[source], volumes[target], geometry, points, self.profile)
             sample.update(tokens=data["tokens"][target], modality=data["modalities"][target],
-                          source_modality=data["modalities"][source], prompt=data["prompts"][target],
+                          input_modality=data["modalities"][source], prompt=data["prompts"][target],
                           subject=data["subject"])
             samples.append(sample)
         return samples
 
 
-class SRValidationPatchd(MapTransform):
-    """A fixed validation sample of a (source, target) pair: the patch centred on the target's brain (non-zero
-    voxels), degraded with a fixed ``scale`` (high-res voxels per low-res voxel per axis) and box slabs of that width,
-    queried at every high-res voxel centre of the patch (``label [prod(patch), 1]`` in C order, so it reshapes to the
-    patch grid for SSIM). Deterministic, so a CacheDataset computes it once.
+class SRValidationVolumed(MapTransform):
+    """A whole held-out (source, target) pair for validation: the source volume degraded as a clinical scan with a
+    fixed ``scale`` (high-res voxels per low-res voxel per axis, box slabs of that width) into ``image [1, *n]``, and
+    the target on the matching high-res grid as ``label [1, *P]`` (``P = round(n x scale)``, the volume centre-cropped
+    by less than one low-res voxel so the grids tile the same field of view), with ``out_shape = P`` for the
+    inferer. Deterministic, so a CacheDataset computes it once.
     """
 
-    def __init__(self, keys=("source", "target"), lr_size=(24, 24, 8), scale=(1.0, 1.0, 4.0), profile: str = "box"):
+    def __init__(self, keys=("source", "target"), scale=(1.0, 1.0, 4.0), profile: str = "box"):
         MapTransform.__init__(self, keys)
-        self.lr_size = tuple(int(n) for n in lr_size)
-        self.hr_size = hr_patch_size(self.lr_size, scale)
+        self.scale = tuple(float(s) for s in scale)
         self.profile = _check_profile(profile)
+        if len(self.scale) != 3 or min(self.scale) < 1:
+            raise ValueError(f"SRValidationVolumed: expected 3 scales >= 1, got {scale}")
 
     def __call__(self, data) -> dict:
-        source, target = (np.asarray(data[key], dtype=np.float32).reshape(np.shape(data[key])[-3:]) for key in self.keys)
-        brain = np.argwhere(target > 0)
-        centre = brain.mean(axis=0) if len(brain) else np.asarray(target.shape) / 2
-        start = tuple(int(np.clip(round(c - p / 2), min(0, d - p), max(0, d - p)))
-                      for c, p, d in zip(centre, self.hr_size, target.shape))
-        thickness = tuple(p / n for p, n in zip(self.hr_size, self.lr_size))
-        geometry = PatchGeometry(start, self.hr_size, self.lr_size, thickness)
-        points = np.indices(self.hr_size).reshape(3, -1).T.astype(np.float64)
-        sample = _sample(source, target, geometry, points, self.profile)
-        sample.update({k: data[k] for k in ("tokens", "modality", "source_modality", "prompt", "subject")})
-        return sample
+        source, target = (np.asarray(data[key], dtype=np.float32) for key in self.keys)
+        source, target = source.reshape(source.shape[-3:]), target.reshape(target.shape[-3:])  # drop the channel
+        if source.shape != target.shape:
+            raise ValueError(f"SRValidationVolumed: source and target grids differ: {source.shape} vs {target.shape}")
+        lr_size = tuple(max(1, int(d // s)) for d, s in zip(target.shape, self.scale))
+        hr_size = tuple(min(d, p) for d, p in zip(target.shape, hr_patch_size(lr_size, self.scale)))
+        start = tuple((d - p) // 2 for d, p in zip(target.shape, hr_size))
+        geometry = PatchGeometry(start, hr_size, lr_size, tuple(p / n for p, n in zip(hr_size, lr_size)))
+        out = {k: data[k] for k in ("tokens", "modality", "input_modality", "prompt", "subject")}
+        out["image"] = torch.as_tensor(degrade(source, geometry, self.profile))[None]
+        out["label"] = torch.as_tensor(crop_zero_padded(target, start, hr_size))[None]
+        out["out_shape"] = torch.tensor(hr_size)
+        return out

@@ -1,8 +1,15 @@
-"""Engine glue for the two training configs: batch preparation, the LR schedule, retrieval metrics, resume, export.
+"""Engine glue for the two training configs: batch preparation, the LR schedule, validation metrics, durable
+checkpoints, reproducible resume, export.
 
 Both stages train with MONAI's stock ``SupervisedTrainer``: stage 1 passes the prompt tokens as an extra network
 input (and as the "label", which the CLIP loss ignores but the retrieval metric uses to recognise equal prompts);
-stage 2 uses ``PrepareBatchExtraInput`` straight from the config.
+stage 2 uses ``PrepareBatchExtraInput`` straight from the config and validates by synthesizing whole held-out
+volumes (``WholeVolumeInferer``, ``BrainImageQuality``).
+
+Resume: ``AtomicCheckpointSaver`` keeps a complete checkpoint on disk at every instant, and ``EpochSeeder`` reseeds
+every random number generator at the start of each epoch from (seed, epoch), so an epoch redone after a kill draws
+the same samples as it did in an uninterrupted run (exactly so with ``num_workers=0``; worker processes take their
+seeds from the loader before the epoch starts).
 """
 
 from __future__ import annotations
@@ -11,13 +18,23 @@ import glob
 import math
 import os
 
+import numpy as np
 import torch
 from ignite import distributed as idist
+from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
 from ignite.metrics import Metric
+from ignite.metrics.metric import sync_all_reduce
+from monai.data.utils import set_rnd
 from monai.engines import PrepareBatch
-from monai.utils import evenly_divisible_all_gather
+from monai.handlers import CheckpointSaver, from_engine
+from monai.inferers import Inferer
+from monai.utils import evenly_divisible_all_gather, set_determinism
 
+from . import metrics
 from .bmlip import save_text_encoder
+from .inference_engine import synthesize_volume
+from .volume_io import atomic_path
 
 
 class PrepareImageText(PrepareBatch):
@@ -90,6 +107,114 @@ class RetrievalAccuracy(Metric):
         return hits.float().mean().item()
 
 
+class WholeVolumeInferer(Inferer):
+    """Stage-2 validation: the network's prediction on each item's whole high-res grid (``out_shape [B, 3]``) from its
+    low-res input ``[B, 1, *n]``, through the inference engine (``synthesize_volume``: overlapping windows, every
+    output voxel queried once): ``[B, 1, *out_shape]``, all items of one shape (validation batches hold one)."""
+
+    def __init__(self, roi_size=(64, 64, 64), overlap: float = 0.25, query_chunk: int = 65536, amp: bool = True):
+        self.settings = dict(roi_size=tuple(int(r) for r in roi_size), overlap=float(overlap),
+                             query_chunk=int(query_chunk), amp=bool(amp), progress=False)
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, tokens: torch.Tensor | None = None,
+                 modality: torch.Tensor | None = None, out_shape: torch.Tensor | None = None) -> torch.Tensor:
+        if out_shape is None:
+            raise ValueError("WholeVolumeInferer: expected out_shape [B, 3] (the high-res grid) in the batch")
+        model = getattr(network, "module", network)  # a DDP-wrapped network
+        predictions = [
+            synthesize_volume(model, image, None if tokens is None else tokens[i : i + 1], out_shape[i].tolist(),
+                              modality=None if modality is None else modality[i : i + 1], **self.settings)
+            for i, image in enumerate(inputs)
+        ]
+        return torch.stack(predictions).to(inputs.device)
+
+
+class BrainImageQuality(Metric):
+    """Mean over validation volumes of PSNR, SSIM (``scripts.metrics``: data range 1) or L1 inside the brain (the
+    target's non-zero voxels), on the normalised intensities the network predicts. Sums across DDP processes."""
+
+    MEASURES = {"psnr": metrics.psnr, "ssim": metrics.ssim,
+                "l1": lambda pred, target, mask: float(np.abs(pred[mask] - target[mask]).mean())}
+
+    def __init__(self, measure: str = "psnr", output_transform=from_engine(["pred", "label"])):
+        if measure not in self.MEASURES:
+            raise ValueError(f"BrainImageQuality measure: expected one of {sorted(self.MEASURES)}, got {measure!r}")
+        self.measure = measure
+        super().__init__(output_transform=output_transform)
+
+    def reset(self) -> None:
+        self._sum, self._count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+
+    def update(self, output) -> None:
+        for pred, label in zip(*output):
+            target = label.detach().float().cpu().numpy().reshape(label.shape[-3:])
+            mask = target != 0
+            if not mask.any():
+                raise ValueError("BrainImageQuality: a validation target has no brain (non-zero) voxels")
+            prediction = pred.detach().float().cpu().numpy().reshape(target.shape)
+            self._sum += self.MEASURES[self.measure](prediction, target, mask)
+            self._count += 1
+
+    @sync_all_reduce("_sum", "_count")
+    def compute(self) -> float:
+        if self._count == 0:
+            raise ValueError("BrainImageQuality: no validation volumes were seen")
+        return float(self._sum / self._count)
+
+
+class EpochSeeder:
+    """Trainer handler: at the start of epoch e, seed torch, numpy, Python and the random transforms of ``dataset``
+    from ``seed + e``, so what an epoch draws depends on the epoch alone, not on what ran before it in this process."""
+
+    def __init__(self, seed: int, dataset):
+        self.seed, self.dataset = int(seed), dataset
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        seed = self.seed + engine.state.epoch
+        set_determinism(seed=seed)
+        set_rnd(self.dataset, seed)
+
+
+class AtomicDiskSaver(DiskSaver):
+    """Ignite's ``DiskSaver`` made durable: each file is written to a temporary name in the same folder, fsynced and
+    renamed over its final name, and a superseded checkpoint is deleted only after its successor is complete
+    (ignite removes it first). ``filename`` fixes the file name, as MONAI's savers of final/best checkpoints do."""
+
+    def __init__(self, dirname: str, filename: str | None = None):
+        super().__init__(dirname=dirname, require_empty=False, atomic=False)
+        self.filename = filename
+        self._superseded: list[str] = []
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        super().__call__(checkpoint, self.filename or filename, metadata)
+
+    def _save_func(self, checkpoint, path, func) -> None:
+        with atomic_path(str(path)) as temporary:
+            func(checkpoint, temporary, **self.kwargs)
+        for old in self._superseded:
+            if os.path.abspath(old) != os.path.abspath(path) and os.path.exists(old):
+                os.remove(old)
+        self._superseded.clear()
+
+    def remove(self, filename: str) -> None:
+        if idist.get_rank() == self.save_on_rank:
+            self._superseded.append(str(self.dirname / (self.filename or filename)))
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) writing through ``AtomicDiskSaver``: MONAI writes in place, so a
+    kill while saving would leave a truncated file and, with ``n_saved=1``, no valid checkpoint at all."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler = AtomicDiskSaver(self.save_dir, checkpoint.save_handler.filename)
+
+
 def latest_checkpoint(ckpt_dir: str) -> str | None:
     """The most recently written training checkpoint (``checkpoint_*.pt``) in ``ckpt_dir``, or None: resuming from
     it continues after the last completed epoch."""
@@ -100,7 +225,8 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
 def export_text_encoder(network: torch.nn.Module, path: str) -> str:
     """Write the text tower of a (possibly DDP-wrapped) BMLIP alone for stage 2 (rank 0 only under DDP)."""
     model = getattr(network, "module", network)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
         save_text_encoder(model.text_encoder, path, model.text_config)
     return path
 
@@ -113,7 +239,6 @@ def export_network_weights(checkpoint_path: str, path: str) -> str:
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     state = state.get("network", state)
     state = {key.removeprefix("module."): value for key, value in state.items()}  # a DDP-wrapped network's keys
-    temporary = f"{path}.tmp{os.getpid()}"
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
     return path

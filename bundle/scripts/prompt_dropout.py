@@ -1,0 +1,51 @@
+"""Prompt-field dropout for training: real users often do not know TR/TE/TI/FA, age, sex or the scanner.
+
+Training with some prompt fields replaced by ``None`` teaches the text-conditioned networks what a prompt with unknown
+values means: a typical image of the requested modality. The modality is never dropped (it is the task itself).
+"""
+
+from __future__ import annotations
+
+from monai.transforms import MapTransform, Randomizable
+
+from .prompt import Prompt, tokenize
+
+# Prompt fields a user may not know, as groups dropped together: the scanner is one template field (strength, vendor).
+DROPPABLE_FIELDS = (("age",), ("sex",), ("field_strength", "manufacturer"), ("voxel_size",), ("tr",), ("te",), ("ti",),
+                    ("fa",))
+
+
+class RandPromptDropoutd(Randomizable, MapTransform):
+    """Replace prompt fields of ``data[prompt_key]`` by ``None`` and re-tokenize it into ``data[tokens_key]``.
+
+    With probability ``all_fields_prob`` every droppable field is dropped at once (the prompt of a scan whose
+    acquisition is entirely unknown); otherwise each field of ``DROPPABLE_FIELDS`` is dropped independently with
+    probability ``field_prob``.
+    """
+
+    def __init__(self, prompt_key: str = "prompt", tokens_key: str = "tokens", field_prob: float = 0.2,
+                 all_fields_prob: float = 0.05):
+        for name, value in (("field_prob", field_prob), ("all_fields_prob", all_fields_prob)):
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"prompt dropout {name}: expected a probability in [0, 1], got {value!r}")
+        MapTransform.__init__(self, prompt_key)
+        self.prompt_key, self.tokens_key = prompt_key, tokens_key
+        self.field_prob, self.all_fields_prob = float(field_prob), float(all_fields_prob)
+        self._dropped: list[tuple[str, ...]] = []
+
+    def randomize(self, data=None) -> None:
+        if self.R.rand() < self.all_fields_prob:
+            self._dropped = list(DROPPABLE_FIELDS)
+        else:
+            self._dropped = [group for group in DROPPABLE_FIELDS if self.R.rand() < self.field_prob]
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize()
+        if not self._dropped:
+            return data
+        prompt = Prompt.parse(data[self.prompt_key])
+        dropped = prompt.replace(**{field: None for group in self._dropped for field in group}).render()
+        out = dict(data)
+        out[self.prompt_key] = dropped
+        out[self.tokens_key] = tokenize(dropped)[0]
+        return out
