@@ -105,7 +105,8 @@ def test_stage2_trains_in_sync_on_two_cpu_processes(dataset, tmp_path):
     dumps, logs = _torchrun(os.path.join(CONFIGS, "stage2_train.yaml"), tmp_path, "stage2",
                             "--dataset_dir", dataset, "--text_encoder_path", text_encoder, "--batch_size", "1",
                             "--lr_size", "[8,8,8]", "--num_queries", "256", "--patches_per_volume", "2",
-                            "--val_lr_size", "[8,8,4]", "--val_scale", "[2.0,2.0,4.0]", "--val_interval", "1",
+                            "--val_pairs", "2", "--val_spacing_mm", "4.0", "--val_scale", "[2.0,2.0,4.0]",
+                            "--val_interval", "1",
                             "--device", "cpu")
     checkpoint = torch.load(tmp_path / "stage2" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     _assert_in_sync(dumps, checkpoint["network"])

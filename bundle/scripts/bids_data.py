@@ -152,13 +152,19 @@ def stage2_datalists(dataset_dir: str, val_fraction: float = 0.2, seed: int = 0,
     if not train_subjects or not val_pairs:
         raise UserInputError(f"dataset_dir {dataset_dir!r}: stage 2 needs subjects with at least 2 contrasts on the "
                              "truth grid (images without acq-) in both the training and the validation split")
-    if max_val_pairs is not None:
-        if int(max_val_pairs) < 1:
-            raise UserInputError(f"max_val_pairs: expected a positive number of pairs or None, got {max_val_pairs!r}")
-        if len(val_pairs) > max_val_pairs:
-            kept = sorted(random.Random(seed).sample(range(len(val_pairs)), int(max_val_pairs)))
-            val_pairs = [val_pairs[i] for i in kept]
-    return train_subjects, val_pairs
+    return train_subjects, subsample_pairs(val_pairs, max_val_pairs, seed)
+
+
+def subsample_pairs(pairs: list[dict], max_pairs: int | None, seed: int) -> list[dict]:
+    """A seeded random subset of at most ``max_pairs`` pairs, in their original order (None keeps them all)."""
+    if max_pairs is None:
+        return pairs
+    if int(max_pairs) < 1:
+        raise UserInputError(f"max_val_pairs: expected a positive number of pairs or None, got {max_pairs!r}")
+    if len(pairs) <= max_pairs:
+        return pairs
+    kept = sorted(random.Random(seed).sample(range(len(pairs)), int(max_pairs)))
+    return [pairs[i] for i in kept]
 
 
 def ensure_dataset(dataset_dir: str, simulate_if_missing: bool, num_subjects: int, seed: int) -> str:
