@@ -326,3 +326,41 @@ def test_config_runs_the_simulator(tmp_path):
     workflow.initialize()
     workflow.run()
     assert len(glob.glob(str(tmp_path / "sub-001" / "anat" / "*.nii.gz"))) == len(MODALITIES) + 1  # + coronal PD
+
+
+def _peak_over_p99(image, mask):
+    from scripts.intensity import white_matter_peak
+    return white_matter_peak(image[mask]) / np.percentile(image[mask], 99)
+
+
+def test_realism_steps_move_the_statistics_real_scans_have(template):
+    from scripts.simulator.realism import bright_tail, calibrate, quantise, thick_slice_resampling
+    rng = np.random.default_rng(0)
+    image = render(template, tissue_properties(3.0, 40, rng), SEQUENCES["T1w MPRAGE"], 3.0)
+    mask = template.brain() > 0.5
+    image = image / np.percentile(image[mask], 99)
+    image = (image + rng.normal(0, 0.02, image.shape)).astype(np.float32) * mask
+    # the bright tail lowers the WM peak relative to the 99th percentile (real T1w: 0.51, docs/sim_vs_real.md)
+    assert _peak_over_p99(bright_tail(image, mask, rng, 0.02, 2.0), mask) < _peak_over_p99(image, mask) - 0.1
+    # thick slices blur through-plane only: the z/xy neighbour-difference ratio drops (real case 0.56-0.76)
+
+    def z_over_x(volume):
+        return np.abs(np.diff(volume, axis=2)).mean() / np.abs(np.diff(volume, axis=0)).mean()
+
+    blurred = thick_slice_resampling(image, 2, 4)
+    assert blurred.shape == image.shape and z_over_x(blurred) < 0.8 * z_over_x(image)
+    assert len(np.unique(quantise(image))) <= 256
+    calibrated = calibrate(image, mask, rng)
+    assert np.all(calibrated[~mask] == 0) and calibrated.dtype == np.float32
+
+
+def test_realism_option_keeps_the_clean_subject_and_is_off_by_default(dataset, tmp_path):
+    root, images = dataset
+    real_like = simulate(str(tmp_path), num_subjects=1, seed=3, sites=["BraTS2021"], voxel_mm=COARSE_MM,
+                         progress=False, realism=True)
+    first = next(i for i in images if i.modality == "T1w" and i.acq is None)
+    same = next(i for i in real_like if i.modality == "T1w" and i.acq is None)
+    assert same.sequence == first.sequence and same.subject == first.subject  # its own generator: same draws
+    clean, artefacts = (np.asarray(nib.load(i.path).dataobj, np.float32) for i in (first, same))
+    mask = (clean > 0) & (artefacts > 0)
+    assert _peak_over_p99(artefacts, mask) < _peak_over_p99(clean, mask)

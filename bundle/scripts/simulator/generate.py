@@ -13,6 +13,7 @@ from . import bids
 from .acquisition import Geometry, acquire_geometry, add_rician_noise, bias_field, noise_sigma, skull_strip_mask, \
     to_scanner_scale
 from .anatomy import Anatomy, subject_anatomy
+from .realism import calibrate
 from .presets import MODALITIES, PRESETS, SitePreset, Subject, get_preset, sample_subject, site_protocol
 from .render import render
 from .sequences import Sequence
@@ -52,7 +53,8 @@ class _SubjectScan:
 
 
 def _write_image(root: str, scan: _SubjectScan, modality: str, sequence: Sequence, snr: float,
-                 rng: np.random.Generator, geometry: Geometry | None = None, acq: str | None = None) -> SimulatedImage:
+                 rng: np.random.Generator, geometry: Geometry | None = None, acq: str | None = None,
+                 realism: np.random.Generator | None = None) -> SimulatedImage:
     anatomy = scan.anatomy
     clean = scan.clean_image(modality, sequence, rng)
     wm, mask, affine = anatomy.fraction("WM"), (scan.strip > 0).astype(np.float32), anatomy.affine
@@ -61,6 +63,8 @@ def _write_image(root: str, scan: _SubjectScan, modality: str, sequence: Sequenc
         wm, _ = acquire_geometry(wm, anatomy.affine, anatomy.voxel_mm, geometry)
         mask, affine = acquire_geometry(mask, anatomy.affine, anatomy.voxel_mm, geometry)
     noisy = add_rician_noise(clean, noise_sigma(clean, wm, snr), rng) * (mask > 0.5)
+    if realism is not None and geometry is None:  # real-scan artefacts (realism.py), on the truth-grid images
+        noisy = calibrate(noisy, mask > 0.5, realism)
     participant = scan.subject.participant_id
     stem = bids.image_stem(participant, modality, acq)
     folder = os.path.join(root, f"sub-{participant}", "anat")
@@ -90,8 +94,11 @@ def _write_truth(root: str, scan: _SubjectScan) -> None:
 
 
 def simulate_subject(root: str, preset: SitePreset, subject: Subject, rng: np.random.Generator,
-                     voxel_mm: int = 1) -> list[SimulatedImage]:
-    """All seven contrasts on the truth grid, the site's clinical acquisitions, and the truth derivatives."""
+                     voxel_mm: int = 1, realism: np.random.Generator | None = None) -> list[SimulatedImage]:
+    """All seven contrasts on the truth grid, the site's clinical acquisitions, and the truth derivatives.
+
+    ``realism``: a generator of its own for the real-scan artefacts of ``realism.calibrate`` (None: a clean
+    simulation); it never draws from ``rng``, so the anatomy and protocols stay those of the clean subject."""
     anatomy = subject_anatomy(rng, subject.age, subject.sex, subject.tumour, subject.wmh, voxel_mm)
     scan = _SubjectScan(subject, anatomy, tissue_properties(subject.field_strength, subject.age, rng),
                         bias_field(anatomy.shape, rng, voxel_mm, rng.uniform(*preset.bias_strength)),
@@ -99,7 +106,7 @@ def simulate_subject(root: str, preset: SitePreset, subject: Subject, rng: np.ra
     images = []
     for modality in MODALITIES:
         sequence, snr = site_protocol(preset, subject, modality).sample(rng)
-        images.append(_write_image(root, scan, modality, sequence, snr, rng))
+        images.append(_write_image(root, scan, modality, sequence, snr, rng, realism=realism))
     for clinical in preset.clinical:
         protocol = clinical.protocol or site_protocol(preset, subject, clinical.modality)
         sequence, snr = protocol.sample(rng)
@@ -110,12 +117,15 @@ def simulate_subject(root: str, preset: SitePreset, subject: Subject, rng: np.ra
 
 
 def simulate(output_dir: str, num_subjects: int = 20, seed: int = 0, sites: list[str] | str | None = None,
-             voxel_mm: int = 1, progress: bool = True) -> list[SimulatedImage]:
+             voxel_mm: int = 1, progress: bool = True, realism: bool = False) -> list[SimulatedImage]:
     """Simulate ``num_subjects`` subjects into a BIDS dataset at ``output_dir``; returns every image written.
 
     Subject ``i`` uses site ``sites[i % len(sites)]`` (default: every preset in turn) and its own random generator
     seeded by ``(seed, i)``, so a dataset is reproducible and a subject does not depend on how many others are made.
-    ``voxel_mm`` (integer) coarsens the truth grid, for tests and quick looks.
+    ``voxel_mm`` (integer) coarsens the truth grid, for tests and quick looks. ``realism`` adds the real-scan
+    artefacts of ``realism.calibrate`` (bright tail, thick-slice blur, 8-bit storage) to the truth-grid images, from a
+    generator seeded ``(seed, i, 1)``: off by default, so existing datasets (the seed-1000 evaluation subjects) are
+    unchanged.
     """
     _check_arguments(output_dir, num_subjects, seed, voxel_mm)
     presets = [get_preset(name) for name in _site_names(sites)]
@@ -126,7 +136,8 @@ def simulate(output_dir: str, num_subjects: int = 20, seed: int = 0, sites: list
         rng = np.random.default_rng([int(seed), index])
         preset = presets[index % len(presets)]
         subject = sample_subject(preset, f"{index + 1:03d}", rng)
-        images += simulate_subject(root, preset, subject, rng, voxel_mm)
+        artefacts = np.random.default_rng([int(seed), index, 1]) if realism else None
+        images += simulate_subject(root, preset, subject, rng, voxel_mm, artefacts)
         subjects.append(subject)
     bids.write_participants(root, subjects)
     bids.write_descriptions(root, int(seed))

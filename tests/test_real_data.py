@@ -1,0 +1,174 @@
+"""Real scans: the evaluate config on the real co-registered case, (input, target) datalists, robust normalisation.
+
+The real case (../shared/data/real/bids, one glioma patient) is never part of the repository: those tests skip
+without it. It is block-averaged 4x (4 mm voxels) to keep the test short; bundle/docs/real_data.md has the 2 mm
+table and explains why numbers at different voxel sizes differ.
+"""
+
+import csv
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigWorkflow
+
+from conftest import BUNDLE_ROOT
+from scripts.evaluation import REAL_TASKS, Method, downsample_bids, load_pairs, run_evaluation, tasks_for
+from scripts.inference_engine import TUMSynInferer
+from scripts.intensity import WM_PEAK_LEVEL, normalize_intensity
+
+REAL = os.path.normpath(os.path.join(BUNDLE_ROOT, "..", "..", "shared", "data", "real", "bids"))
+needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="the real case (../shared/data/real) is absent")
+CONFIG = os.path.join(BUNDLE_ROOT, "configs", "evaluate.yaml")
+DOWNSAMPLE = 4
+# Measured with the shipped weights at 4 mm (Pearson r inside the brain): tumsyn, identity, oracle-lut.
+MEASURED_R = {
+    "T1w->T2w": (0.351, 0.096, 0.490),
+    "T1w->FLAIR": (0.854, 0.835, 0.907),
+    "T1w->T1CE": (0.779, 0.966, 0.968),
+    "T2w->FLAIR": (0.779, 0.255, 0.788),
+    "FLAIR->T1w": (0.758, 0.835, 0.886),
+}
+R_MARGIN = 0.05
+
+
+@pytest.fixture(scope="module")
+def real_evaluation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type=None, dataset_dir=REAL, output_dir=str(root / "out"),
+                              eval_downsample=DOWNSAMPLE)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    with open(root / "out" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return root / "out", {(row["task"], row["method"]): float(row["pearson"]) for row in rows}
+
+
+@needs_real
+def test_real_case_has_every_task_baseline_and_stated_normalisation(real_evaluation):
+    out, r = real_evaluation
+    assert tasks_for(REAL) == REAL_TASKS
+    assert {task for task, _ in r} == {task.name for task in REAL_TASKS}
+    assert {method for _, method in r} >= {"tumsyn", "identity", "oracle-lut"}
+    text = (out / "metrics.md").read_text()
+    assert "99th percentile inside the brain" in text and "both non-zero" in text
+    assert os.path.getsize(out / "metrics.png") > 0
+
+
+@needs_real
+@pytest.mark.parametrize("task", list(MEASURED_R))
+def test_real_case_matches_measured_correlations(real_evaluation, task):
+    _, r = real_evaluation
+    for method, measured in zip(("tumsyn", "identity", "oracle-lut"), MEASURED_R[task]):
+        assert r[(task, method)] == pytest.approx(measured, abs=R_MARGIN), (task, method)
+    # The lookup table is fitted on the answer: no voxel-wise remapping of the input beats it.
+    assert r[(task, "oracle-lut")] >= abs(r[(task, "identity")]) - 1e-6
+
+
+@needs_real
+def test_where_the_shipped_model_beats_the_input_on_real_data(real_evaluation):
+    """Written down honestly (bundle/docs/real_data.md): the model beats the input's |r| only where the contrast
+    must be inverted or remapped (T1w->T2w, T2w->FLAIR); on T1w->T1CE and FLAIR->T1w the input itself is closer."""
+    _, r = real_evaluation
+    for task in ("T1w->T2w", "T2w->FLAIR"):
+        assert r[(task, "tumsyn")] > abs(r[(task, "identity")]) + 0.05, task
+    for task in ("T1w->T1CE", "FLAIR->T1w"):
+        assert r[(task, "tumsyn")] < r[(task, "identity")], task
+
+
+@needs_real
+def test_datalist_of_plain_pairs(tmp_path, real_evaluation):
+    out, _ = real_evaluation
+    anat = out / "downsampled_data" / "sub-TCGADU7294" / "anat"
+    shutil.copy(anat / "sub-TCGADU7294_T2w.nii.gz", tmp_path / "input.nii.gz")
+    shutil.copy(anat / "sub-TCGADU7294_FLAIR.nii.gz", tmp_path / "target.nii.gz")
+    datalist = tmp_path / "pairs.json"
+    datalist.write_text(json.dumps([{"input": "input.nii.gz", "target": "target.nii.gz", "prompt": "FLAIR"}]))
+    (case,) = load_pairs(str(datalist))
+    assert case.prompt.modality == "FLAIR" and case.prompt.tr is None and case.prompt.voxel_size == (4.0, 4.0, 4.0)
+    methods = [Method("identity", None, "identity"), Method("oracle-lut", None, "oracle_lut")]
+    rows = run_evaluation(None, str(tmp_path / "out"), methods, TUMSynInferer(progress=False), datalist=str(datalist))
+    assert [row["task"] for row in rows] == ["input->FLAIR"] * 2
+    assert rows[1]["pearson"] == pytest.approx(MEASURED_R["T2w->FLAIR"][2], abs=R_MARGIN)
+    datalist.write_text(json.dumps([{"input": "input.nii.gz", "target": "target.nii.gz"}]))
+    with pytest.raises(ValueError, match="entry 0: .*not a BIDS-named image"):
+        load_pairs(str(datalist))
+
+
+def test_downsample_keeps_world_positions(tmp_path):
+    root = tmp_path / "bids"
+    (root / "sub-01" / "anat").mkdir(parents=True)
+    (root / "participants.tsv").write_text("participant_id\nsub-01\n")
+    image = np.arange(6 * 6 * 5, dtype=np.float32).reshape(6, 6, 5)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), root / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    downsample_bids(str(root), str(tmp_path / "small"), 2)
+    small = nib.load(tmp_path / "small" / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    assert small.shape == (3, 3, 2)
+    assert small.get_fdata()[0, 0, 0] == pytest.approx(image[:2, :2, :2].mean())
+    np.testing.assert_allclose(small.affine[:3, 3], [0.5, 0.5, 0.5])  # the centre of the first 2x2x2 block
+    assert (tmp_path / "small" / "participants.tsv").is_file()
+    with pytest.raises(ValueError, match="eval_downsample"):
+        downsample_bids(str(root), str(tmp_path / "bad"), 0)
+
+
+@pytest.fixture
+def brain_image():
+    rng = np.random.default_rng(1)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 32)] * 3, indexing="ij"))
+    radius = np.sqrt((grid**2).sum(0))
+    inside = radius < 0.85
+    tissue = np.where(radius < 0.65, 0.9, np.where(radius < 0.78, 0.6, 0.3))  # WM core, GM shell, CSF rim (T1w-like)
+    return (tissue + rng.normal(0, 0.03, tissue.shape)) * inside, inside
+
+
+def test_normalisation_is_the_same_for_any_scale_and_dtype(brain_image):
+    image, inside = brain_image
+    reference = normalize_intensity(image)
+    scaled = {
+        "int16 with negatives": np.round(image * 3000 - 20 * inside * (image < 0.35)).astype(np.int16),
+        "uint8": np.round(image / image.max() * 255).astype(np.uint8),
+        "z-scored brain": np.where(inside, (image - image[inside].mean()) / image[inside].std(), 0).astype(np.float32),
+        "offset background": (image * 100 + 50).astype(np.float32),
+    }
+    for name, variant in scaled.items():
+        normalised = normalize_intensity(variant)
+        r = np.corrcoef(normalised[inside], reference[inside])[0, 1]
+        assert r > 0.97, name
+        assert np.percentile(normalised[normalised > 0], 99) == pytest.approx(1.0, abs=0.05), name
+        assert np.all(normalised[~inside] == 0), name
+
+
+def test_default_normalisation_unchanged_for_training_like_images(brain_image):
+    image, inside = brain_image
+    expected = np.clip(image / np.percentile(image[image != 0], 99), 0, 1.5)
+    np.testing.assert_allclose(normalize_intensity(image), expected, rtol=1e-6)
+
+
+def test_white_matter_peak_landmark(brain_image):
+    image, inside = brain_image
+    bright_tail = image.copy()
+    bright_tail[inside & (np.random.default_rng(2).random(image.shape) < 0.03)] = 3.0  # vessels/fat above WM
+    normalised = normalize_intensity(bright_tail, method="wm_peak")
+    core = inside & (np.sqrt(sum(g**2 for g in np.meshgrid(*[np.linspace(-1, 1, 32)] * 3, indexing="ij"))) < 0.5)
+    assert np.median(normalised[core & (bright_tail < 2)]) == pytest.approx(WM_PEAK_LEVEL, abs=0.05)
+    with pytest.raises(ValueError, match="method"):
+        normalize_intensity(image, method="mean")
+
+
+def test_sim_vs_real_statistics_on_a_phantom(brain_image):
+    from scripts.sim_vs_real import contrast_statistics, gmm_tissue_classes
+
+    image, inside = brain_image
+    labels = gmm_tissue_classes(image, inside)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 32)] * 3, indexing="ij"))
+    radius = np.sqrt((grid**2).sum(0))
+    assert np.mean(labels[radius < 0.6] == 2) > 0.99 and np.mean(labels[inside & (radius > 0.8)] == 0) > 0.99
+    stats = contrast_statistics(image, labels, inside, np.zeros_like(inside))
+    assert stats["WM/GM"] == pytest.approx(0.9 / 0.6, rel=0.03) and stats["CSF/GM"] == pytest.approx(0.5, rel=0.05)
+    assert stats["noise"] == pytest.approx(0.03 / 0.9, rel=0.15) and np.isnan(stats["lesion/WM"])
+    assert stats["z/xy grad"] == pytest.approx(1.0, abs=0.1)  # isotropic phantom: no through-plane blur
