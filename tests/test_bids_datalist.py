@@ -107,11 +107,11 @@ def test_command_writes_a_datalist_the_stage_configs_read(dataset, tmp_path, cap
         "_".join(filter(None, (s["subject"], s["session"]))) for s in written["training"] if len(s["paired"]) >= 2}
     stage1_train, stage1_val = bids_datalist.stage1_datalists(str(output))
     assert len(stage1_train) + len(stage1_val) == 8 * 2 + 2 + 1 + 1  # every usable image, co-registered or not
-    # the stage-2 config takes the datalist in place of its own scan of dataset_dir
+    # the stage-2 config takes the datalist (`--datalist`) in place of its own scan of dataset_dir
     workflow = ConfigWorkflow(
         config_file=os.path.join(BUNDLE_ROOT, "configs", "stage2_train.yaml"), workflow_type="train",
         dataset_dir=dataset, output_dir=str(tmp_path / "out"), device="cpu",
-        datalists=f"$__import__('scripts.bids_datalist').bids_datalist.stage2_datalists('{output}')")
+        datalist=str(output))
     assert [i["images"] for i in workflow.parser.get_parsed_content("train#datalist")] == [i["images"] for i in train]
 
 
