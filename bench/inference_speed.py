@@ -1,15 +1,24 @@
 """Seconds and peak memory to synthesise one 1 mm whole-brain volume: the engine vs the official demo's loop.
 
     .venv/bin/python bench/inference_speed.py [--scales small paper] [--inputs 1mm 5mm] [--fov_scale 1.0]
+                                              [--threads 2] [--device cpu|cuda] [--source subject|synthetic]
 
-Each (scale, input, method) case runs in its own subprocess, so its peak resident memory (``ru_maxrss``) is its
-own; ``rss_start`` is the resident size after building the network (imports and weights), before synthesis.
-Methods, on the same randomly initialised network and input:
-- ``engine``: ``scripts.inference_engine.synthesize_volume`` (Gaussian-blended windows, each output voxel decoded once);
+Each (scale, input) case runs in its own subprocess; inside it both methods run one after the other on the same
+network and input, so the speed-up is a ratio measured side by side:
+- ``engine``: ``TUMSynInferer`` as ``configs/inference.yaml`` runs it (Gaussian-blended 64^3 windows, every output
+  voxel decoded once, background neither encoded nor decoded);
 - ``demo``: the official demo's scheme: fixed 60^3 input crops (25 % overlap), each encoded and decoded on its own
   dense output grid, overlapping predictions averaged.
-Prints a table and writes ``bench/results/inference_speed.json``. ``--fov_scale 0.5`` shrinks the volume per axis
-(8x fewer voxels) for a quick run.
+Both outputs are set to 0 outside the input's head (``foreground_mask``), as the written image is. Quality: the
+PSNR between the two (data range 1), and with ``--source subject`` at 1 mm each one's PSNR against the subject's
+real T2w inside its brain.
+
+Inputs: ``subject`` (default for the small scale: the shipped weights on the embedded demo subject, its 1 mm T1w and
+its 0.9 x 0.9 x 5 mm axial FLAIR) or ``synthetic`` (default for the paper scale, which has no weights: random
+weights on a brain-shaped 182x218x182 mm volume at 1 mm and at 1 x 1 x 5 mm). ``--fov_scale`` keeps the central
+fraction of the field of view per axis (the paper scale on a CPU: see bench/README.md). Peak memory is the process's
+resident high-water mark (``VmHWM``, reset before each method), ``rss_start`` the resident size before synthesis.
+Prints a table and writes ``bench/results/inference_speed.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import argparse
 import json
 import math
 import os
-import resource
+import platform
 import subprocess
 import sys
 import time
@@ -28,7 +37,9 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "bundle"))
 
 BRAIN_SHAPE_1MM = (182, 218, 182)  # MNI152 1 mm grid
-INPUTS = {"1mm": (1.0, 1.0, 1.0), "5mm": (1.0, 1.0, 5.0)}  # the second: a 5 mm axial clinical scan
+SYNTHETIC_SPACING = {"1mm": (1.0, 1.0, 1.0), "5mm": (1.0, 1.0, 5.0)}  # the second: a 5 mm axial clinical scan
+SUBJECT_FILES = {"1mm": "sub-001_T1w.nii.gz", "5mm": "sub-001_acq-ax5mm_FLAIR.nii.gz"}
+REFERENCE_FILE = "sub-001_T2w.nii.gz"
 PROMPT = ("Age: 30; Gender: F; Scanner: 3.0 Siemens; Modality: T2w; Voxel size: (1.0, 1.0, 1.0); "
           "Imaging parameter TR(ms), TE(ms), TI(ms), and FA(degree):  (4000.0, 100.0, None, 90.0)")
 DEMO_CROP = 60  # the official demo's crop side (input voxels)
@@ -53,6 +64,7 @@ def demo_crop_loop(network, image, tokens, out_shape, query_chunk, overlap=0.25)
     from scripts.inference_engine import _window_starts
     from scripts.liif import make_coord
 
+    device = next(network.parameters()).device
     in_shape = image.shape[1:]
     ratio = [o / i for o, i in zip(out_shape, in_shape)]
     total, count = torch.zeros(out_shape), torch.zeros(out_shape)
@@ -63,112 +75,177 @@ def demo_crop_loop(network, image, tokens, out_shape, query_chunk, overlap=0.25)
             for y in starts[1]:
                 for x in starts[2]:
                     corner = (z, y, x)
-                    latent = network.encode(image[None, :, z : z + crop[0], y : y + crop[1], x : x + crop[2]], tokens)
+                    window = image[None, :, z : z + crop[0], y : y + crop[1], x : x + crop[2]].to(device)
+                    latent = network.encode(window, tokens.to(device)).contiguous()  # one layout copy per crop
                     # Output voxels whose centres lie in the crop, on the crop's own coordinate grid.
                     low = [math.ceil(c * r - 0.5) for c, r in zip(corner, ratio)]
                     high = [math.ceil((c + n) * r - 0.5) for c, n, r in zip(corner, crop, ratio)]
                     size = [h - l for l, h in zip(low, high)]
                     ranges = [(-1 + 2 * ((l / r) - c) / n, -1 + 2 * ((h / r) - c) / n)
                               for l, h, r, c, n in zip(low, high, ratio, corner, crop)]
-                    coords = make_coord(size, ranges)[None]
-                    cell = torch.tensor([2 / (r * n) for r, n in zip(ratio, crop)]).expand_as(coords)
+                    coords = make_coord(size, ranges)[None].to(device)
+                    cell = torch.tensor([2 / (r * n) for r, n in zip(ratio, crop)], device=device).expand_as(coords)
                     prediction = torch.cat([network.query(latent, coords[:, i : i + query_chunk],
                                                           cell[:, i : i + query_chunk])
                                             for i in range(0, coords.shape[1], query_chunk)], 1)
                     region = tuple(slice(l, h) for l, h in zip(low, high))
-                    total[region] += prediction.reshape(size)
+                    total[region] += prediction.reshape(size).float().cpu()
                     count[region] += 1
     return total / count
 
 
-def resident_mb() -> float:
+def _memory_mb(field: str) -> float:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def run_case(scale: str, input_name: str, method: str, fov_scale: float, roi: int, query_chunk: int) -> dict:
+def _reset_peak_memory(device) -> None:
+    import torch
+
+    with open("/proc/self/clear_refs", "w") as handle:  # "5" resets VmHWM to the current resident size
+        handle.write("5")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _central_crop(array, fraction):
+    box = tuple(slice((n - max(2, round(n * fraction))) // 2, (n - max(2, round(n * fraction))) // 2
+                      + max(2, round(n * fraction))) for n in array.shape)
+    return array[box]
+
+
+def load_case(source: str, input_name: str, fov_scale: float):
+    """(normalised input [D, H, W] in RAS+ voxel order, its voxel size, reference or None) for one input."""
+    import nibabel as nib
+    import numpy as np
+
+    from scripts.intensity import normalize_intensity
+
+    if source == "synthetic":
+        spacing = SYNTHETIC_SPACING[input_name]
+        fov_mm = [n * fov_scale for n in BRAIN_SHAPE_1MM]
+        shape = tuple(max(2, round(f / s)) for f, s in zip(fov_mm, spacing))
+        return synthetic_brain(shape), spacing, None
+    anat = os.path.join(REPO, "bundle", "data", "demo", "sub-001", "anat")
+    image = nib.as_closest_canonical(nib.load(os.path.join(anat, SUBJECT_FILES[input_name])))
+    array = _central_crop(normalize_intensity(np.asarray(image.dataobj, dtype=np.float32)), fov_scale)
+    reference = None
+    if input_name == "1mm":
+        ref_image = nib.as_closest_canonical(nib.load(os.path.join(anat, REFERENCE_FILE)))
+        reference = _central_crop(normalize_intensity(np.asarray(ref_image.dataobj, dtype=np.float32)), fov_scale)
+    return array, tuple(float(s) for s in image.header.get_zooms()[:3]), reference
+
+
+def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads: int, device_name: str,
+             query_chunk: int, methods: list[str]) -> dict:
     import numpy as np
     import torch
 
-    from scripts.inference_engine import output_grid, synthesize_volume
+    from scripts.inference_engine import TUMSynInferer, foreground_mask, load_network_weights, output_grid
+    from scripts.metrics import psnr
     from scripts.prompt import tokenize
     from scripts.tumsyn_net import build_tumsyn_net
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    spacing = INPUTS[input_name]
-    fov_mm = [round(n * fov_scale) for n in BRAIN_SHAPE_1MM]
-    in_shape = tuple(max(2, round(f / s)) for f, s in zip(fov_mm, spacing))
-    out_shape, _ = output_grid(in_shape, np.diag([*spacing, 1.0]), (1.0, 1.0, 1.0))
-    image = torch.from_numpy(synthetic_brain(in_shape))[None]
+    device = torch.device(device_name)
+    array, spacing, reference = load_case(source, input_name, fov_scale)
+    out_shape, _ = output_grid(array.shape, np.diag([*spacing, 1.0]), (1.0, 1.0, 1.0))
+    image = torch.from_numpy(np.ascontiguousarray(array))[None]
     network = build_tumsyn_net(scale).eval()
+    if source == "subject":
+        load_network_weights(network, os.path.join(REPO, "bundle", "models", "model.pt"))
+    network = network.to(device)
     tokens = tokenize(PROMPT)
-    rss_start = resident_mb()
-    start = time.perf_counter()
-    if method == "engine":
-        output = synthesize_volume(network, image, tokens, out_shape, roi_size=(roi,) * 3, query_chunk=query_chunk,
-                                   progress=False)[0]
-    else:
-        output = demo_crop_loop(network, image, tokens, out_shape, query_chunk)
-    seconds = time.perf_counter() - start
-    return {"scale": scale, "input": input_name, "method": method, "input_shape": list(in_shape),
-            "output_shape": list(output.shape), "seconds": round(seconds, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "rss_start_mb": round(rss_start, 1), "roi": roi, "query_chunk": query_chunk}
+    foreground = foreground_mask(image, out_shape)
+    row = {"scale": scale, "input": input_name, "source": source, "device": device_name, "threads": threads,
+           "input_shape": list(array.shape), "input_spacing": list(spacing), "output_shape": list(out_shape),
+           "foreground_fraction": round(float(foreground.float().mean()), 3), "rss_start_mb": round(_memory_mb(
+               "VmRSS"), 1)}
+    outputs = {}
+    for method in methods:
+        _reset_peak_memory(device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        if method == "engine":
+            inferer = TUMSynInferer(query_chunk=query_chunk, progress=False)
+            output = inferer(image[None], network, prompt=PROMPT, out_shape=out_shape)[0, 0]
+        else:
+            output = demo_crop_loop(network, image, tokens, out_shape, query_chunk)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        row[f"{method}_seconds"] = round(time.perf_counter() - wall, 2)
+        row[f"{method}_cpu_seconds"] = round(time.process_time() - cpu, 2)
+        row[f"{method}_peak_rss_mb"] = round(_memory_mb("VmHWM"), 1)
+        if device.type == "cuda":
+            row[f"{method}_peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        outputs[method] = (output.clamp(min=0) * foreground).numpy()
+        if reference is not None:
+            row[f"{method}_psnr_vs_reference"] = round(psnr(outputs[method], reference, reference > 0), 3)
+    if len(outputs) == 2:
+        mask = foreground.numpy()
+        row["psnr_engine_vs_demo"] = round(psnr(outputs["engine"], outputs["demo"], mask), 2)
+        row["max_abs_engine_vs_demo"] = round(float(np.abs(outputs["engine"] - outputs["demo"])[mask].max()), 4)
+        row["speedup"] = round(row["demo_seconds"] / row["engine_seconds"], 2)
+        row["cpu_speedup"] = round(row["demo_cpu_seconds"] / max(row["engine_cpu_seconds"], 1e-9), 2)
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = ["scale", "input", "output_shape", "engine_seconds", "demo_seconds", "speedup", "cpu_speedup",
+               "engine_peak_rss_mb", "demo_peak_rss_mb", "rss_start_mb", "psnr_engine_vs_demo",
+               "engine_psnr_vs_reference", "demo_psnr_vs_reference"]
+    print(" | ".join(columns))
+    for row in rows:
+        cells = [row.get(c, row.get("error", "") if c == "engine_seconds" else "") for c in columns]
+        print(" | ".join("x".join(map(str, c)) if isinstance(c, list) else str(c) for c in cells))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scales", nargs="+", default=["small", "paper"])
-    parser.add_argument("--inputs", nargs="+", default=list(INPUTS))
+    parser.add_argument("--inputs", nargs="+", default=list(SUBJECT_FILES))
     parser.add_argument("--methods", nargs="+", default=["engine", "demo"])
-    parser.add_argument("--fov_scale", type=float, default=1.0, help="field of view per axis, 1.0 = 182x218x182 mm")
-    parser.add_argument("--roi", type=int, default=64)
+    parser.add_argument("--source", choices=["subject", "synthetic"],
+                        help="default: subject (small), synthetic (paper)")
+    parser.add_argument("--fov_scale", type=float, default=1.0, help="central fraction of the field of view per axis")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--query_chunk", type=int, default=65536)
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per case")
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds per case")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "inference_speed.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case and print its JSON
     args = parser.parse_args()
     if args.case:
-        scale, input_name, method = args.case.split(",")
-        print(json.dumps(run_case(scale, input_name, method, args.fov_scale, args.roi, args.query_chunk)))
+        scale, input_name, source = args.case.split(",")
+        print(json.dumps(run_case(scale, input_name, source, args.fov_scale, args.threads, args.device,
+                                  args.query_chunk, args.methods)))
         return
 
-    results = []
+    rows = []
     for scale in args.scales:
+        source = args.source or ("subject" if scale == "small" else "synthetic")
         for input_name in args.inputs:
-            for method in args.methods:
-                command = [sys.executable, __file__, "--case", f"{scale},{input_name},{method}",
-                           "--fov_scale", str(args.fov_scale), "--roi", str(args.roi),
-                           "--query_chunk", str(args.query_chunk)]
-                try:
-                    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=True)
-                    results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                except subprocess.TimeoutExpired:
-                    results.append({"scale": scale, "input": input_name, "method": method, "seconds": None,
-                                    "error": f"timed out after {args.timeout} s"})
-                except subprocess.CalledProcessError as error:
-                    results.append({"scale": scale, "input": input_name, "method": method, "seconds": None,
-                                    "error": error.stderr.strip().splitlines()[-1]})
-                print(json.dumps(results[-1]), flush=True)
-
-    print(f"\n{'scale':6} {'input':5} {'method':6} {'output':>15} {'seconds':>8} {'peak MB':>8} {'start MB':>8} "
-          f"{'demo/engine':>11}")
-    for row in results:
-        demo = next((r for r in results if r["method"] == "demo" and r["scale"] == row["scale"]
-                     and r["input"] == row["input"] and r.get("seconds")), None)
-        timed_engine = demo and row["method"] == "engine" and row.get("seconds")
-        ratio = f"{demo['seconds'] / row['seconds']:.2f}x" if timed_engine else ""
-        shape = "x".join(map(str, row.get("output_shape", [])))
-        print(f"{row['scale']:6} {row['input']:5} {row['method']:6} {shape:>15} {str(row.get('seconds')):>8} "
-              f"{str(row.get('peak_rss_mb', '')):>8} {str(row.get('rss_start_mb', '')):>8} {ratio:>11}")
+            command = [sys.executable, __file__, "--case", f"{scale},{input_name},{source}", "--fov_scale",
+                       str(args.fov_scale), "--threads", str(args.threads), "--device", args.device,
+                       "--query_chunk", str(args.query_chunk), "--methods", *args.methods]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=True)
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            except subprocess.TimeoutExpired:
+                rows.append({"scale": scale, "input": input_name, "error": f"timed out after {args.timeout} s"})
+            except subprocess.CalledProcessError as error:
+                rows.append({"scale": scale, "input": input_name, "error": error.stderr.strip().splitlines()[-1]})
+            print(json.dumps(rows[-1]), flush=True)
+    print_table(rows)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump({"fov_scale": args.fov_scale, "threads": 1, "cpu_count": os.cpu_count(), "cases": results},
-                  handle, indent=2)
+    machine = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+               "load_average_at_end": os.getloadavg()}
+    with open(args.output + ".tmp", "w") as handle:
+        json.dump({"fov_scale": args.fov_scale, "machine": machine, "cases": rows}, handle, indent=2)
+    os.replace(args.output + ".tmp", args.output)
 
 
 if __name__ == "__main__":

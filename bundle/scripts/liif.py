@@ -76,6 +76,12 @@ class LIIFDecoder(nn.Module):
         # per-axis linear weights. Beyond the outermost centres the query is clamped for the weights (LIIF clamps
         # coordinates likewise); the lower corner stops at n-2 so the upper one stays a distinct, inside centre.
         inside = torch.minimum(position.clamp(min=0), size - 1)
+        # A query meant to sit on a latent centre lands up to ~size x float32 epsilon off it (the coordinate's
+        # rounding); snapping it there makes its upper-corner weights exactly 0, so the corner skip below applies to
+        # output grids equal to the input grid of any size, for a change of the order of that rounding.
+        nearest = inside.round()
+        snap = (inside - nearest).abs() <= 4.76837158203125e-07 * size  # 4 float32 epsilons (a literal: TorchScript)
+        inside = torch.where(snap, nearest, inside)
         lower = torch.minimum(inside.floor(), (size - 2).clamp(min=0))
         upper_fraction = (inside - lower).unsqueeze(2)  # [B, N, 1, 3]
         is_upper = self.corner_offsets.to(position.dtype)  # [8, 3]
@@ -94,7 +100,8 @@ class LIIFDecoder(nn.Module):
         codes = torch.gather(
             latent.flatten(2), 2, flat_index.reshape(batch, 1, -1).expand(-1, width, -1)
         )  # [B, width, N * 8]
-        hidden = codes.transpose(1, 2).reshape(batch, -1, used.numel(), width)
+        # One copy into (query, corner, channel) order: the MLP then runs on contiguous rows (~2x faster, measured).
+        hidden = codes.transpose(1, 2).contiguous().view(batch, -1, used.numel(), width)
         hidden = hidden + self.position_projection(torch.cat([offset, cell_in_voxels], dim=-1))
         prediction = self.mlp(hidden).squeeze(-1)  # [B, N, corners used]
         return (prediction * weight).sum(dim=-1, keepdim=True)
