@@ -433,16 +433,25 @@ def _tiny_bids(root, source_bytes=None):
     ("output_dir_is_a_file", "output_dir taken.txt: a file, not a folder"),
     ("unknown_subject", "no subjects to evaluate (asked for ['sub-999'])"),
     ("corrupt_source", "sub-001_T1w.nii.gz: not a readable NIfTI image"),
+    ("corrupt_target", "sub-001_T2w.nii.gz: not a readable NIfTI image"),
+    ("missing_datalist", "datalist pairs.json: no such file"),
+    ("malformed_datalist", "datalist broken.json: not readable as JSON"),
 ])
 def test_evaluate_refuses_bad_input_before_writing(in_tmp, kind, expected):
     (in_tmp / "taken.txt").write_text("")
+    (in_tmp / "broken.json").write_text('[{"input": ')
     dataset = _tiny_bids(in_tmp / "bids", b"garbage" if kind == "corrupt_source" else None)
-    arguments = {"dataset_dir": "nowhere" if kind == "not_bids" else dataset, "output_dir": "out", "subjects": None}
+    if kind == "corrupt_target":
+        open(in_tmp / "bids" / "sub-001" / "anat" / "sub-001_T2w.nii.gz", "wb").write(b"garbage")
+    arguments = {"dataset_dir": "nowhere" if kind == "not_bids" else dataset, "output_dir": "out", "subjects": None,
+                 "datalist": None}
     arguments.update({"output_dir_is_a_file": {"output_dir": "taken.txt"},
-                      "unknown_subject": {"subjects": ["sub-999"]}}.get(kind, {}))
+                      "unknown_subject": {"subjects": ["sub-999"]},
+                      "missing_datalist": {"datalist": "pairs.json"},
+                      "malformed_datalist": {"datalist": "broken.json"}}.get(kind, {}))
     with pytest.raises(UserInputError) as raised:
         run_evaluation(arguments["dataset_dir"], arguments["output_dir"], [Method("identity", None, "identity")], FAST,
-                       subjects=arguments["subjects"])
+                       subjects=arguments["subjects"], datalist=arguments["datalist"])
     assert expected in one_line(raised)
     assert not (in_tmp / "out").exists()
 

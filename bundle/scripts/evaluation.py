@@ -187,11 +187,11 @@ def bids_case(dataset_dir: str, subject: str, task: Task, site: str = "") -> Cas
 
 def evaluate_case(case: Case, methods: Sequence[Method], inferer: TUMSynInferer) -> list[dict[str, Any]]:
     """Every method's scores on one case, inside the brain: the known mask, else target and source both non-zero."""
-    reference = nib.load(case.target_path)
-    truth = reference.get_fdata(dtype=np.float32)
+    reference = load_volume(case.target_path)  # checked like an input: a corrupt target is a one-line error
+    truth = reference.array
     source = _resampled_source(case.source_path, truth.shape, reference.affine)
     if case.mask_path is not None:
-        mask = (nib.load(case.mask_path).get_fdata() > 0.5) & (truth != 0)
+        mask = (load_volume(case.mask_path).array > 0.5) & (truth != 0)
     else:
         mask = (truth != 0) & (source != 0)
     if mask.sum() < 27:
@@ -242,13 +242,15 @@ def load_pairs(path: str) -> list[Case]:
     sidecar), ``task`` (default ``"<source>-><target modality>"``), ``mask`` (default: both images non-zero) and
     ``subject``.
     """
-    if path.endswith(".json"):
-        with open(path) as handle:
-            entries = json.load(handle)
-        entries = entries.get("data") if isinstance(entries, dict) else entries
-    else:
+    if not os.path.isfile(path):
+        raise UserInputError(f"datalist {path}: no such file")
+    try:
         with open(path, newline="") as handle:
-            entries = list(csv.DictReader(handle))
+            entries = json.load(handle) if path.endswith(".json") else list(csv.DictReader(handle))
+    except (ValueError, csv.Error) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserInputError(f"datalist {path}: not readable as {'JSON' if path.endswith('.json') else 'CSV'} "
+                             f"({error})") from None
+    entries = entries.get("data") if isinstance(entries, dict) else entries
     if not isinstance(entries, list) or not entries:
         raise UserInputError(f"{path}: expected a non-empty list of {{'input': ..., 'target': ...}} entries")
     folder = os.path.dirname(os.path.abspath(path))
@@ -274,7 +276,7 @@ def load_pairs(path: str) -> list[Case]:
 
 
 def _pair_prompt(text: str | None, target: str, where: str) -> Prompt:
-    spacing = tuple(float(v) for v in nib.load(target).header.get_zooms()[:3])
+    spacing = load_volume(target).spacing
     try:
         if text:  # a full template, or a modality name completed from the target's metadata
             try:
