@@ -25,8 +25,8 @@ test-slow: install
 
 lint: install
 	$(PY) -m pip install -q flake8 isort
-	$(PY) -m flake8 bundle/scripts tests bench
-	$(PY) -m isort --check-only bundle/scripts tests bench
+	$(PY) -m flake8 bundle/scripts tests bench apps
+	$(PY) -m isort --check-only bundle/scripts tests bench apps
 
 # The model-zoo archive dist/<bundle name>_v<version>.zip (python -m monai.bundle download --url file://... installs it)
 .PHONY: package

@@ -80,15 +80,15 @@ def demo_crop_loop(network, image, tokens, out_shape, query_chunk, overlap=0.25)
                     # Output voxels whose centres lie in the crop, on the crop's own coordinate grid.
                     low = [math.ceil(c * r - 0.5) for c, r in zip(corner, ratio)]
                     high = [math.ceil((c + n) * r - 0.5) for c, n, r in zip(corner, crop, ratio)]
-                    size = [h - l for l, h in zip(low, high)]
-                    ranges = [(-1 + 2 * ((l / r) - c) / n, -1 + 2 * ((h / r) - c) / n)
-                              for l, h, r, c, n in zip(low, high, ratio, corner, crop)]
+                    size = [h - lo for lo, h in zip(low, high)]
+                    ranges = [(-1 + 2 * ((lo / r) - c) / n, -1 + 2 * ((h / r) - c) / n)
+                              for lo, h, r, c, n in zip(low, high, ratio, corner, crop)]
                     coords = make_coord(size, ranges)[None].to(device)
                     cell = torch.tensor([2 / (r * n) for r, n in zip(ratio, crop)], device=device).expand_as(coords)
                     prediction = torch.cat([network.query(latent, coords[:, i : i + query_chunk],
                                                           cell[:, i : i + query_chunk])
                                             for i in range(0, coords.shape[1], query_chunk)], 1)
-                    region = tuple(slice(l, h) for l, h in zip(low, high))
+                    region = tuple(slice(lo, h) for lo, h in zip(low, high))
                     total[region] += prediction.reshape(size).float().cpu()
                     count[region] += 1
     return total / count

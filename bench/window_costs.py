@@ -36,8 +36,8 @@ def seconds(function, repeats: int) -> float:
 def main() -> None:
     import numpy as np
     import torch
-
     from inference_speed import BRAIN_SHAPE_1MM, DEMO_CROP, PROMPT, synthetic_brain
+
     from scripts.inference_engine import _window_is_read, _window_starts, foreground_mask
     from scripts.liif import make_coord
     from scripts.prompt import tokenize

@@ -9,7 +9,6 @@ import pytest
 
 from conftest import BUNDLE_ROOT
 from helpers import write_bids_image
-
 from scripts import bids_datalist
 
 T1 = {"RepetitionTime": 2.3, "EchoTime": 0.003, "InversionTime": 0.9, "FlipAngle": 9, "MagneticFieldStrength": 3,

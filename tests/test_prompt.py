@@ -7,8 +7,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import write_bids_image, write_dicom_series
 
+from helpers import write_bids_image, write_dicom_series
 from scripts.prompt import (
     CONTEXT_LENGTH,
     MODALITIES,

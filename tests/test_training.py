@@ -28,8 +28,8 @@ SHIPPED_MODEL = os.path.join(os.path.dirname(CONFIGS), "models", "model.pt")
 CONTRASTS = {
     "T1w": ("T1w", (1.0, 0.65, 0.2), {"RepetitionTime": 2.3, "EchoTime": 0.003, "InversionTime": 0.9, "FlipAngle": 9}),
     "T2w": ("T2w", (0.4, 0.6, 1.0), {"RepetitionTime": 3.2, "EchoTime": 0.1, "FlipAngle": 90}),
-    "FLAIR": ("FLAIR", (0.55, 0.8, 0.05), {"RepetitionTime": 9.0, "EchoTime": 0.09, "InversionTime": 2.5,
-                                            "FlipAngle": 150}),
+    "FLAIR": ("FLAIR", (0.55, 0.8, 0.05),
+              {"RepetitionTime": 9.0, "EchoTime": 0.09, "InversionTime": 2.5, "FlipAngle": 150}),
     "PD": ("PDw", (0.7, 0.85, 1.0), {"RepetitionTime": 3.0, "EchoTime": 0.012, "FlipAngle": 90}),
 }
 SIZE = 32

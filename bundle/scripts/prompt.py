@@ -28,7 +28,8 @@ MODALITIES = ("T1w", "T2w", "FLAIR", "SWI", "T2star", "PD", "T1CE")
 CONTEXT_LENGTH = 90
 
 # BIDS suffix of each modality; T1CE is a T1w with the entity ``ce-gadolinium``.
-BIDS_SUFFIX = {"T1w": "T1w", "T2w": "T2w", "FLAIR": "FLAIR", "SWI": "swi", "T2star": "T2starw", "PD": "PDw", "T1CE": "T1w"}
+BIDS_SUFFIX = {"T1w": "T1w", "T2w": "T2w", "FLAIR": "FLAIR", "SWI": "swi", "T2star": "T2starw", "PD": "PDw",
+               "T1CE": "T1w"}
 
 _MODALITY_ALIASES = {
     "t1w": "T1w", "t1": "T1w", "t1-weighted": "T1w", "mprage": "T1w", "spgr": "T1w", "t1ce": "T1CE", "t1c": "T1CE",
@@ -135,14 +136,16 @@ class Prompt:
         put("sex", _canonical_sex(self.sex))
         field = _number("Scanner", self.field_strength, "a field strength in tesla or None")
         if field is not None and not 0 < field <= 12:
-            raise PromptError(f"prompt field 'Scanner': expected a field strength in (0, 12] T, got {self.field_strength!r}")
+            raise PromptError("prompt field 'Scanner': expected a field strength in (0, 12] T, "
+                              f"got {self.field_strength!r}")
         put("field_strength", None if field is None else _round(field))
         put("manufacturer", None if _is_missing(self.manufacturer) else canonical_vendor(self.manufacturer))
         put("voxel_size", _canonical_voxel_size(self.voxel_size))
         for name, label in (("tr", "TR"), ("te", "TE"), ("ti", "TI")):
             value = _number(label, getattr(self, name), f"{label} in ms (a positive number) or None")
             if value is not None and (value < 0 or (value == 0 and name != "te")):
-                raise PromptError(f"prompt field {label!r}: expected a positive time in ms, got {getattr(self, name)!r}")
+                raise PromptError(f"prompt field {label!r}: expected a positive time in ms, "
+                                  f"got {getattr(self, name)!r}")
             put(name, None if value is None else _round(value))
         if self.tr is not None and self.te is not None and self.te > self.tr:
             raise PromptError(f"prompt fields 'TE'/'TR': TE {self.te} ms cannot exceed TR {self.tr} ms")
@@ -179,7 +182,8 @@ class Prompt:
     def parse(cls, text: str) -> Prompt:
         """Read a prompt in the official template (field order free, spacing tolerant)."""
         if not isinstance(text, str) or not text.strip():
-            raise PromptError("prompt: expected the official template 'Age: ...; Modality: ...; ...', got an empty prompt")
+            raise PromptError("prompt: expected the official template 'Age: ...; Modality: ...; ...', "
+                              "got an empty prompt")
         values: dict[str, Any] = {}
         for part in text.strip().rstrip(";").split(";"):
             key, colon, value = part.partition(":")
@@ -247,7 +251,8 @@ def _canonical_flip_angle(value: Any) -> float | str | None:
         # A named flip-angle scheme (e.g. T2var) is kept as text; anything with separators would break the template.
         if re.fullmatch(r"[A-Za-z][A-Za-z0-9_+\-]*", text):
             return text
-        raise PromptError(f"prompt field 'FA': expected a flip angle in degrees, a scheme name or None, got {value!r}") from None
+        raise PromptError("prompt field 'FA': expected a flip angle in degrees, a scheme name or None, "
+                          f"got {value!r}") from None
     if not math.isfinite(angle) or not 0 < angle <= 180:
         raise PromptError(f"prompt field 'FA': expected a flip angle in (0, 180] degrees, got {value!r}")
     return _round(angle)

@@ -67,7 +67,7 @@ def _crop_to_brain(volumes: list[np.ndarray], mask: np.ndarray, affine: np.ndarr
     """Crop (zero-padding where the brain touches the template edge) to the mask's bounding box plus ``margin``."""
     idx = np.argwhere(mask > 0)
     lo, hi = idx.min(0) - margin, idx.max(0) + margin + 1
-    pad = [(max(0, -int(l)), max(0, int(h) - s)) for l, h, s in zip(lo, hi, mask.shape)]
+    pad = [(max(0, -int(low)), max(0, int(high) - s)) for low, high, s in zip(lo, hi, mask.shape)]
     lo_p = lo + [p[0] for p in pad]
     hi_p = hi + [p[0] for p in pad]
     window = tuple(slice(int(a), int(b)) for a, b in zip(lo_p, hi_p))

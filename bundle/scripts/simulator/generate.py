@@ -10,11 +10,18 @@ from tqdm import tqdm
 
 from ..errors import UserInputError
 from . import bids
-from .acquisition import Geometry, acquire_geometry, add_rician_noise, bias_field, noise_sigma, skull_strip_mask, \
-    to_scanner_scale
+from .acquisition import (
+    Geometry,
+    acquire_geometry,
+    add_rician_noise,
+    bias_field,
+    noise_sigma,
+    skull_strip_mask,
+    to_scanner_scale,
+)
 from .anatomy import Anatomy, subject_anatomy
-from .realism import calibrate
 from .presets import MODALITIES, PRESETS, SitePreset, Subject, get_preset, sample_subject, site_protocol
+from .realism import calibrate
 from .render import render
 from .sequences import Sequence
 from .tissue import TissueProperties, tissue_properties, with_gadolinium

@@ -172,10 +172,10 @@ def sample_subject(preset: SitePreset, participant_id: str, rng: np.random.Gener
     age = prompt_round(rng.uniform(*preset.age_range))
     field_strength = float(preset.field_strengths[rng.integers(len(preset.field_strengths))])
     return Subject(participant_id, preset.name, age, str(rng.choice(["M", "F"])), field_strength,
-                      str(preset.manufacturers[rng.integers(len(preset.manufacturers))]),
-                      tumour=bool(rng.random() < preset.tumour_probability),
-                      # WMH prevalence rises steeply after 60 (Wardlaw et al., Lancet Neurol 2013, 12:822-838).
-                      wmh=bool(rng.random() < preset.wmh_probability * min(1.0, max(0.0, (age - 40.0) / 30.0))))
+                   str(preset.manufacturers[rng.integers(len(preset.manufacturers))]),
+                   tumour=bool(rng.random() < preset.tumour_probability),
+                   # WMH prevalence rises steeply after 60 (Wardlaw et al., Lancet Neurol 2013, 12:822-838).
+                   wmh=bool(rng.random() < preset.wmh_probability * min(1.0, max(0.0, (age - 40.0) / 30.0))))
 
 
 def site_protocol(preset: SitePreset, subject: Subject, modality: str) -> Protocol:

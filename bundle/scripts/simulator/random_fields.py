@@ -26,4 +26,3 @@ def smooth_random_field(shape: tuple[int, ...], rng: np.random.Generator, correl
     field -= field.mean()
     field /= field.std() + 1e-12
     return field
-
