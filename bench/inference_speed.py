@@ -28,9 +28,10 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
+
+from isolated_case import run_isolated
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -231,13 +232,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--case", f"{scale},{input_name},{source}", "--fov_scale",
                        str(args.fov_scale), "--threads", str(args.threads), "--device", args.device,
                        "--query_chunk", str(args.query_chunk), "--methods", *args.methods]
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=True)
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            except subprocess.TimeoutExpired:
-                rows.append({"scale": scale, "input": input_name, "error": f"timed out after {args.timeout} s"})
-            except subprocess.CalledProcessError as error:
-                rows.append({"scale": scale, "input": input_name, "error": error.stderr.strip().splitlines()[-1]})
+            rows.append(run_isolated(command, args.timeout, {"scale": scale, "input": input_name}))
             print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)

@@ -19,10 +19,11 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+from isolated_case import run_isolated
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -94,13 +95,7 @@ def main() -> None:
         for scale in args.scales:
             command = [sys.executable, __file__, "--case", f"{stage},{scale}", "--steps", str(args.steps),
                        "--subjects", str(args.subjects), "--threads", str(args.threads), "--device", args.device]
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=True)
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            except subprocess.TimeoutExpired:
-                rows.append({"stage": stage, "scale": scale, "error": f"timed out after {args.timeout} s"})
-            except subprocess.CalledProcessError as error:
-                rows.append({"stage": stage, "scale": scale, "error": error.stderr.strip().splitlines()[-1]})
+            rows.append(run_isolated(command, args.timeout, {"stage": stage, "scale": scale}))
             print(json.dumps(rows[-1]), flush=True)
     columns = ["stage", "scale", "patches_per_step", "median_step_s", "patches_per_s", "queries_per_s", "data_share"]
     print(" | ".join(columns))
