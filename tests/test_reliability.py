@@ -474,22 +474,34 @@ def _parser(prompt):
     {"_target_": "os.system", "command": "touch PWNED"},  # fire turns a "{...}" argument into a dict
     [CODE],
     {"nested": {"_target_": "os.system", "command": "touch PWNED"}},
-    "%evil.yaml#payload",  # a macro pulling in code from a file
 ])
 def test_config_parser_never_runs_a_prompt(in_tmp, value):
-    (in_tmp / "evil.yaml").write_text(f'payload: "{CODE}"\n')
     with pytest.raises(UserInputError) as raised:
         _parser(value).get_parsed_content("used")
     assert one_line(raised).startswith("prompt: ") and "would run as code in MONAI's config parser" in str(raised.value)
     assert not (in_tmp / "PWNED").exists()
 
 
-def test_config_parser_keeps_prompt_text_and_other_expressions():
-    text = "FLAIR; Scanner: 3.0 $vendor@%x"  # parser characters inside the text are not at its start: kept as is
+@pytest.mark.parametrize("text", [
+    "FLAIR; Scanner: 3.0 $vendor@%x",  # parser characters inside the text
+    "@ckpt",  # would be a reference to other config content
+    "@nowhere",  # ... to content that does not exist
+    "%evil.yaml#payload",  # would be a macro pulling content (here code) in from a file
+    "@##ckpt",  # would be a relative reference
+])
+def test_config_parser_keeps_prompt_text_as_given(in_tmp, text):
+    (in_tmp / "evil.yaml").write_text(f'payload: "{CODE}"\n')
     assert _parser(text).get_parsed_content("used") == text
-    # `@id` is a reference to other config content (never code): the prompt then fails its own checks
-    assert _parser("@ckpt").get_parsed_content("used") == "/models/model.pt"
-    assert _parser("T2w").get_parsed_content("other") == 2  # only the prompt is guarded
+    assert not (in_tmp / "PWNED").exists()
+
+
+def test_other_config_items_keep_references_macros_and_expressions(in_tmp):
+    from monai.bundle import ConfigParser
+
+    (in_tmp / "other.yaml").write_text("value: 7\n")
+    parser = ConfigParser({"a": 1, "ref": "@a", "macro": "%other.yaml#value", "expr": "$@a + 1", "prompt": "@a"})
+    guard_text_fields()
+    assert [parser.get_parsed_content(key) for key in ("ref", "macro", "expr", "prompt")] == [1, 7, 2, "@a"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

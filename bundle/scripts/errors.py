@@ -79,12 +79,36 @@ def _refuse_code(item: Any) -> None:
 
 
 def guard_text_fields() -> None:
-    """Make MONAI's config parser refuse to evaluate or instantiate anything under ``TEXT_FIELDS`` (idempotent)."""
+    """Make MONAI's config parser refuse to evaluate or instantiate anything under ``TEXT_FIELDS``, and keep their
+    ``@reference`` / ``%macro`` strings as literal text instead of substituting other config content (idempotent)."""
     from monai.bundle.config_item import ConfigComponent, ConfigExpression
+    from monai.bundle.config_parser import ConfigParser
+    from monai.bundle.reference_resolver import ReferenceResolver
 
     if getattr(ConfigExpression.evaluate, "guards_text_fields", False):
         return
     evaluate, instantiate = ConfigExpression.evaluate, ConfigComponent.instantiate
+    resolve_macros = ConfigParser._do_resolve
+    find_refs, substitute_refs = ReferenceResolver.find_refs_in_config, ReferenceResolver.update_config_with_refs
+
+    def literal_text(config: Any, item_id: str) -> bool:
+        return isinstance(config, str) and _text_field(item_id) is not None
+
+    @functools.wraps(resolve_macros)
+    def text_kept_resolve(self, config, id=""):
+        return config if literal_text(config, id) else resolve_macros(self, config, id)
+
+    @functools.wraps(find_refs)
+    def text_kept_find_refs(config, id, refs=None):
+        return (refs or {}) if literal_text(config, id) else find_refs(config, id, refs)
+
+    @functools.wraps(substitute_refs)
+    def text_kept_substitute(config, id, refs=None):
+        return config if literal_text(config, id) else substitute_refs(config, id, refs)
+
+    ConfigParser._do_resolve = text_kept_resolve
+    ReferenceResolver.find_refs_in_config = staticmethod(text_kept_find_refs)
+    ReferenceResolver.update_config_with_refs = staticmethod(text_kept_substitute)
 
     @functools.wraps(evaluate)
     def guarded_evaluate(self, globals=None, locals=None):
