@@ -434,8 +434,8 @@ def _tiny_bids(root, source_bytes=None):
     ("unknown_subject", "no subjects to evaluate (asked for ['sub-999'])"),
     ("corrupt_source", "sub-001_T1w.nii.gz: not a readable NIfTI image"),
     ("corrupt_target", "sub-001_T2w.nii.gz: not a readable NIfTI image"),
-    ("missing_datalist", "datalist pairs.json: no such file"),
-    ("malformed_datalist", "datalist broken.json: not readable as JSON"),
+    ("missing_datalist", "pairs.json: no such datalist file"),
+    ("malformed_datalist", "broken.json: unreadable datalist (JSONDecodeError: "),
 ])
 def test_evaluate_refuses_bad_input_before_writing(in_tmp, kind, expected):
     (in_tmp / "taken.txt").write_text("")

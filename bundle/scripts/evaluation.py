@@ -16,7 +16,6 @@ Inputs: a BIDS dataset (simulated: the paper's tasks on their sites; real, witho
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 from scipy.ndimage import map_coordinates
 
 from .errors import UserInputError
-from .inference_engine import TUMSynInferer, load_network_weights, synthesize_image, target_prompt
+from .inference_engine import TUMSynInferer, load_network_weights, read_datalist_rows, synthesize_image, target_prompt
 from .intensity import normalize_intensity
 from .metrics import compare, oracle_lookup_table, tissue_volumes
 from .prompt import BIDS_SUFFIX, Prompt, PromptError, bids_modality, prompt_from_bids, prompt_from_image
@@ -242,16 +241,8 @@ def load_pairs(path: str) -> list[Case]:
     sidecar), ``task`` (default ``"<source>-><target modality>"``), ``mask`` (default: both images non-zero) and
     ``subject``.
     """
-    if not os.path.isfile(path):
-        raise UserInputError(f"datalist {path}: no such file")
-    try:
-        with open(path, newline="") as handle:
-            entries = json.load(handle) if path.endswith(".json") else list(csv.DictReader(handle))
-    except (ValueError, csv.Error) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserInputError(f"datalist {path}: not readable as {'JSON' if path.endswith('.json') else 'CSV'} "
-                             f"({error})") from None
-    entries = entries.get("data") if isinstance(entries, dict) else entries
-    if not isinstance(entries, list) or not entries:
+    entries = read_datalist_rows(path)
+    if not entries:
         raise UserInputError(f"{path}: expected a non-empty list of {{'input': ..., 'target': ...}} entries")
     folder = os.path.dirname(os.path.abspath(path))
     cases = []

@@ -545,27 +545,34 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
 CASE_KEYS = ("input_image", "prompt", "target_spacing", "reference")
 
 
+def read_datalist_rows(path: str) -> list:
+    """The rows of a CSV datalist (header line) or a JSON list / ``{"data": [...]}``, unchecked."""
+    if not os.path.isfile(path):
+        raise UserInputError(f"{path}: no such datalist file")
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle)) if path.endswith(".csv") else json.load(handle)
+    except (ValueError, csv.Error) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserInputError(f"{path}: unreadable datalist ({one_line(error)})") from None
+    rows = rows.get("data") if isinstance(rows, dict) else rows
+    if not isinstance(rows, list):
+        raise UserInputError(f"{path}: expected a list of cases (a JSON list or a CSV with a header line)")
+    return rows
+
+
 def load_datalist(path: str) -> list[dict[str, Any]]:
     """Cases from a CSV (header with input_image, prompt[, target_spacing, reference]) or JSON list/``{"data": [...]}``.
 
     Relative image paths are taken relative to the datalist's folder.
     """
-    if not os.path.isfile(path):
-        raise UserInputError(f"{path}: no such datalist file")
+    rows = read_datalist_rows(path)
     try:
-        if path.endswith(".csv"):
-            with open(path, newline="") as handle:
-                rows = list(csv.DictReader(handle))
-            for row in rows:
-                if row.get("target_spacing"):
-                    row["target_spacing"] = json.loads(row["target_spacing"])
-        else:
-            with open(path) as handle:
-                rows = json.load(handle)
-            rows = rows.get("data") if isinstance(rows, dict) else rows
-    except (ValueError, csv.Error) as error:
-        raise UserInputError(f"{path}: unreadable datalist ({one_line(error)})") from None
-    if not isinstance(rows, list) or not rows:
+        for row in rows:
+            if path.endswith(".csv") and row.get("target_spacing"):
+                row["target_spacing"] = json.loads(row["target_spacing"])
+    except ValueError as error:
+        raise UserInputError(f"{path}: unreadable target_spacing ({one_line(error)})") from None
+    if not rows:
         raise UserInputError(f"{path}: expected a non-empty list of cases with input_image and prompt")
     folder = os.path.dirname(os.path.abspath(path))
     cases = []
