@@ -5,10 +5,12 @@
 
 Each (scale, input) case runs in its own subprocess; inside it both methods run one after the other on the same
 network and input, so the speed-up is a ratio measured side by side:
-- ``engine``: ``TUMSynInferer`` as ``configs/inference.yaml`` runs it (Gaussian-blended 64^3 windows, every output
-  voxel decoded once, background neither encoded nor decoded);
+- ``engine``: the ``inferer`` that ``configs/inference.yaml`` builds (its window, overlap and chunk settings; every
+  output voxel decoded once, background neither encoded nor decoded);
 - ``demo``: the official demo's scheme: fixed 60^3 input crops (25 % overlap), each encoded and decoded on its own
   dense output grid, overlapping predictions averaged.
+Both run the same network in the same state (its convolutions channels-last, as the engine leaves them) and decode
+in chunks of the same size, so the ratio measures the two schemes, not two implementations of one step.
 Both outputs are set to 0 outside the input's head (``foreground_mask``), as the written image is. Quality: the
 PSNR between the two (data range 1), and with ``--source subject`` at 1 mm each one's PSNR against the subject's
 real T2w inside its brain.
@@ -77,7 +79,8 @@ def demo_crop_loop(network, image, tokens, out_shape, query_chunk, overlap=0.25)
                 for x in starts[2]:
                     corner = (z, y, x)
                     window = image[None, :, z : z + crop[0], y : y + crop[1], x : x + crop[2]].to(device)
-                    latent = network.encode(window, tokens.to(device)).contiguous()  # one layout copy per crop
+                    # One layout copy per crop: channels-last, the layout the decoder gathers codes from fastest.
+                    latent = network.encode(window, tokens.to(device)).contiguous(memory_format=torch.channels_last_3d)
                     # Output voxels whose centres lie in the crop, on the crop's own coordinate grid.
                     low = [math.ceil(c * r - 0.5) for c, r in zip(corner, ratio)]
                     high = [math.ceil((c + n) * r - 0.5) for c, n, r in zip(corner, crop, ratio)]
@@ -140,12 +143,26 @@ def load_case(source: str, input_name: str, fov_scale: float):
     return array, tuple(float(s) for s in image.header.get_zooms()[:3]), reference
 
 
+def config_inferer(scale: str, query_chunk: int | None):
+    """The ``inferer`` of ``configs/inference.yaml`` at ``scale`` (no progress bar), ``query_chunk`` overridden if
+    given."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(REPO, "bundle", "configs", "inference.yaml"))
+    parser["inferer"]["progress"] = False
+    parser["scale"] = scale
+    if query_chunk is not None:
+        parser["query_chunk"] = query_chunk
+    return parser.get_parsed_content("inferer")
+
+
 def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads: int, device_name: str,
-             query_chunk: int, methods: list[str]) -> dict:
+             query_chunk: int | None, methods: list[str]) -> dict:
     import numpy as np
     import torch
 
-    from scripts.inference_engine import TUMSynInferer, foreground_mask, load_network_weights, output_grid
+    from scripts.inference_engine import channels_last_convolutions, foreground_mask, load_network_weights, output_grid
     from scripts.metrics import psnr
     from scripts.prompt import tokenize
     from scripts.tumsyn_net import build_tumsyn_net
@@ -159,22 +176,23 @@ def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads
     network = build_tumsyn_net(scale).eval()
     if source == "subject":
         load_network_weights(network, os.path.join(REPO, "bundle", "models", "model.pt"))
-    network = network.to(device)
+    network = channels_last_convolutions(network.to(device))
     tokens = tokenize(PROMPT)
+    inferer = config_inferer(scale, query_chunk)
     foreground = foreground_mask(image, out_shape)
     row = {"scale": scale, "input": input_name, "source": source, "device": device_name, "threads": threads,
            "input_shape": list(array.shape), "input_spacing": list(spacing), "output_shape": list(out_shape),
-           "foreground_fraction": round(float(foreground.float().mean()), 3), "rss_start_mb": round(_memory_mb(
-               "VmRSS"), 1)}
+           "foreground_fraction": round(float(foreground.float().mean()), 3),
+           "rss_start_mb": round(_memory_mb("VmRSS"), 1),
+           "engine_settings": {k: list(v) if isinstance(v, tuple) else v for k, v in inferer.settings.items()}}
     outputs = {}
     for method in methods:
         _reset_peak_memory(device)
         wall, cpu = time.perf_counter(), time.process_time()
         if method == "engine":
-            inferer = TUMSynInferer(query_chunk=query_chunk, progress=False)
             output = inferer(image[None], network, prompt=PROMPT, out_shape=out_shape)[0, 0]
         else:
-            output = demo_crop_loop(network, image, tokens, out_shape, query_chunk)
+            output = demo_crop_loop(network, image, tokens, out_shape, inferer.settings["query_chunk"])
         if device.type == "cuda":
             torch.cuda.synchronize()
         row[f"{method}_seconds"] = round(time.perf_counter() - wall, 2)
@@ -191,6 +209,7 @@ def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads
         row["max_abs_engine_vs_demo"] = round(float(np.abs(outputs["engine"] - outputs["demo"])[mask].max()), 4)
         row["speedup"] = round(row["demo_seconds"] / row["engine_seconds"], 2)
         row["cpu_speedup"] = round(row["demo_cpu_seconds"] / max(row["engine_cpu_seconds"], 1e-9), 2)
+    row["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return row
 
 
@@ -214,7 +233,7 @@ def main() -> None:
     parser.add_argument("--fov_scale", type=float, default=1.0, help="central fraction of the field of view per axis")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--query_chunk", type=int, default=65536)
+    parser.add_argument("--query_chunk", type=int, help="default: the config's")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per case")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "inference_speed.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case and print its JSON
@@ -231,7 +250,8 @@ def main() -> None:
         for input_name in args.inputs:
             command = [sys.executable, __file__, "--case", f"{scale},{input_name},{source}", "--fov_scale",
                        str(args.fov_scale), "--threads", str(args.threads), "--device", args.device,
-                       "--query_chunk", str(args.query_chunk), "--methods", *args.methods]
+                       "--methods", *args.methods] + (["--query_chunk", str(args.query_chunk)] if args.query_chunk
+                                                      else [])
             rows.append(run_isolated(command, args.timeout, {"scale": scale, "input": input_name}))
             print(json.dumps(rows[-1]), flush=True)
     print_table(rows)

@@ -1,9 +1,17 @@
 """Fast paths of the inference engine give the reference path's numbers (seams and chunking: test_inference.py)."""
 
+import math
+
 import pytest
 import torch
 
-from scripts.inference_engine import TUMSynInferer, foreground_mask, synthesize_volume
+from scripts.inference_engine import (
+    TUMSynInferer,
+    _fitted_windows,
+    _window_starts,
+    foreground_mask,
+    synthesize_volume,
+)
 from scripts.liif import LIIFDecoder, make_coord
 from scripts.prompt import tokenize
 from scripts.tumsyn_net import build_tumsyn_net
@@ -86,3 +94,83 @@ def test_queries_on_latent_centres_decode_only_that_code():
     torch.testing.assert_close(decoded, by_hand, atol=1e-5, rtol=0)
     difference = (nudged - decoded).abs().max()
     assert 0 < difference < 0.02 * decoded.abs().max()
+
+
+def test_channels_last_latent_decodes_identically():
+    """The engine's channels-last slab takes the row-gather path of the decoder: the same numbers, bit for bit."""
+    torch.manual_seed(0)
+    decoder = LIIFDecoder(4, [16, 16]).eval()
+    latent = torch.randn(2, 16, 5, 6, 7)
+    coords = torch.rand(2, 300, 3) * 2.2 - 1.1  # off the latent centres, some beyond the outermost ones
+    cell = torch.full_like(coords, 0.1)
+    with torch.inference_mode():
+        strided = decoder.query(latent, coords, cell)
+        rows = decoder.query(latent.contiguous(memory_format=torch.channels_last_3d), coords, cell)
+    assert torch.equal(rows, strided)
+
+
+def test_channels_last_convolutions_keep_the_output(network):
+    image, net = head_like((20, 18, 16), seed=3), build_tumsyn_net("small").eval()
+    net.load_state_dict(network.state_dict())  # fresh weights in the default layout (other tests convert `network`)
+    plain = TUMSynInferer(T2W, roi_size=(12, 12, 12), progress=False, channels_last=False)(image[None], net)
+    assert not net.encoder.body[-1].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    fast = TUMSynInferer(T2W, roi_size=(12, 12, 12), progress=False)(image[None], net)
+    assert net.encoder.body[-1].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
+def test_window_sizes_up_to_zero_span_the_whole_axis(network):
+    image, tokens = head_like((20, 18, 16), seed=2), tokenize(T2W)
+    slabs = CountingNet(network)
+    rows = synthesize_volume(slabs, image, tokens, (20, 18, 16), roi_size=(8, -1, 0), progress=False)[0]
+    assert slabs.windows == len(_window_starts(20, 8, 0.25)) == 3  # one whole-plane window per slab of rows
+    whole = synthesize_volume(network, image, tokens, (20, 18, 16), roi_size=(-1, -1, -1), progress=False)[0]
+    same = synthesize_volume(network, image, tokens, (20, 18, 16), roi_size=(64, 64, 64), progress=False)[0]
+    torch.testing.assert_close(whole, same, atol=0, rtol=0)
+    assert 30 < float(10 * torch.log10(1 / ((rows - whole) ** 2).mean())) < 200  # other windows: close, not equal
+    with pytest.raises(ValueError, match="roi_size"):
+        TUMSynInferer(roi_size=(64, 64))
+
+
+class ShapeRecordingNet(CountingNet):
+    """Also records the voxels of every encoded window."""
+
+    def __init__(self, network):
+        super().__init__(network)
+        self.voxels = 0
+
+    def encode(self, image, tokens=None, modality=None):
+        self.voxels += image[0, 0].numel() * image.shape[0]
+        return super().encode(image, tokens, modality)
+
+
+def test_windows_cut_to_the_foreground_encode_less_and_decode_close(network):
+    image, tokens, shape = head_like((30, 26, 22)), tokenize(T2W), (30, 26, 22)
+    mask = foreground_mask(image, shape)
+    whole, cut, wide = ShapeRecordingNet(network), ShapeRecordingNet(network), ShapeRecordingNet(network)
+    options = dict(roi_size=(12, 12, 12), progress=False, decode_mask=mask)
+    reference = synthesize_volume(whole, image, tokens, shape, **options)[0]
+    cropped = synthesize_volume(cut, image, tokens, shape, crop_margin=2, **options)[0]
+    widest = synthesize_volume(wide, image, tokens, shape, crop_margin=12, **options)[0]
+    torch.testing.assert_close(widest, reference, atol=0, rtol=0)  # a margin of a window keeps whole windows
+    batched = synthesize_volume(network, image, tokens, shape, crop_margin=2, sw_batch_size=5, **options)[0]
+    torch.testing.assert_close(batched, cropped, atol=1e-6, rtol=0)  # cut windows of several sizes in one batch
+    assert cut.windows == whole.windows and cut.voxels < 0.7 * whole.voxels
+    assert cropped[~mask].abs().max() == 0 and torch.isfinite(cropped).all()
+    difference = float(((cropped - reference)[mask] ** 2).mean())
+    assert 25 < 10 * math.log10(float((reference[mask] ** 2).mean()) / difference) < 200  # close, not equal
+    with pytest.raises(ValueError, match="crop_margin"):
+        TUMSynInferer(crop_margin=4, skip_background=False)
+
+
+@pytest.mark.parametrize("size,largest,overlap", [(157, 64, 0.1), (193, 64, 0.1), (167, 64, 0.25), (13, 12, 0.25),
+                                                  (64, 64, 0.25), (65, 64, 0.5)])
+def test_fitted_windows_tile_the_axis_with_fewer_voxels(size, largest, overlap):
+    window, starts = _fitted_windows(size, largest, overlap)
+    clamped = _window_starts(size, largest, overlap)
+    assert window <= largest and len(starts) == len(clamped)
+    assert starts[0] == 0 and starts[-1] + window == size  # the whole axis, no voxel beyond it
+    assert all(0 < b - a <= window - math.ceil(overlap * window) for a, b in zip(starts, starts[1:]))
+    assert window * len(starts) <= largest * len(clamped)
+    if (size, largest, overlap) == (157, 64, 0.1):  # the demo head's first axis: 171 voxels encoded, not 192
+        assert (window, starts) == (57, [0, 50, 100])

@@ -5,6 +5,9 @@ with Gaussian weights (no seams), and the LIIF decoder is queried for every outp
 processed row by row along the first axis and only a slab of blended latents (one window row plus a halo) is
 kept: latent channels x (roi_size[0] + 5) x H x W floats (about 0.7 GB for the small network on a 218 x 182 mm
 plane with the default 64-voxel windows), plus ``query_chunk`` queries at a time, whatever the number of slices.
+Where time goes (bench/README.md): the encoder. So windows are shrunk to tile each axis evenly, windows only
+background reads are skipped, and (``crop_margin``) the others are cut to the head they see; the slab is stored
+channels-last, the layout the decoder gathers codes from fastest.
 
 Geometry (``output_grid``): the output tiles the input's field of view at the target voxel size (rounded so the
 FOV edges coincide), keeps the input's orientation and direction cosines (oblique stays oblique), and the network
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import itertools
 import json
 import logging
 import math
@@ -108,6 +112,24 @@ def _window_starts(size: int, window: int, overlap: float) -> list[int]:
     return sorted({min(i * stride, size - window) for i in range(count)})
 
 
+def _fitted_windows(size: int, largest: int, overlap: float) -> tuple[int, list[int]]:
+    """The smallest window (at most ``largest``) and its evenly spaced starts that cover ``size`` with as many
+    windows as ``_window_starts`` places at ``largest``, neighbours sharing at least ``overlap`` of a window.
+
+    ``_window_starts`` clamps its last window to the end, where it overlaps its neighbour more than needed; equal
+    smaller windows cover the same axis with less encoding (1.29 instead of 1.86 times the demo head's volume at
+    64 voxels and 0.1 overlap; bench/README.md).
+    """
+    count = len(_window_starts(size, largest, overlap))
+    if count == 1:
+        return min(largest, size), [0]
+    window = next((w for w in range(math.ceil(size / count), largest + 1)
+                   if count * w - (count - 1) * math.ceil(overlap * w) >= size), None)
+    if window is None:  # windows so small that their stride is 1 voxel: nothing to shrink
+        return largest, _window_starts(size, largest, overlap)
+    return window, [round(i * (size - window) / (count - 1)) for i in range(count)]
+
+
 def gaussian_window(size: Sequence[int], sigma_scale: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """Separable Gaussian blending weights over a window (sigma = ``sigma_scale`` x size per axis), never zero.
 
@@ -140,10 +162,12 @@ def synthesize_volume(
     overlap: float = 0.25,
     sigma_scale: float = 0.125,
     sw_batch_size: int = 1,
-    query_chunk: int = 65536,
+    query_chunk: int = 4096,
     amp: bool = True,
     progress: bool = True,
     decode_mask: torch.Tensor | None = None,
+    crop_margin: int | None = None,
+    fit_windows: bool = True,
 ) -> torch.Tensor:
     """The network's prediction on a grid of ``out_shape`` tiling the field of view of ``image``: ``[1, *out_shape]``.
 
@@ -154,6 +178,15 @@ def synthesize_volume(
     ``decode_mask`` (bool, ``out_shape``; e.g. ``foreground_mask``): only its voxels are decoded, the rest are 0,
     and windows no such voxel reads are not encoded. Every decoded voxel equals the unmasked result (a query reads
     only its own corner latents, and a skipped window adds nothing to them).
+
+    ``fit_windows``: ``roi_size`` is the largest window; each axis gets the smallest equal windows that tile it
+    with as many windows as ``roi_size`` would (``_fitted_windows``). False: windows of ``roi_size``, the last one
+    clamped to the end of the axis.
+
+    ``crop_margin`` (with a ``decode_mask``): each window is cut to the box of the latents its masked-in voxels
+    read, plus that many input voxels of context, so background far from the head is not encoded either. Unlike
+    skipping whole windows this changes the decoded values (the encoder's zero padding moves, and the fusion
+    attention pools over the cut window); bench/README.md measures the quality. None: whole windows.
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"image: expected shape [1, D, H, W], got {list(image.shape)}")
@@ -162,8 +195,11 @@ def synthesize_volume(
     if decode_mask is not None and tuple(decode_mask.shape) != out_shape:
         raise ValueError(f"decode_mask: expected shape {list(out_shape)} (the output grid), "
                          f"got {list(decode_mask.shape)}")
-    roi = tuple(min(int(r), n) for r, n in zip(roi_size, in_shape))
-    starts = [_window_starts(n, r, overlap) for n, r in zip(in_shape, roi)]
+    roi = tuple(n if int(r) <= 0 else min(int(r), n) for r, n in zip(roi_size, in_shape))  # <= 0: the whole axis
+    if fit_windows:
+        roi, starts = zip(*[_fitted_windows(n, r, overlap) for n, r in zip(in_shape, roi)])
+    else:
+        starts = [_window_starts(n, r, overlap) for n, r in zip(in_shape, roi)]
     window_weight = gaussian_window(roi, sigma_scale, device)
     tokens = None if tokens is None else tokens.to(device)
     modality = None if modality is None else modality.to(device)
@@ -183,17 +219,21 @@ def synthesize_volume(
     next_row = 0
     with torch.inference_mode(), _autocast(device, amp):
         for index, z in enumerate(starts[0]):
-            read = windows if decode_mask is None else [
-                (y, x) for y, x in windows if _window_is_read(decode_mask, (z, y, x), roi, in_shape, out_shape)]
+            boxes = [_read_box(decode_mask, (z, y, x), roi, in_shape, out_shape, crop_margin) for y, x in windows]
+            read = [((z, y, x), box) for (y, x), box in zip(windows, boxes) if box is not None]
             for batch_start in range(0, len(read), sw_batch_size):
                 batch = read[batch_start : batch_start + sw_batch_size]
-                crops = torch.stack([image[:, z : z + roi[0], y : y + roi[1], x : x + roi[2]] for y, x in batch])
-                encoded = network.encode(crops.to(device), tokens, modality).float()
-                if slab is None:
-                    slab = _LatentSlab(encoded.shape[1], roi[0] + 2 * QUERY_HALO + 1, in_shape[1:], device,
-                                       slab_low)
-                for (y, x), latent in zip(batch, encoded):
-                    slab.add(latent * window_weight, window_weight, z, y, x)
+                # Boxes of one size are encoded together (cut windows may differ in size).
+                for _, group in itertools.groupby(batch, key=lambda item: [high - low for low, high in item[1]]):
+                    group = list(group)
+                    crops = torch.stack([image[(slice(None), *_slices(box))] for _, box in group])
+                    encoded = network.encode(crops.to(device), tokens, modality).float()
+                    if slab is None:
+                        slab = _LatentSlab(encoded.shape[1], roi[0] + 2 * QUERY_HALO + 1, in_shape[1:], device,
+                                           slab_low)
+                    for (corner, box), latent in zip(group, encoded):
+                        weight = window_weight[_slices([(low - c, high - c) for (low, high), c in zip(box, corner)])]
+                        slab.add(latent * weight, weight, *(low for low, _ in box))
                 bar.update(len(batch))
             bar.update(len(windows) - len(read))
             # Rows below the next window row are final; decode every output row whose reads lie in them.
@@ -226,7 +266,9 @@ class _LatentSlab:
     capacity allocated once, so peak memory is channels x capacity x H x W whatever the number of slices."""
 
     def __init__(self, channels: int, capacity: int, plane: Sequence[int], device: torch.device, low: int = 0):
-        self.sums = torch.zeros((channels, capacity, *plane), device=device)
+        # Channels-last storage seen as [channels, rows, H, W]: each latent code is one contiguous row, which the
+        # decoder gathers without a transposing copy (scripts.liif).
+        self.sums = torch.zeros((capacity, *plane, channels), device=device).permute(3, 0, 1, 2)
         self.weights = torch.zeros((1, capacity, *plane), device=device)
         self.low = self.high = low  # input rows held
         self.blended_high = low  # rows below it already hold sums / weights
@@ -293,21 +335,54 @@ def _decode_rows(network, latent: torch.Tensor, slab_low: int, rows_ratio: float
         destination[flat_cpu] = prediction.reshape(-1).float().cpu()
 
 
-def _window_is_read(decode_mask: torch.Tensor, corner: Sequence[int], roi: Sequence[int], in_shape: Sequence[int],
-                    out_shape: Sequence[int]) -> bool:
-    """Whether a masked-in output voxel reads a latent of the window at ``corner`` (input index) of size ``roi``.
+def _slices(box: Sequence[tuple[int, int]]) -> tuple[slice, ...]:
+    return tuple(slice(low, high) for low, high in box)
+
+
+def _read_box(decode_mask: torch.Tensor | None, corner: Sequence[int], roi: Sequence[int], in_shape: Sequence[int],
+              out_shape: Sequence[int], margin: int | None = None) -> list[tuple[int, int]] | None:
+    """The part of the window at ``corner`` (input index) of size ``roi`` to encode: ``[(low, high)]`` input indices
+    per axis, or None when no masked-in output voxel reads it (no mask: every voxel is masked in).
 
     Output voxel j reads the latents at floor(u) and floor(u) + 1 around its input index u = (j + 0.5) r - 0.5
     (r = input / output voxels), so those with s - 1 <= u < s + size read the window [s, s + size); the ranges
-    below take every j with s - 2 <= u <= s + size + 1 (a voxel of margin for rounding).
+    below take every j with s - 2 <= u <= s + size + 1 (a voxel of margin for rounding). ``margin`` None: the whole
+    window; an int: only the latents the masked-in voxels read (again with a voxel for rounding), widened by
+    ``margin`` voxels, within the window.
     """
-    region = []
-    for start, size, n_in, n_out in zip(corner, roi, in_shape, out_shape):
-        ratio = n_in / n_out
+    window = [(start, start + size) for start, size in zip(corner, roi)]
+    if decode_mask is None:
+        return window
+    region, ratios = [], [n_in / n_out for n_in, n_out in zip(in_shape, out_shape)]
+    for start, size, n_out, ratio in zip(corner, roi, out_shape, ratios):
         low = max(math.ceil((start - 1.5) / ratio - 0.5), 0)
         high = min(math.floor((start + size + 1.5) / ratio - 0.5) + 1, n_out)
         region.append(slice(low, high))
-    return bool(decode_mask[tuple(region)].any())
+    read = decode_mask[tuple(region)]
+    if not bool(read.any()):
+        return None
+    if margin is None:
+        return window
+    box = []
+    for axis, ((start, stop), ratio) in enumerate(zip(window, ratios)):
+        used = torch.nonzero(read.movedim(axis, 0).flatten(1).any(dim=1)).squeeze(1)
+        first, last = region[axis].start + int(used[0]), region[axis].start + int(used[-1])
+        low = math.floor((first + 0.5) * ratio - 0.5) - 1 - margin
+        high = math.floor((last + 0.5) * ratio - 0.5) + 3 + margin
+        box.append((max(start, low), min(stop, high)))
+    return box
+
+
+def channels_last_convolutions(network: torch.nn.Module) -> torch.nn.Module:
+    """Store every ``Conv3d`` weight of ``network`` channels-last (in place, values unchanged); returns it.
+
+    A 3D convolution with channels-last weights returns channels-last features, which oneDNN convolves without
+    the reorders to and from its blocked layout that the depth-wise convolution of the fusion block pays otherwise.
+    """
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    return network
 
 
 def foreground_mask(image: torch.Tensor, out_shape: Sequence[int]) -> torch.Tensor:
@@ -325,22 +400,34 @@ class TUMSynInferer(Inferer):
     """MONAI ``Inferer`` around ``synthesize_volume``: ``inferer(inputs [B, 1, D, H, W], network, prompt, out_shape)``.
 
     Holds the engine settings; ``prompt`` (the official template or a Prompt) defaults to the one given here.
+    ``roi_size``: encoder window in input voxels, a size <= 0 meaning the whole axis (as in MONAI's sliding window).
     ``skip_background``: decode only ``foreground_mask`` voxels (0 elsewhere, as ``synthesize_image`` writes them).
+    ``fit_windows``: shrink the windows to tile each axis evenly (``synthesize_volume``).
+    ``crop_margin`` (with ``skip_background``): cut each window to the box its foreground voxels read plus this
+    many voxels (``synthesize_volume``); None: whole windows.
+    ``channels_last``: put the network's 3D convolution weights in channels-last layout (same values) before the
+    run, so oneDNN runs them without layout reorders (bench/README.md).
     """
 
     def __init__(self, prompt: str | None = None, roi_size: Sequence[int] = (64, 64, 64), overlap: float = 0.25,
-                 sigma_scale: float = 0.125, sw_batch_size: int = 1, query_chunk: int = 65536, amp: bool = True,
-                 progress: bool = True, skip_background: bool = True):
+                 sigma_scale: float = 0.125, sw_batch_size: int = 1, query_chunk: int = 4096, amp: bool = True,
+                 progress: bool = True, skip_background: bool = True, crop_margin: int | None = None,
+                 fit_windows: bool = True, channels_last: bool = True):
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
-        if min(roi_size) < 1 or query_chunk < 1 or sw_batch_size < 1:
-            raise ValueError(f"roi_size, query_chunk, sw_batch_size: expected positive sizes, got "
-                             f"{list(roi_size)}, {query_chunk}, {sw_batch_size}")
+        if crop_margin is not None and (int(crop_margin) < 0 or not skip_background):
+            raise ValueError(f"crop_margin: expected None or a number of voxels >= 0 with skip_background, got "
+                             f"{crop_margin!r} (skip_background={skip_background!r})")
+        if len(roi_size) != 3 or query_chunk < 1 or sw_batch_size < 1:
+            raise ValueError(f"roi_size, query_chunk, sw_batch_size: expected 3 window sizes (<= 0: whole axis) and "
+                             f"positive sizes, got {list(roi_size)}, {query_chunk}, {sw_batch_size}")
         self.prompt = prompt
         self.settings = dict(roi_size=tuple(int(r) for r in roi_size), overlap=float(overlap),
                              sigma_scale=float(sigma_scale), sw_batch_size=int(sw_batch_size),
-                             query_chunk=int(query_chunk), amp=bool(amp), progress=bool(progress))
-        self.skip_background = bool(skip_background)
+                             query_chunk=int(query_chunk), amp=bool(amp), progress=bool(progress),
+                             crop_margin=None if crop_margin is None else int(crop_margin),
+                             fit_windows=bool(fit_windows))
+        self.skip_background, self.channels_last = bool(skip_background), bool(channels_last)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, prompt: str | Prompt | None = None,
                  out_shape: Sequence[int] | None = None) -> torch.Tensor:
@@ -351,6 +438,8 @@ class TUMSynInferer(Inferer):
             tokens = tokenize(prompt.render())
             modality = torch.tensor([MODALITIES.index(prompt.modality)])
         out_shape = tuple(inputs.shape[2:]) if out_shape is None else tuple(out_shape)
+        if self.channels_last:
+            channels_last_convolutions(network)
         return torch.stack([synthesize_volume(network, item, tokens, out_shape, modality=modality,
                                               decode_mask=foreground_mask(item, out_shape) if self.skip_background
                                               else None, **self.settings)

@@ -44,6 +44,20 @@ def make_coord(shape: List[int], ranges: Optional[List[List[float]]] = None, fla
     return grid
 
 
+def _gather_codes(latent: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The codes of ``latent [B, width, D, H, W]`` at flat voxel indices ``index [B, M]``: ``[B, M, width]``, rows
+    contiguous, so the MLP runs on contiguous rows (~2x faster than strided, measured)."""
+    batch, width = latent.shape[0], latent.shape[1]
+    rows = latent.permute(0, 2, 3, 4, 1)
+    if rows.is_contiguous():  # channels-last latent (the inference engine's slab): one row copy per code
+        voxels = rows.shape[1] * rows.shape[2] * rows.shape[3]
+        batch_offset = torch.arange(batch, device=index.device).unsqueeze(1) * voxels
+        return rows.reshape(batch * voxels, width).index_select(0, (index + batch_offset).reshape(-1)).view(
+            batch, -1, width)
+    codes = torch.gather(latent.flatten(2), 2, index.unsqueeze(1).expand(-1, width, -1))  # [B, width, M]
+    return codes.transpose(1, 2).contiguous()
+
+
 class LIIFDecoder(nn.Module):
     """``project(features [B, C, D, H, W]) -> latent``, then ``query(latent, coords [B, N, 3], cell [B, N, 3])``.
 
@@ -83,9 +97,11 @@ class LIIFDecoder(nn.Module):
         snap = (inside - nearest).abs() <= 4.76837158203125e-07 * size  # 4 float32 epsilons (a literal: TorchScript)
         inside = torch.where(snap, nearest, inside)
         lower = torch.minimum(inside.floor(), (size - 2).clamp(min=0))
-        upper_fraction = (inside - lower).unsqueeze(2)  # [B, N, 1, 3]
-        is_upper = self.corner_offsets.to(position.dtype)  # [8, 3]
-        weight = (is_upper * upper_fraction + (1 - is_upper) * (1 - upper_fraction)).prod(dim=-1)  # [B, N, 8]
+        upper_fraction = inside - lower  # [B, N, 3]
+        # Per-axis (lower, upper) weights multiplied out over the corners, in the order of _CORNER_OFFSETS.
+        axis_weight = torch.stack([1 - upper_fraction, upper_fraction], dim=-1)  # [B, N, 3, 2]
+        weight = (axis_weight[:, :, 0, :, None] * axis_weight[:, :, 1, None, :]).flatten(2)
+        weight = (weight[..., None] * axis_weight[:, :, 2, None, :]).flatten(2)  # [B, N, 8]
         # Corners no query weighs are skipped, an exact saving: when every query sits on a latent centre (the output
         # grid is the input grid) only the lower corner counts, 8x fewer codes to decode.
         used = torch.nonzero(weight.flatten(0, 1).gt(0).any(dim=0)).squeeze(1)
@@ -97,12 +113,10 @@ class LIIFDecoder(nn.Module):
         cell_in_voxels = (cell * size / 2).unsqueeze(2).expand_as(offset)
 
         flat_index = (corners[..., 0] * latent.shape[3] + corners[..., 1]) * latent.shape[4] + corners[..., 2]
-        codes = torch.gather(
-            latent.flatten(2), 2, flat_index.reshape(batch, 1, -1).expand(-1, width, -1)
-        )  # [B, width, N * 8]
-        # One copy into (query, corner, channel) order: the MLP then runs on contiguous rows (~2x faster, measured).
-        hidden = codes.transpose(1, 2).contiguous().view(batch, -1, used.numel(), width)
-        hidden = hidden + self.position_projection(torch.cat([offset, cell_in_voxels], dim=-1))
+        hidden = _gather_codes(latent, flat_index.reshape(batch, -1)).view(batch, -1, used.numel(), width)
+        position_input = torch.cat([offset, cell_in_voxels], dim=-1).view(-1, 6)
+        hidden = torch.addmm(hidden.view(-1, width), position_input, self.position_projection.weight.t()).view(
+            hidden.shape)  # code + position_projection(offset, cell), one pass
         prediction = self.mlp(hidden).squeeze(-1)  # [B, N, corners used]
         return (prediction * weight).sum(dim=-1, keepdim=True)
 
