@@ -13,7 +13,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from scripts import bids_data, sr_patches, text_embedding_checks, trainers
+from scripts import bids_data, bids_datalist, sr_patches, text_embedding_checks, trainers
 from scripts.prompt import MODALITIES, Prompt, tokenize
 from scripts.prompt_dropout import RandPromptDropoutd
 
@@ -120,6 +120,61 @@ def test_scan_split_and_datalists(dataset):
     assert len(val2) == 2 * 4 * 3  # every ordered pair of 4 contrasts, per validation subject
     assert all("acq-" not in d["source"] + d["target"] and d["source"] != d["target"] for d in val2)
     assert all(f"Modality: {MODALITIES[d['modality']]}" in d["prompt"] for d in val2)
+
+
+def test_train_tasks_restrict_training_subjects_and_validation_pairs(dataset, tmp_path):
+    assert bids_data.parse_tasks(None) is None
+    tasks = bids_data.parse_tasks(["T2w->FLAIR", " PD -> T1w "])
+    assert tasks == [(MODALITIES.index("T2w"), MODALITIES.index("FLAIR")), (MODALITIES.index("PD"), 0)]
+    assert bids_data.parse_tasks("T2w->FLAIR") == tasks[:1]
+    for bad in (["T2w->Flare"], ["T2w"], ["T2w->T2w"], [], {"T2w": "FLAIR"}):
+        with pytest.raises(ValueError, match=r"^train_tasks: expected .*T1w, T2w, FLAIR") as raised:
+            bids_data.parse_tasks(bad)
+        assert "\n" not in str(raised.value)
+
+    train, val = bids_data.stage2_datalists(dataset, 0.34, seed=3, max_val_pairs=4, tasks=tasks)
+    assert len(train) == 4 and len(val) == 4  # 2 held-out subjects x 2 tasks, under the cap of 4
+    assert {(os.path.basename(d["source"])[7:], os.path.basename(d["target"])[7:]) for d in val} == {
+        ("T2w.nii.gz", "FLAIR.nii.gz"), ("PDw.nii.gz", "T1w.nii.gz")}
+    assert all((d["input_modality"], d["modality"]) in tasks for d in val)
+    # a subject lacking one image of every task is left out of training rather than failing mid-epoch
+    images = [i for i in bids_data.scan_bids(dataset) if not (i.subject == "sub-02" and i.modality == "FLAIR")]
+    only_flair = bids_data.parse_tasks(["T2w->FLAIR"])
+    assert "sub-02" not in {d["subject"] for d in bids_data.stage2_subjects(images, only_flair)}
+    assert "sub-02" in {d["subject"] for d in bids_data.stage2_subjects(images, tasks)}  # it still has PD->T1w
+    with pytest.raises(ValueError, match=r"dataset_dir .*train_tasks pair \(T1w->SWI\)"):
+        bids_data.stage2_datalists(dataset, 0.34, seed=3, tasks=bids_data.parse_tasks(["T1w->SWI"]))
+    # a user's written datalist (real data) is restricted the same way
+    datalist = bids_datalist.write_datalist(bids_datalist.build_datalist(dataset, 0.34, 0.0, seed=3),
+                                            str(tmp_path / "datalist.json"))
+    train, val = bids_datalist.stage2_datalists(datalist, tasks=only_flair)
+    assert len(train) == 4 and len(val) == 2 and all((d["input_modality"], d["modality"]) in only_flair for d in val)
+
+    # the config wires the key into both the training patches and the validation pairs
+    workflow = _workflow(STAGE2, dataset, tmp_path, device="cpu", conditioning="onehot", val_fraction=0.34,
+                         train_tasks=["FLAIR->T1w"])
+    workflow.initialize()
+    flair_to_t1 = (MODALITIES.index("FLAIR"), 0)
+    validation_pairs = workflow.parser.get_parsed_content("validate#datalist")
+    assert all((d["input_modality"], d["modality"]) == flair_to_t1 for d in validation_pairs)
+    patches = workflow.parser.get_parsed_content("train#preprocessing").transforms[2]
+    assert patches.tasks == {flair_to_t1}
+
+
+def test_random_patches_draw_only_the_allowed_tasks():
+    ramp = _ramp((24, 24, 24))
+    data = {"images": np.stack([ramp, 2 * ramp, 3 * ramp]), "tokens": torch.arange(3)[:, None].repeat(1, 90),
+            "modalities": torch.tensor([5, 0, 2]), "prompts": ["PD", "T1w", "FLAIR"], "subject": "sub-x"}
+    drawn = {}
+    for tasks in (None, [(5, 0), (0, 2)]):
+        transform = sr_patches.RandSRPatchesd(lr_size=(6, 6, 6), num_samples=40, num_queries=16, tasks=tasks)
+        transform.set_random_state(seed=0)
+        drawn[tasks is None] = {(int(s["input_modality"]), int(s["modality"])) for s in transform(data)}
+    assert drawn[False] == {(5, 0), (0, 2)}  # both allowed tasks, nothing else
+    assert len(drawn[True]) == 6  # without the option: every ordered pair of 3 contrasts
+    transform = sr_patches.RandSRPatchesd(lr_size=(6, 6, 6), tasks=[(1, 3)])
+    with pytest.raises(ValueError, match="sub-x.*no \\(source, target\\) pair of the allowed tasks"):
+        transform(data)
 
 
 def test_bad_datasets_stop_with_clear_errors(tmp_path, dataset):
@@ -492,6 +547,30 @@ def test_onehot_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(da
     assert final[0]["trainer"]["iteration"] == final[1]["trainer"]["iteration"] == 2 * epoch_length
     for name, value in final[1]["network"].items():
         torch.testing.assert_close(final[0]["network"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resumed_training_remembers_the_best_validation_score(dataset, tmp_path):
+    """A best score no later epoch can reach, planted in model_best.pt: after a resume, validation keeps that file."""
+    overrides = dict(STAGE2_TINY, conditioning="onehot", device="cpu", val_pairs=1, progress_bar=False)
+    for max_epochs in (1, 2):
+        workflow = _workflow(STAGE2, dataset, tmp_path, max_epochs=max_epochs, **overrides)
+        workflow.initialize()
+        workflow.run()
+        evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+        workflow.finalize()
+        best = tmp_path / "checkpoints" / "model_best.pt"
+        state = torch.load(best, weights_only=True)
+        if max_epochs == 1:
+            assert state["best_key_metric"] == {"best_metric": evaluator.state.best_metric, "best_metric_epoch": 1}
+            assert [score for score, _ in state["checkpointer"]["_saved"]] == [evaluator.state.best_metric]
+            state["best_key_metric"]["best_metric"] = 1000.0
+            state["checkpointer"]["_saved"] = [(1000.0, name) for _, name in state["checkpointer"]["_saved"]]
+            torch.save(state, best)
+    assert evaluator.state.best_metric == 1000.0 and evaluator.state.best_metric_epoch == 1  # restored, not beaten
+    assert state["best_key_metric"]["best_metric"] == 1000.0  # epoch 2 did not overwrite model_best.pt
+    older = tmp_path / "older_best.pt"  # a best checkpoint saved before the score was kept in it: left as it is
+    torch.save({"weight": torch.zeros(1)}, older)
+    trainers.BestKeyMetricLoader(str(older), {"best_key_metric": None})(None)
 
 
 def test_checkpoint_saving_killed_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

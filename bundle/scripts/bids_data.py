@@ -99,22 +99,49 @@ def _truth_grid_contrasts(images: list[BidsImage]) -> dict[str, list[BidsImage]]
     return {s: sorted(c.values(), key=lambda i: MODALITIES.index(i.modality)) for s, c in sorted(by_subject.items())}
 
 
-def stage2_pairs(images: list[BidsImage]) -> list[dict]:
-    """Every ordered (source, target) pair of distinct truth-grid contrasts of each subject; the target's prompt."""
+def parse_tasks(tasks, key: str = "train_tasks") -> list[tuple[int, int]] | None:
+    """``['T2w->FLAIR', ...]`` as (source, target) modality-index pairs; None (every ordered pair) stays None.
+
+    A task-specific model trains on, and is validated on, these pairs only.
+    """
+    if tasks is None:
+        return None
+    expected = f"expected 'source->target' of two distinct modalities among {', '.join(MODALITIES)}"
+    tasks = [tasks] if isinstance(tasks, str) else tasks
+    if not isinstance(tasks, (list, tuple)) or not tasks:
+        raise UserInputError(f"{key}: {expected} (a list, e.g. ['T2w->FLAIR'], or null), got {tasks!r}")
+    pairs = []
+    for task in tasks:
+        names = [name.strip() for name in str(task).split("->")]
+        if len(names) != 2 or names[0] == names[1] or any(name not in MODALITIES for name in names):
+            raise UserInputError(f"{key}: {expected}, got {task!r}")
+        pairs.append((MODALITIES.index(names[0]), MODALITIES.index(names[1])))
+    return pairs
+
+
+def _allowed(source: BidsImage, target: BidsImage, tasks: list[tuple[int, int]] | None) -> bool:
+    return source is not target and (
+        tasks is None or (MODALITIES.index(source.modality), MODALITIES.index(target.modality)) in tasks)
+
+
+def stage2_pairs(images: list[BidsImage], tasks: list[tuple[int, int]] | None = None) -> list[dict]:
+    """Every ordered (source, target) pair of distinct truth-grid contrasts of each subject (only those of ``tasks``,
+    modality-index pairs from ``parse_tasks``, unless None); the target's prompt."""
     pairs = []
     for subject, contrasts in _truth_grid_contrasts(images).items():
         tokens = tokenize([c.prompt for c in contrasts])
         for s, source in enumerate(contrasts):
             for t, target in enumerate(contrasts):
-                if s != t:
+                if _allowed(source, target, tasks):
                     pairs.append({"source": source.path, "target": target.path, "prompt": target.prompt,
                                   "tokens": tokens[t], "modality": MODALITIES.index(target.modality),
                                   "input_modality": MODALITIES.index(source.modality), "subject": subject})
     return pairs
 
 
-def stage2_subjects(images: list[BidsImage]) -> list[dict]:
-    """One item per subject with >= 2 truth-grid contrasts: its images (loaded as one channel stack), their prompts.
+def stage2_subjects(images: list[BidsImage], tasks: list[tuple[int, int]] | None = None) -> list[dict]:
+    """One item per subject with >= 2 truth-grid contrasts (with ``tasks``: with a pair of one of them): its images
+    (loaded as one channel stack), their prompts.
 
     Training caches each subject's volumes once and draws a random ordered pair per patch, which covers the same
     pairs as ``stage2_pairs`` without holding a volume once per pair in memory.
@@ -124,7 +151,7 @@ def stage2_subjects(images: list[BidsImage]) -> list[dict]:
          "tokens": tokenize([c.prompt for c in contrasts]),
          "modalities": torch.tensor([MODALITIES.index(c.modality) for c in contrasts]), "subject": subject}
         for subject, contrasts in _truth_grid_contrasts(images).items()
-        if len(contrasts) >= 2
+        if any(_allowed(source, target, tasks) for source in contrasts for target in contrasts)
     ]
 
 
@@ -140,19 +167,30 @@ def stage1_datalists(dataset_dir: str, val_fraction: float = 0.2, seed: int = 0)
     return stage1_datalist(train), stage1_datalist(val)
 
 
-def stage2_datalists(dataset_dir: str, val_fraction: float = 0.2, seed: int = 0,
-                     max_val_pairs: int | None = None) -> tuple[list[dict], list[dict]]:
+def stage2_datalists(dataset_dir: str, val_fraction: float = 0.2, seed: int = 0, max_val_pairs: int | None = None,
+                     tasks: list[tuple[int, int]] | None = None) -> tuple[list[dict], list[dict]]:
     """(train subjects, validation pairs) for stage 2, split by subject; both must be non-empty.
 
     ``max_val_pairs`` keeps a seeded random subset of the held-out pairs (in their original order): validation
-    synthesizes whole volumes, so a few pairs across subjects and contrasts keep it affordable.
+    synthesizes whole volumes, so a few pairs across subjects and contrasts keep it affordable. ``tasks``
+    (``parse_tasks``) keeps only those (source, target) pairs, and the subjects that have one.
     """
     train, val = _split_images(dataset_dir, val_fraction, seed)
-    train_subjects, val_pairs = stage2_subjects(train), stage2_pairs(val)
-    if not train_subjects or not val_pairs:
-        raise UserInputError(f"dataset_dir {dataset_dir!r}: stage 2 needs subjects with at least 2 contrasts on the "
-                             "truth grid (images without acq-) in both the training and the validation split")
+    train_subjects, val_pairs = stage2_subjects(train, tasks), stage2_pairs(val, tasks)
+    check_stage2_datalists(train_subjects, val_pairs, f"dataset_dir {dataset_dir!r}",
+                           "subjects with at least 2 contrasts on the truth grid (images without acq-)", tasks)
     return train_subjects, subsample_pairs(val_pairs, max_val_pairs, seed)
+
+
+def check_stage2_datalists(train_subjects: list[dict], val_pairs: list[dict], where: str, units: str,
+                           tasks: list[tuple[int, int]] | None = None) -> None:
+    """One line naming ``where`` and what was expected when the training subjects or validation pairs are empty."""
+    if train_subjects and val_pairs:
+        return
+    if tasks is not None:
+        units += " including both images of a train_tasks pair (" + ", ".join(
+            f"{MODALITIES[s]}->{MODALITIES[t]}" for s, t in tasks) + ")"
+    raise UserInputError(f"{where}: stage 2 needs {units} in both the training and the validation split")
 
 
 def subsample_pairs(pairs: list[dict], max_pairs: int | None, seed: int) -> list[dict]:

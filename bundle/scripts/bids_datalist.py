@@ -25,8 +25,15 @@ import os
 import nibabel as nib
 import numpy as np
 
-from .bids_data import BidsImage, split_subjects, stage1_datalist, stage2_pairs, stage2_subjects, subsample_pairs
-from .errors import UserInputError
+from .bids_data import (
+    BidsImage,
+    check_stage2_datalists,
+    split_subjects,
+    stage1_datalist,
+    stage2_pairs,
+    stage2_subjects,
+    subsample_pairs,
+)
 from .prompt import CONTEXT_LENGTH, MODALITIES, PromptError, bids_modality, count_tokens, prompt_from_bids
 
 # Sidecar fields without which an image is left out by default: TR and TE set the contrast the prompt describes.
@@ -241,12 +248,12 @@ def stage1_datalists(path: str) -> tuple[list[dict], list[dict]]:
     return stage1_datalist(read_datalist(path, "training")), stage1_datalist(read_datalist(path, "validation"))
 
 
-def stage2_datalists(path: str, max_val_pairs: int | None = None, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def stage2_datalists(path: str, max_val_pairs: int | None = None, seed: int = 0,
+                     tasks: list[tuple[int, int]] | None = None) -> tuple[list[dict], list[dict]]:
     """(training sessions, validation pairs) of a written datalist, as ``bids_data.stage2_datalists``."""
-    train, val = stage2_subjects(read_datalist(path, "training")), stage2_pairs(read_datalist(path, "validation"))
-    if not train or not val:
-        raise UserInputError(f"{path}: stage 2 needs sessions with at least 2 co-registered contrasts in both the "
-                             "training and the validation split")
+    train = stage2_subjects(read_datalist(path, "training"), tasks)
+    val = stage2_pairs(read_datalist(path, "validation"), tasks)
+    check_stage2_datalists(train, val, path, "sessions with at least 2 co-registered contrasts", tasks)
     return train, subsample_pairs(val, max_val_pairs, seed)
 
 

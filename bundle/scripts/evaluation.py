@@ -5,6 +5,8 @@ and the target's own prompt (read from its sidecar, as a user would write it, ``
 the prediction is resampled onto the target's grid and compared inside the brain (``scripts.metrics``): the
 simulator's brain mask on simulated data, elsewhere the voxels where target and source are both non-zero.
 Methods: ``tumsyn`` (the shipped model), ``onehot`` (the same network conditioned on the target modality only) when
+its weights exist, ``task-specific`` (the one-hot network trained on one (source, target) pair only, run on the cases
+of that pair, a thick-slice source included, since training degrades every source patch as a clinical scan) when
 its weights exist, ``identity`` (the source itself, normalised and trilinearly resampled), the floor any synthesis
 must beat, and ``oracle-lut`` (each source intensity bin mapped to the mean target of that bin, fitted on the
 target itself), the ceiling of any voxel-wise intensity mapping.
@@ -26,11 +28,12 @@ import numpy as np
 import torch
 from scipy.ndimage import map_coordinates
 
+from .bids_data import parse_tasks
 from .errors import UserInputError
 from .inference_engine import TUMSynInferer, load_network_weights, read_datalist_rows, synthesize_image, target_prompt
 from .intensity import normalize_intensity
 from .metrics import compare, oracle_lookup_table, tissue_volumes
-from .prompt import BIDS_SUFFIX, Prompt, PromptError, bids_modality, prompt_from_bids, prompt_from_image
+from .prompt import BIDS_SUFFIX, MODALITIES, Prompt, PromptError, bids_modality, prompt_from_bids, prompt_from_image
 from .volume_io import atomic_path, load_volume, save_nifti
 
 logger = logging.getLogger(__name__)
@@ -132,15 +135,32 @@ class Method:
     name: str
     network: torch.nn.Module | None  # None: a baseline, ``kind`` says which
     kind: str = "network"  # network | identity | oracle_lut
+    task: tuple[str, str] | None = None  # (source, target) modalities of a task-specific model; None: every case
+
+    def applies_to(self, task: Task) -> bool:
+        return self.task is None or self.task == (task.source, task.target)
 
 
-def load_methods(build_network, ckpt_path: str, onehot_ckpt_path: str | None) -> list[Method]:
-    """The shipped model, the one-hot ablation when its weights exist, the identity and the oracle-LUT baselines."""
+TASK_SPECIFIC = "task-specific"
+
+
+def load_methods(build_network, ckpt_path: str, onehot_ckpt_path: str | None,
+                 task_models: dict[str, str] | None = None) -> list[Method]:
+    """The shipped model, the one-hot ablation and the task-specific models (``{'T2w->FLAIR': path}``, one-hot
+    networks) whose weights exist, the identity and the oracle-LUT baselines."""
+    task_models = dict(task_models or {})
+    pairs = parse_tasks(list(task_models), "task_models") if task_models else []  # a bad name fails before loading
     methods = [Method("tumsyn", load_network_weights(build_network("text"), ckpt_path))]
     if onehot_ckpt_path and os.path.isfile(onehot_ckpt_path):
         methods.append(Method("onehot", load_network_weights(build_network("onehot"), onehot_ckpt_path)))
     else:
         logger.warning("one-hot ablation weights %s not found: that baseline is left out", onehot_ckpt_path)
+    for (source, target), path in zip(pairs, task_models.values()):
+        pair = (MODALITIES[source], MODALITIES[target])
+        if path and os.path.isfile(path):
+            methods.append(Method(TASK_SPECIFIC, load_network_weights(build_network("onehot"), path), task=pair))
+        else:
+            logger.warning("task-specific %s->%s weights %s not found: that baseline is left out", *pair, path)
     methods += [Method("identity", None, "identity"), Method("oracle-lut", None, "oracle_lut")]
     return methods
 
@@ -198,7 +218,7 @@ def evaluate_case(case: Case, methods: Sequence[Method], inferer: TUMSynInferer)
                              f"{case.source_path} are both non-zero; are the two images co-registered?")
     voxel_ml = float(abs(np.linalg.det(reference.affine[:3, :3]))) / 1000.0
     rows = []
-    for method in methods:
+    for method in (m for m in methods if m.applies_to(case.task)):
         prediction = _predict(method, case, inferer, source, truth, mask, reference.affine)
         row = {"site": case.site, "subject": case.subject, "task": case.task.name, "group": case.task.group,
                "method": method.name, **compare(prediction, truth, mask)}

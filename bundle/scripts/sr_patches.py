@@ -132,12 +132,17 @@ class RandSRPatchesd(Randomizable, MapTransform):
     [M, L]``, ``modalities [M]``, ``prompts`` (per contrast), and yields ``image [1, *lr_size]``, ``coords``,
     ``cell``, ``label`` (``[num_queries, 3|3|1]``), the target's ``tokens``/``modality``/``prompt``,
     ``input_modality``, ``patch_start`` and ``patch_size``.
+
+    ``tasks`` (a task-specific model): the (source, target) modality-index pairs allowed, drawn uniformly among those
+    the subject has; None draws any ordered pair (and the random stream is the same as without the option).
     """
 
     def __init__(self, keys="images", lr_size=(20, 20, 20), num_samples: int = 1, num_queries: int = 4096,
                  scale_range=(1.0, 4.0), anisotropic_prob: float = 0.5, inplane_scale_range=(1.0, 1.5),
-                 thickness_ratio_range=(0.8, 1.2), profile: str = "gaussian", foreground_prob: float = 0.9):
+                 thickness_ratio_range=(0.8, 1.2), profile: str = "gaussian", foreground_prob: float = 0.9,
+                 tasks=None):
         MapTransform.__init__(self, keys)
+        self.tasks = None if tasks is None else {(int(s), int(t)) for s, t in tasks}
         self.lr_size = tuple(int(n) for n in lr_size)
         self.num_samples, self.num_queries = int(num_samples), int(num_queries)
         self.scale_range, self.inplane_scale_range = tuple(scale_range), tuple(inplane_scale_range)
@@ -158,6 +163,18 @@ class RandSRPatchesd(Randomizable, MapTransform):
         if brain.size == 0:
             return (self.R.rand(3) * np.asarray(target.shape)).astype(int)
         return np.asarray(np.unravel_index(brain[self.R.randint(brain.size)], target.shape))
+
+    def _task_pairs(self, data) -> list[tuple[int, int]] | None:
+        """The subject's channel pairs of an allowed task, or None when any pair is allowed."""
+        if self.tasks is None:
+            return None
+        modalities = [int(m) for m in data["modalities"]]
+        pairs = [(s, t) for s, source in enumerate(modalities) for t, target in enumerate(modalities)
+                 if s != t and (source, target) in self.tasks]
+        if not pairs:
+            raise ValueError(f"RandSRPatchesd: subject {data.get('subject')!r} has no (source, target) pair of the "
+                             f"allowed tasks {sorted(self.tasks)} among its modalities {modalities}")
+        return pairs
 
     def randomize(self, volume_shape, centre=None) -> PatchGeometry:
         if self.R.rand() < self.anisotropic_prob:
@@ -182,9 +199,13 @@ class RandSRPatchesd(Randomizable, MapTransform):
         if volumes.ndim != 4 or volumes.shape[0] < 2:
             raise ValueError(f"RandSRPatchesd: expected a stack of >= 2 contrasts [M, D, H, W] under "
                              f"{self.keys[0]!r}, got shape {volumes.shape}")
+        pairs = self._task_pairs(data)
         samples = []
         for _ in range(self.num_samples):
-            source, target = self.R.choice(volumes.shape[0], size=2, replace=False)
+            if pairs is None:
+                source, target = self.R.choice(volumes.shape[0], size=2, replace=False)
+            else:
+                source, target = pairs[self.R.randint(len(pairs))]
             geometry = self.randomize(volumes.shape[1:], self._centre(volumes[target]))
             points = self.R.uniform(-0.5, np.asarray(geometry.hr_size) - 0.5, size=(self.num_queries, 3))
             sample = _sample(volumes[source], volumes[target], geometry, points, self.profile)

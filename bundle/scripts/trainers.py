@@ -9,12 +9,15 @@ volumes (``WholeVolumeInferer``, ``BrainImageQuality``).
 Resume: ``AtomicCheckpointSaver`` keeps a complete checkpoint on disk at every instant, and ``EpochSeeder`` reseeds
 every random number generator at the start of each epoch from (seed, epoch), so an epoch redone after a kill draws
 the same samples as it did in an uninterrupted run (exactly so with ``num_workers=0``; worker processes take their
-seeds from the loader before the epoch starts).
+seeds from the loader before the epoch starts). MONAI keeps the best validation score in memory only; ``BestKeyMetric``
+saves it inside the best checkpoint and ``BestKeyMetricLoader`` reads it back, so a resumed run replaces
+``model_best.pt`` only with a better epoch.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
 
@@ -35,6 +38,8 @@ from . import metrics
 from .bmlip import save_text_encoder
 from .inference_engine import synthesize_volume
 from .volume_io import atomic_path
+
+logger = logging.getLogger(__name__)
 
 
 class PrepareImageText(PrepareBatch):
@@ -213,6 +218,52 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 checkpoint.save_handler = AtomicDiskSaver(self.save_dir, checkpoint.save_handler.filename)
+
+
+class BestKeyMetric:
+    """Validation handler: the evaluator's best key metric and its epoch as a checkpointable object (saved in the best
+    checkpoint beside the network, read back by ``BestKeyMetricLoader``)."""
+
+    def __init__(self):
+        self.evaluator: Engine | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.evaluator = engine
+
+    def state_dict(self) -> dict:
+        return {"best_metric": float(self.evaluator.state.best_metric),
+                "best_metric_epoch": int(self.evaluator.state.best_metric_epoch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluator.state.best_metric = float(state["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
+
+
+class BestKeyMetricLoader:
+    """Trainer handler for a resumed run: at its start, the objects of ``load_dict`` (a ``BestKeyMetric`` and the
+    best-checkpoint saver's ranking, saved with ``key_metric_save_state``) from the best checkpoint ``best_path``.
+
+    Without them MONAI starts from no best score, and the first validation after a resume overwrites the best
+    checkpoint whatever its score. A best checkpoint written without them (before they were saved) is kept as it is.
+    """
+
+    def __init__(self, best_path: str, load_dict: dict):
+        self.best_path, self.load_dict = best_path, dict(load_dict)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not os.path.isfile(self.best_path):
+            return
+        state = torch.load(self.best_path, map_location="cpu", weights_only=True)
+        missing = sorted(set(self.load_dict) - set(state))
+        if missing:
+            logger.warning("%s holds no %s: the first validation after this resume replaces it whatever its score",
+                           self.best_path, ", ".join(missing))
+            return
+        for key, target in self.load_dict.items():
+            target.load_state_dict(state[key])
 
 
 def latest_checkpoint(ckpt_dir: str) -> str | None:
