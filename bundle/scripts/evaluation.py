@@ -204,6 +204,32 @@ def bids_case(dataset_dir: str, subject: str, task: Task, site: str = "") -> Cas
     return Case(subject, task, source, target, prompt_from_bids(target), mask if os.path.isfile(mask) else None, site)
 
 
+# The simulator's tissue fractions grouped as the three classes a T1w k-means separates (darkest to brightest):
+# deep grey matter counts as grey matter, white-matter hyperintensities as white matter (the tissue they replace).
+# The first map of each class is required; the others exist only where the subject has that tissue or lesion.
+TRUTH_TISSUE_CLASSES = (("CSF",), ("GM", "deepGM"), ("WM", "WMH"))
+
+
+def truth_tissue_volumes(mask_path: str, shape: Sequence[int], affine: np.ndarray, mask: np.ndarray,
+                         voxel_ml: float) -> np.ndarray | None:
+    """CSF, GM, WM volumes (mL) inside ``mask`` from the simulator's probability maps beside its brain mask
+    ``mask_path`` (resampled to the target grid), or None when a map is missing (real data)."""
+    prefix = mask_path[:-len("desc-brain_mask.nii.gz")]
+    volumes = []
+    for labels in TRUTH_TISSUE_CLASSES:
+        paths = [f"{prefix}label-{label}_probseg.nii.gz" for label in labels]
+        if not os.path.isfile(paths[0]):
+            return None
+        paths = [path for path in paths if os.path.isfile(path)]
+        fraction = sum(resample_to(v.array, v.affine, shape, affine) for v in map(load_volume, paths))
+        volumes.append(float(np.clip(fraction, 0.0, 1.0)[mask].sum()) * voxel_ml)
+    return np.array(volumes)
+
+
+def _volume_error_pct(volumes: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.mean(np.abs(volumes - reference) / reference) * 100.0)
+
+
 def evaluate_case(case: Case, methods: Sequence[Method], inferer: TUMSynInferer) -> list[dict[str, Any]]:
     """Every method's scores on one case, inside the brain: the known mask, else target and source both non-zero."""
     reference = load_volume(case.target_path)  # checked like an input: a corrupt target is a one-line error
@@ -217,14 +243,23 @@ def evaluate_case(case: Case, methods: Sequence[Method], inferer: TUMSynInferer)
         raise UserInputError(f"{case.target_path}: fewer than 27 voxels where target and source "
                              f"{case.source_path} are both non-zero; are the two images co-registered?")
     voxel_ml = float(abs(np.linalg.det(reference.affine[:3, :3]))) / 1000.0
+    # downstream check (paper Table 2) on T1w targets: tissue volumes of a 3-class k-means on the synthesized and the
+    # real image, each against the simulator's ground truth when it is known, and against each other
+    downstream = case.task.target == "T1w"
+    real_volumes = tissue_volumes(truth, mask, voxel_ml) if downstream else None
+    truth_volumes = (truth_tissue_volumes(case.mask_path, truth.shape, reference.affine, mask, voxel_ml)
+                     if downstream and case.mask_path else None)
     rows = []
     for method in (m for m in methods if m.applies_to(case.task)):
         prediction = _predict(method, case, inferer, source, truth, mask, reference.affine)
         row = {"site": case.site, "subject": case.subject, "task": case.task.name, "group": case.task.group,
                "method": method.name, **compare(prediction, truth, mask)}
-        if case.task.target == "T1w":  # downstream: tissue volumes on the synthesized vs the real T1w
-            real, synthesized = tissue_volumes(truth, mask, voxel_ml), tissue_volumes(prediction, mask, voxel_ml)
-            row["volume_error_pct"] = float(np.mean(np.abs(synthesized - real) / real) * 100.0)
+        if downstream:
+            synthesized = tissue_volumes(prediction, mask, voxel_ml)
+            row["volume_error_pct"] = _volume_error_pct(synthesized, real_volumes)
+            if truth_volumes is not None:
+                row["truth_volume_error_pct"] = _volume_error_pct(synthesized, truth_volumes)
+                row["real_truth_volume_error_pct"] = _volume_error_pct(real_volumes, truth_volumes)
         rows.append(row)
         logger.info("%s %s %s: PSNR %.2f dB SSIM %.3f r %.3f", case.subject, case.task.name, method.name,
                     row["psnr"], row["ssim"], row["pearson"])
@@ -310,7 +345,7 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     summary = []
     for (task, method), members in groups.items():
         entry: dict[str, Any] = {"task": task, "method": method, "group": members[0]["group"], "n": len(members)}
-        for key in ("psnr", "ssim", "pearson", "volume_error_pct"):
+        for key in ("psnr", "ssim", "pearson", *VOLUME_ERRORS):
             values = [m[key] for m in members if key in m]
             if values:
                 entry[f"{key}_mean"], entry[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
@@ -324,6 +359,26 @@ def _write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+
+# downstream tissue-volume errors (%, mean over CSF/GM/WM): synthesized vs real image, synthesized vs the simulator's
+# truth, and the real image vs that truth (the segmentation's own error, the floor for the synthesized one)
+VOLUME_ERRORS = ("volume_error_pct", "truth_volume_error_pct", "real_truth_volume_error_pct")
+
+
+def volume_table(summary: Sequence[dict[str, Any]]) -> str:
+    """The downstream check as Markdown (tasks with a T1w target), or an empty string when no row has it."""
+    entries = [s for s in summary if "volume_error_pct_mean" in s]
+    if not entries:
+        return ""
+    lines = ["| task | method | vs real image (%) | vs simulator truth (%) | real image vs truth (%) |",
+             "|---|---|---|---|---|"]
+    for s in entries:
+        cells = [f"{s[f'{key}_mean']:.1f} ± {s[f'{key}_std']:.1f}" if f"{key}_mean" in s else "-"
+                 for key in VOLUME_ERRORS]
+        lines.append(f"| {s['task']} | {s['method']} | " + " | ".join(cells) + " |")
+    return ("\n\nDownstream (paper Table 2): CSF/GM/WM volumes by a 3-class k-means inside the brain, mean absolute "
+            "error in %.\n\n" + "\n".join(lines))
 
 
 def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
@@ -432,6 +487,6 @@ def run_evaluation(dataset_dir: str | None, output_dir: str, methods: Sequence[M
     _write_csv(os.path.join(output_dir, "metrics.csv"), rows)
     _write_csv(os.path.join(output_dir, "summary.csv"), summary)
     with atomic_path(os.path.join(output_dir, "metrics.md")) as temporary, open(temporary, "w") as handle:
-        handle.write(NORMALISATION_NOTE + markdown_table(summary) + "\n")
+        handle.write(NORMALISATION_NOTE + markdown_table(summary) + volume_table(summary) + "\n")
     _write_figure(os.path.join(output_dir, "metrics.png"), summary)
     return rows
