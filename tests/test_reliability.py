@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import scripts.volume_io
+from conftest import BUNDLE_ROOT
 from helpers import (
     FAST,
     T2W_TEMPLATE,
@@ -556,3 +557,30 @@ def test_bundle_run_prints_one_line_and_exits_1(tmp_path, small_weights, case):
     assert lines[-1].startswith(expected) and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "PWNED").exists() and files_in(tmp_path / "out") == []
     assert files_in(tmp_path / "dataset") == []
+
+
+@pytest.mark.parametrize("value, expected", [(False, False), ("false", False), ("False", False), ("0", False),
+                                             ("no", False), (True, True), ("true", True), ("1", True)])
+def test_yes_no_overrides_mean_what_they_say(value, expected):
+    """`--progress_bar false` reaches the config as the string 'false' (fire only turns `False` into a bool)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.yaml"))
+    parser["amp"] = value
+    assert parser.get_parsed_content("inferer").settings["amp"] is expected
+    for config in ("stage1_train.yaml", "stage2_train.yaml"):
+        parser.read_config(os.path.join(BUNDLE_ROOT, "configs", config))
+        handlers = parser["train"]["handlers"]
+        (progress,) = [h for h in handlers if h.get("_target_", "").endswith("ProgressBar")]
+        parser["progress_bar"] = value
+        parser["is_not_rank0"] = False
+        disabled = parser.get_parsed_content(f"train#handlers#{handlers.index(progress)}#_disabled_")
+        assert disabled is (not expected), config
+
+
+def test_a_yes_no_override_that_is_neither_is_one_line():
+    from scripts.errors import config_flag
+
+    with pytest.raises(UserInputError, match=r"^progress_bar: expected true or false, got 'maybe'$"):
+        config_flag("maybe", "progress_bar")

@@ -31,6 +31,21 @@ class UserInputError(ValueError):
     was expected. A ``ValueError``, so callers that handle bad values keep handling it."""
 
 
+_FLAG_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def config_flag(value: Any, key: str) -> bool:
+    """A yes/no config value as a bool. ``fire`` passes ``--key false`` through as the string ``'false'`` (only
+    ``False`` becomes a bool), which Python would read as true; the usual spellings are accepted, anything else is
+    one error line naming ``key``."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word not in _FLAG_WORDS:
+        raise UserInputError(f"{key}: expected true or false, got {str(value)[:_QUOTE_CHARS]!r}")
+    return _FLAG_WORDS[word]
+
+
 def one_line(error: BaseException) -> str:
     """``Type: first line of the message`` of a library's exception, to quote inside a one-line error."""
     lines = str(error).strip().splitlines()
