@@ -549,11 +549,15 @@ def test_onehot_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(da
         torch.testing.assert_close(final[0]["network"][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_resumed_training_remembers_the_best_validation_score(dataset, tmp_path):
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_resumed_training_remembers_the_best_validation_score(dataset, tmp_path, stage):
     """A best score no later epoch can reach, planted in model_best.pt: after a resume, validation keeps that file."""
-    overrides = dict(STAGE2_TINY, conditioning="onehot", device="cpu", val_pairs=1, progress_bar=False)
+    config, overrides = {
+        "stage1": (STAGE1, dict(device="cpu", val_fraction=0.34, val_interval=1, progress_bar=False)),
+        "stage2": (STAGE2, dict(STAGE2_TINY, conditioning="onehot", device="cpu", val_pairs=1, progress_bar=False)),
+    }[stage]
     for max_epochs in (1, 2):
-        workflow = _workflow(STAGE2, dataset, tmp_path, max_epochs=max_epochs, **overrides)
+        workflow = _workflow(config, dataset, tmp_path, max_epochs=max_epochs, **overrides)
         workflow.initialize()
         workflow.run()
         evaluator = workflow.parser.get_parsed_content("validate#evaluator")
