@@ -338,3 +338,27 @@ def test_default_case_synthesizes_the_subjects_t2w_with_its_own_prompt(tmp_path,
     assert "Modality: T2w" in case["prompt"] and "(4000.0, 100.0, None, None)" in case["prompt"]
     with pytest.raises(ValueError, match="prompt"):
         inference_cases(case["input_image"], None, None, None, None, dataset)
+
+
+def test_opt_in_landmark_input_normalisation(tmp_path):
+    """`input_normalisation: landmarks` feeds the network the input mapped onto the training landmarks of the input's
+    modality (from its sidecar); an input whose modality is unknown is one error line, and the default is unchanged."""
+    from scripts.errors import UserInputError
+    from scripts.inference_engine import TUMSynInferer
+
+    data = (300 * blob_volume((16, 16, 16), np.eye(4), (8, 8, 8))).astype(np.float32)
+    bids = write_bids_image(str(tmp_path / "bids"), "01", "T1w", data, {"RepetitionTime": 2.3, "EchoTime": 0.003})
+    landmarks = TUMSynInferer(roi_size=(16, 16, 16), progress=False, input_normalisation="landmarks")
+    written = run_inference(bids, "T2w", str(tmp_path / "out"), SamplingNet(), target_spacing=1.0,
+                            inferer=landmarks, preview=False)
+    output = np.asarray(nib.load(written["image"]).dataobj)
+    expected = normalize_intensity(data, method="landmarks", modality="T1w")
+    np.testing.assert_allclose(output, expected, atol=2e-3)  # the stand-in network returns its input
+    assert not np.allclose(expected, normalize_intensity(data), atol=0.05)
+    assert "training images' of its modality" in json.load(open(written["sidecar"]))["intensity"]
+    plain = write_nifti(tmp_path / "plain.nii.gz", data, np.eye(4))  # no sidecar: modality unknown
+    with pytest.raises(UserInputError, match="plain.nii.gz: input_normalisation 'landmarks' needs the input's"):
+        run_inference(plain, "T2w", str(tmp_path / "out2"), SamplingNet(), inferer=landmarks, preview=False)
+    assert not os.path.exists(tmp_path / "out2") or os.listdir(tmp_path / "out2") == []
+    with pytest.raises(UserInputError, match=r"^input_normalisation: expected one of \['percentile'"):
+        TUMSynInferer(input_normalisation="zscore")

@@ -172,3 +172,61 @@ def test_sim_vs_real_statistics_on_a_phantom(brain_image):
     assert stats["WM/GM"] == pytest.approx(0.9 / 0.6, rel=0.03) and stats["CSF/GM"] == pytest.approx(0.5, rel=0.05)
     assert stats["noise"] == pytest.approx(0.03 / 0.9, rel=0.15) and np.isnan(stats["lesion/WM"])
     assert stats["z/xy grad"] == pytest.approx(1.0, abs=0.1)  # isotropic phantom: no through-plane blur
+
+
+def test_landmark_map_hits_its_landmarks_and_continues_linearly():
+    from scripts.intensity import map_landmarks
+
+    source, target = np.array([0.1, 0.5, 1.0]), np.array([0.2, 0.4, 1.0])
+    mapped = map_landmarks(np.array([0.0, 0.1, 0.3, 0.5, 1.0, 1.5]), source, target)
+    # end segments continue with their own slopes: 0.5 below the first landmark, 1.2 above the last
+    np.testing.assert_allclose(mapped, [0.15, 0.2, 0.3, 0.4, 1.0, 1.6], atol=1e-5)
+    ties = map_landmarks(np.array([0.5, 0.5]), np.array([0.5, 0.5, 1.0]), target)  # 8-bit: tied landmarks
+    assert np.all(np.isfinite(ties))
+
+
+def test_landmark_normalisation_matches_the_training_landmarks(brain_image):
+    from scripts.intensity import LANDMARK_PERCENTILES, TRAINING_LANDMARKS
+
+    image, inside = brain_image
+    for modality in ("T1w", "T2w", "FLAIR"):
+        out = normalize_intensity(image * 700.0, method="landmarks", modality=modality)
+        assert np.all(out[~inside] == 0)
+        np.testing.assert_allclose(np.percentile(out[inside], LANDMARK_PERCENTILES), TRAINING_LANDMARKS[modality],
+                                   atol=0.02)
+    with pytest.raises(ValueError, match="needs the image's modality"):
+        normalize_intensity(image, method="landmarks")
+
+
+def test_training_landmarks_are_derived_from_a_dataset(tmp_path, brain_image):
+    from scripts.intensity import LANDMARK_PERCENTILES
+    from scripts.intensity_landmarks import training_landmarks
+
+    image, inside = brain_image
+    for subject, gain in (("sub-01", 1.0), ("sub-02", 2.0)):
+        (tmp_path / subject / "anat").mkdir(parents=True)
+        for name, volume in ((f"{subject}_T2w.nii.gz", image ** gain), (f"{subject}_acq-ax5mm_T2w.nii.gz", image)):
+            image_file = nib.Nifti1Image(np.asarray(volume * 1000, np.float32), np.eye(4))
+            nib.save(image_file, tmp_path / subject / "anat" / name)
+    table = training_landmarks(str(tmp_path))
+    assert list(table) == ["T2w"] and len(table["T2w"]) == len(LANDMARK_PERCENTILES)
+    expected = np.mean([np.percentile(normalize_intensity(image**g)[inside], LANDMARK_PERCENTILES) for g in (1, 2)], 0)
+    np.testing.assert_allclose(table["T2w"], expected, atol=1e-3)  # the acq- image is left out
+    with pytest.raises(ValueError, match="no BIDS images"):
+        training_landmarks(str(tmp_path / "empty"))
+
+
+def test_coverage_table_marks_and_reads_back_the_covered_rows():
+    from scripts.sim_vs_real import STATISTICS, claimed_rows, coverage_table, uncovered
+
+    def row(value, **changes):
+        return {"contrast": "T1w", **{s: value for s in STATISTICS}, **changes}
+
+    real = [row(0.5, rim=0.9)]
+    simulated = [row(0.4), row(0.6, rim=0.7)]  # rim: real 0.9 above every simulated value
+    assert uncovered(real, simulated) == [("T1w", "rim", 0.9)]
+    table = coverage_table(real, ("simulated", simulated))
+    assert "| T1w | rim | 0.900 | 0.400-0.700 | **no** | 100% |" in table
+    claimed = claimed_rows("## Heading\n\n" + table + "\n\n## Next\n", "## Heading")
+    assert claimed == {("T1w", s) for s in STATISTICS if s != "rim"}
+    assert claimed_rows(table, "## Missing heading") == set()

@@ -189,7 +189,8 @@ def _predict(method: Method, case: Case, inferer: TUMSynInferer, source: np.ndar
         return source
     if method.kind == "oracle_lut":
         return oracle_lookup_table(source, truth, mask)
-    image, affine = synthesize_image(load_volume(case.source_path), case.prompt, method.network, inferer)
+    image, affine = synthesize_image(load_volume(case.source_path), case.prompt, method.network, inferer,
+                                     source_modality=case.task.source)
     return resample_to(image, affine, truth.shape, target_affine)
 
 

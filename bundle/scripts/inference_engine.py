@@ -40,6 +40,7 @@ from tqdm import tqdm
 import scripts
 
 from .errors import UserInputError, guard_text_fields, one_line
+from .intensity import METHODS as INTENSITY_METHODS
 from .intensity import normalize_intensity
 from .liif import make_coord
 from .ood import ood_warnings
@@ -407,12 +408,15 @@ class TUMSynInferer(Inferer):
     many voxels (``synthesize_volume``); None: whole windows.
     ``channels_last``: put the network's 3D convolution weights in channels-last layout (same values) before the
     run, so oneDNN runs them without layout reorders (bench/README.md).
+    ``input_normalisation``: how ``synthesize_image`` scales the input (``scripts.intensity.METHODS``): the default
+    ``percentile`` is what the shipped weights were trained with; ``landmarks`` maps the input's percentiles onto
+    the training images' of its modality (opt-in: measured on a real case in docs/real_data.md).
     """
 
     def __init__(self, prompt: str | None = None, roi_size: Sequence[int] = (64, 64, 64), overlap: float = 0.25,
                  sigma_scale: float = 0.125, sw_batch_size: int = 1, query_chunk: int = 4096, amp: bool = True,
                  progress: bool = True, skip_background: bool = True, crop_margin: int | None = None,
-                 fit_windows: bool = True, channels_last: bool = True):
+                 fit_windows: bool = True, channels_last: bool = True, input_normalisation: str = "percentile"):
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
         if crop_margin is not None and (int(crop_margin) < 0 or not skip_background):
@@ -428,6 +432,10 @@ class TUMSynInferer(Inferer):
                              crop_margin=None if crop_margin is None else int(crop_margin),
                              fit_windows=bool(fit_windows))
         self.skip_background, self.channels_last = bool(skip_background), bool(channels_last)
+        if input_normalisation not in INTENSITY_METHODS:
+            raise UserInputError(f"input_normalisation: expected one of {list(INTENSITY_METHODS)}, got "
+                                 f"{input_normalisation!r}")
+        self.input_normalisation = input_normalisation
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, prompt: str | Prompt | None = None,
                  out_shape: Sequence[int] | None = None) -> torch.Tensor:
@@ -557,16 +565,30 @@ def _check_output_dir(output_dir: str) -> None:
         raise UserInputError(f"output_dir {output_dir}: no permission to write in {existing}")
 
 
+# The sidecar's statement of the output's intensity scale, per input normalisation.
+INTENSITY_NOTES = {
+    "percentile": "normalised (brain 99th percentile of the input = 1), float32",
+    "wm_peak": "normalised (white-matter peak of the input = 0.8), float32",
+    "landmarks": "normalised (input percentiles mapped onto the training images' of its modality), float32",
+}
+
+
 def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, inferer: TUMSynInferer,
-                     spacing: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     spacing: Sequence[float] | None = None,
+                     source_modality: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The synthesized image (float32, the input's voxel order) and its affine on the grid tiling the input's FOV at
-    ``spacing`` (default: the target prompt's voxel size); the background (the input's zeros) stays 0."""
+    ``spacing`` (default: the target prompt's voxel size); the background (the input's zeros) stays 0.
+    ``source_modality`` (the input's contrast) is needed by the ``landmarks`` input normalisation only."""
+    if inferer.input_normalisation == "landmarks" and source_modality is None:
+        raise UserInputError(f"{volume.path}: input_normalisation 'landmarks' needs the input's modality, and its "
+                             f"metadata (BIDS name or sidecar, DICOM header) does not give it")
     spacing = target.voxel_size if spacing is None else spacing
     out_shape, out_affine = output_grid(volume.array.shape, volume.affine, spacing)
     check_memory(OUTPUT_BYTES_PER_VOXEL * float(np.prod(out_shape)), f"output grid {out_shape} for {volume.path}")
     orientation = _canonical_orientation(volume.affine)
     canonical = nib.orientations.apply_orientation(volume.array, orientation)
-    image = torch.from_numpy(np.ascontiguousarray(normalize_intensity(canonical)))[None]
+    normalised = normalize_intensity(canonical, method=inferer.input_normalisation, modality=source_modality)
+    image = torch.from_numpy(np.ascontiguousarray(normalised))[None]
     logger.info("%s -> %s grid %s", volume.path, target.render(), out_shape)
     prediction = inferer(image[None], network, prompt=target, out_shape=_reorder_shape(out_shape, orientation))[0, 0]
     # Background stays background: zero where the input's non-zero mask, resampled to the output grid, is off.
@@ -600,7 +622,8 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
 
     # The grid follows the requested numbers, not the prompt's rounding of them (which may round tiny sizes to 0).
     grid_spacing = spacing if spacing is not None else _checked_spacing(target.voxel_size, "prompt 'Voxel size'")
-    synthesized, out_affine = synthesize_image(volume, target, network, inferer, grid_spacing)
+    synthesized, out_affine = synthesize_image(volume, target, network, inferer, grid_spacing,
+                                               None if source is None else source.modality)
     save_nifti(synthesized, out_affine, paths["image"])
     if preview:
         save_preview(paths["preview"], volume, synthesized, out_affine, reference_volume)
@@ -618,7 +641,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "output_shape": list(synthesized.shape),
         "reference": None if reference is None else os.path.abspath(reference),
         "model_version": bundle_version(),
-        "intensity": "normalised (brain 99th percentile of the input = 1), float32",
+        "intensity": INTENSITY_NOTES[inferer.input_normalisation],
         "warnings": volume.warnings,
         "ood_warnings": out_of_distribution,
     }

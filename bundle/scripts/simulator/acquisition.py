@@ -50,14 +50,16 @@ def bias_field(shape: tuple[int, int, int], rng: np.random.Generator, voxel_mm: 
     return np.exp(strength * smooth_random_field(shape, rng, 100.0 / voxel_mm)).astype(np.float32)
 
 
-def skull_strip_mask(brain_fraction: np.ndarray, rng: np.random.Generator, voxel_mm: float) -> np.ndarray:
+def skull_strip_mask(brain_fraction: np.ndarray, rng: np.random.Generator, voxel_mm: float,
+                     cut_shift_mm: float = 0.0) -> np.ndarray:
     """A soft brain mask as brain-extraction tools leave it (see design/sim-to-real.md): the cut lies 0-4 mm inside
     the brain surface, by an amount that varies smoothly over the brain (so the outer CSF band survives in places and
     is removed in others), and the image fades to zero over a 0.5-2 mm rim (partial volume with removed tissue and
-    interpolation at the edge), leaving a thin dark shell on every contrast."""
+    interpolation at the edge), leaving a thin dark shell on every contrast. ``cut_shift_mm`` moves the cut deeper
+    (positive) or shallower (negative; ``realism.RealismRanges.strip_shift_mm``) without changing the draws."""
     depth_mm = ndimage.distance_transform_edt(brain_fraction > 0.5) * voxel_mm
-    cut_mm = np.clip(rng.uniform(0.5, 2.5) + 1.2 * smooth_random_field(brain_fraction.shape, rng, 40.0 / voxel_mm),
-                     0.0, 4.0)
+    cut_mm = np.clip(rng.uniform(0.5, 2.5) + 1.2 * smooth_random_field(brain_fraction.shape, rng, 40.0 / voxel_mm)
+                     + cut_shift_mm, 0.0, 4.0)
     rim_mm = rng.uniform(0.5, 2.0)
     return np.clip((depth_mm - cut_mm) / rim_mm, 0.0, 1.0).astype(np.float32)
 

@@ -21,7 +21,7 @@ from .acquisition import (
 )
 from .anatomy import Anatomy, subject_anatomy
 from .presets import MODALITIES, PRESETS, SitePreset, Subject, get_preset, sample_subject, site_protocol
-from .realism import calibrate
+from .realism import MT_MODALITIES, RealismRanges, calibrate, magnetisation_transfer, vary_tissue
 from .render import render
 from .sequences import Sequence
 from .tissue import TissueProperties, tissue_properties, with_gadolinium
@@ -50,8 +50,11 @@ class _SubjectScan:
     bias: np.ndarray
     strip: np.ndarray
 
-    def clean_image(self, modality: str, sequence: Sequence, rng: np.random.Generator) -> np.ndarray:
+    def clean_image(self, modality: str, sequence: Sequence, rng: np.random.Generator,
+                    realism: np.random.Generator | None = None) -> np.ndarray:
         properties = self.properties
+        if realism is not None and modality in MT_MODALITIES:
+            properties = magnetisation_transfer(properties, realism.uniform(*RealismRanges().mt_saturation))
         if modality == "T1CE":
             properties = with_gadolinium(properties, self.subject.field_strength)
         # Each series sees the same coil profile a little differently (coil loading, prescan normalisation).
@@ -63,7 +66,7 @@ def _write_image(root: str, scan: _SubjectScan, modality: str, sequence: Sequenc
                  rng: np.random.Generator, geometry: Geometry | None = None, acq: str | None = None,
                  realism: np.random.Generator | None = None) -> SimulatedImage:
     anatomy = scan.anatomy
-    clean = scan.clean_image(modality, sequence, rng)
+    clean = scan.clean_image(modality, sequence, rng, realism if geometry is None else None)
     wm, mask, affine = anatomy.fraction("WM"), (scan.strip > 0).astype(np.float32), anatomy.affine
     if geometry is not None:
         clean, _ = acquire_geometry(clean, anatomy.affine, anatomy.voxel_mm, geometry)
@@ -71,7 +74,7 @@ def _write_image(root: str, scan: _SubjectScan, modality: str, sequence: Sequenc
         mask, affine = acquire_geometry(mask, anatomy.affine, anatomy.voxel_mm, geometry)
     noisy = add_rician_noise(clean, noise_sigma(clean, wm, snr), rng) * (mask > 0.5)
     if realism is not None and geometry is None:  # real-scan artefacts (realism.py), on the truth-grid images
-        noisy = calibrate(noisy, mask > 0.5, realism)
+        noisy = calibrate(noisy, mask > 0.5, realism, voxel_mm=anatomy.voxel_mm)
     participant = scan.subject.participant_id
     stem = bids.image_stem(participant, modality, acq)
     folder = os.path.join(root, f"sub-{participant}", "anat")
@@ -104,12 +107,18 @@ def simulate_subject(root: str, preset: SitePreset, subject: Subject, rng: np.ra
                      voxel_mm: int = 1, realism: np.random.Generator | None = None) -> list[SimulatedImage]:
     """All seven contrasts on the truth grid, the site's clinical acquisitions, and the truth derivatives.
 
-    ``realism``: a generator of its own for the real-scan artefacts of ``realism.calibrate`` (None: a clean
-    simulation); it never draws from ``rng``, so the anatomy and protocols stay those of the clean subject."""
+    ``realism``: a generator of its own for the per-subject tissue and skull-strip variation and the real-scan
+    artefacts of ``realism.py`` (None: a clean simulation); ``rng`` makes the same draws either way, so the anatomy
+    and protocols stay those of the clean subject."""
     anatomy = subject_anatomy(rng, subject.age, subject.sex, subject.tumour, subject.wmh, voxel_mm)
-    scan = _SubjectScan(subject, anatomy, tissue_properties(subject.field_strength, subject.age, rng),
-                        bias_field(anatomy.shape, rng, voxel_mm, rng.uniform(*preset.bias_strength)),
-                        skull_strip_mask(anatomy.brain(), rng, voxel_mm))
+    properties = tissue_properties(subject.field_strength, subject.age, rng)
+    bias = bias_field(anatomy.shape, rng, voxel_mm, rng.uniform(*preset.bias_strength))
+    strip_shift_mm = 0.0
+    if realism is not None:
+        properties = vary_tissue(properties, realism)
+        strip_shift_mm = realism.uniform(*RealismRanges().strip_shift_mm)
+    scan = _SubjectScan(subject, anatomy, properties, bias,
+                        skull_strip_mask(anatomy.brain(), rng, voxel_mm, strip_shift_mm))
     images = []
     for modality in MODALITIES:
         sequence, snr = site_protocol(preset, subject, modality).sample(rng)
@@ -129,10 +138,10 @@ def simulate(output_dir: str, num_subjects: int = 20, seed: int = 0, sites: list
 
     Subject ``i`` uses site ``sites[i % len(sites)]`` (default: every preset in turn) and its own random generator
     seeded by ``(seed, i)``, so a dataset is reproducible and a subject does not depend on how many others are made.
-    ``voxel_mm`` (integer) coarsens the truth grid, for tests and quick looks. ``realism`` adds the real-scan
-    artefacts of ``realism.calibrate`` (bright tail, thick-slice blur, 8-bit storage) to the truth-grid images, from a
-    generator seeded ``(seed, i, 1)``: off by default, so existing datasets (the seed-1000 evaluation subjects) are
-    unchanged.
+    ``voxel_mm`` (integer) coarsens the truth grid, for tests and quick looks. ``realism`` varies each subject's tissue
+    parameters and skull-strip depth and adds the real-scan effects of ``realism.py`` (magnetisation transfer, bright
+    tail, thick-slice blur, 8-bit storage) to the truth-grid images, from a generator seeded ``(seed, i, 1)``: off
+    by default, so existing datasets (the seed-1000 evaluation subjects) are unchanged.
     """
     _check_arguments(output_dir, num_subjects, seed, voxel_mm)
     presets = [get_preset(name) for name in _site_names(sites)]

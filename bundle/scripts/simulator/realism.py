@@ -1,38 +1,103 @@
-"""Real-scan artefacts the clean simulation lacks, measured on a real case (docs/sim_vs_real.md), as opt-in steps.
+"""Opt-in realism: per-subject tissue-parameter ranges and the real-scan artefacts the clean simulation lacks,
+calibrated on a real case (docs/sim_vs_real.md).
 
-The default simulation does not call these, so the held-out evaluation subjects (seed 1000) and the thresholds
-measured on them stay as they are; ``calibrate`` applies them to a finished image (training-time augmentation, or
-``scripts.sim_vs_real --calibrate`` to show the calibrated images cover the real statistics).
+The default simulation calls none of this, so the held-out evaluation subjects (seed 1000) and the thresholds
+measured on them stay as they are. With ``simulate(..., realism=True)`` every subject draws, from a generator of its
+own (so its anatomy and protocols stay those of the clean subject):
 
-- ``bright_tail``: vessel- and fat-like bright blobs (sparse maxima of a short-correlation random field), which
-  lower the white-matter peak relative to the 99th percentile (real T1w 0.51-0.84, clean simulation up to 0.92;
-  sim-to-real.md);
-- ``thick_slice_resampling``: clinical 2D slices (3-6 mm) averaged and linearly resampled back to the fine grid,
-  the through-plane blur of clinical scans co-registered to 1 mm (real z/xy gradient ratio 0.56-0.76 vs ~1.0);
-- ``quantise``: 8-bit storage;
-- an arbitrary intensity scale and offset (normalisation must undo it).
+- ``vary_tissue``: T1 and T2/T2* scaled by a subject factor and a smaller per-class one, PD per class, within the
+  spread between published measurements at one field strength (the clean simulation jitters by 3 % around one
+  table). The prompt's
+  TR/TE/TI/FA still set the contrast through the signal equations; only the tissues they act on vary;
+- ``magnetisation_transfer`` on the multi-slice turbo-spin-echo contrasts (T2w, PD, FLAIR): the pulses of the
+  other slices saturate macromolecule-bound water, lowering WM and GM but not CSF (real T2w: CSF fills the
+  99th percentile at 3.5 x the parenchyma peak, the single-slice equations give at most ~3);
+- a skull-strip cut moved outwards or inwards (``strip_shift_mm``): on some real scans a bright CSF band survives
+  under a thin dark shell (T2w rim 1.30 x the brain median), on others the cut lies deeper (sim-to-real.md);
+- ``calibrate``, per image: vessel- and fat-like bright blobs (``bright_tail``: real T1w white-matter peak at 0.51 of
+  its 99th percentile, clean simulation 0.62-0.92), clinical 2D slices averaged and resampled back to the grid
+  (``thick_slice_resampling``: real z/xy neighbour-difference ratio 0.56-0.76 vs ~1.0), 8-bit storage
+  (``quantise``) and an arbitrary intensity scale (normalisation must undo it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .interpolation import resample_separable
 from .random_fields import smooth_random_field
+from .tissue import TissueProperties
 
 
 @dataclass(frozen=True)
 class RealismRanges:
-    """Uniform ranges of each artefact's strength; the probability that each step is applied at all."""
+    """Uniform ranges of each variation and artefact; the probability that an optional step is applied at all."""
 
+    # Relaxation factors exp(U(-s, s)): one for the whole subject's tissue (the spread between studies is mostly a
+    # method and scanner offset common to all tissues, from their differing sensitivity to the macromolecular pool:
+    # Stikov et al., MRM 2015, 73:514-522; free water such as CSF lacks that pool and keeps its class factor only)
+    # times a smaller one per tissue class. Normal-brain T1 at one field strength differs by about +-15 % between
+    # studies: 3 T WM 832 (Wansapura et al., JMRI 1999, 9:531-538) to 1084 ms (Stanisz et al., MRM 2005,
+    # 54:507-512), cortex 1331 to 1820 ms; 1.5 T WM 790 (Rooney et al., MRM 2007, 57:308-318) to 884 ms (Stanisz).
+    # The GM/WM T1 ratio is steadier (1.52 Rooney, 1.60-1.68 at 3 T): +-5 % per class keeps it within about +-10 %
+    # (a larger spread would flatten 1.5 T T1w contrast, which real scans do not show). T2 by about +-10 % (3 T WM
+    # 69-80 ms, GM 95-110 ms: Stanisz 2005, Wansapura 1999; CSF 1500-2000+ ms: design/mr-physics.md). Water content
+    # (PD) by a few percent per class (Tofts (ed.), Quantitative MRI of the Brain, 2003). Normal WM and GM keep an
+    # intact blood-brain barrier and barely enhance, so T1CE WM/GM contrast varies with these T1s, as T1w does.
+    t1_spread: float = 0.15
+    t1_class_spread: float = 0.05
+    t2_spread: float = 0.10
+    t2_class_spread: float = 0.04
+    pd_class_spread: float = 0.03
+    # Incidental magnetisation transfer: the off-resonant pulses of the other slices of a 2D multi-slice (turbo) spin
+    # echo saturate the bound pool (Dixon et al., MRI 1990, 8:417-422; Melki & Mulkern, MRM 1992, 24:189-195); the
+    # in-vivo brain MT ratio of a multi-slice multi-echo protocol against a single-slice spin echo is ~19-21 %
+    # (Radunsky et al., Magn Reson Med, PMC7053148: 21.2 % with an inter-slice gap, 18.9 % with more slices),
+    # higher in WM than on average; 3D and few-slice protocols lose less, hence a range from 0.
+    mt_saturation: tuple[float, float] = (0.0, 0.35)
+    strip_shift_mm: tuple[float, float] = (-1.5, 1.0)  # added to the skull-strip cut depth (negative: shallower)
     tail_fraction: tuple[float, float] = (0.005, 0.04)  # of brain voxels; above 1 % it reaches the 99th percentile
     tail_level: tuple[float, float] = (1.5, 3.5)  # x the bright-half median (real T1w tail: ~2x the WM peak)
-    slice_thickness_vox: tuple[int, int] = (3, 8)  # clinical 2D: 3-6 mm slices plus gaps
+    slice_thickness_mm: tuple[int, int] = (3, 8)  # clinical 2D: 3-6 mm slices plus gaps
     thick_slice_probability: float = 0.5
     quantise_probability: float = 0.2
     scale: tuple[float, float] = (0.01, 5000.0)  # log-uniform
+
+
+FREE_WATER = ("CSF",)
+
+
+def vary_tissue(properties: dict[str, TissueProperties], rng: np.random.Generator,
+                ranges: RealismRanges = RealismRanges()) -> dict[str, TissueProperties]:
+    """``properties`` with T1 and T2 (T2* with it) scaled by a subject factor (not ``FREE_WATER``) times a class
+    factor, and PD by a class factor (at most 1)."""
+    subject = np.exp(rng.uniform(-1.0, 1.0, 2) * (ranges.t1_spread, ranges.t2_spread))
+    varied = {}
+    for name in properties:  # a fixed order of draws: the class order of ``TISSUES``
+        p = properties[name]
+        t1, t2 = (1.0, 1.0) if name in FREE_WATER else subject
+        spreads = (ranges.t1_class_spread, ranges.t2_class_spread, ranges.pd_class_spread)
+        f1, f2, fpd = np.exp(rng.uniform(-1.0, 1.0, 3) * spreads)
+        varied[name] = replace(p, t1=p.t1 * t1 * f1, t2=p.t2 * t2 * f2, t2star=p.t2star * t2 * f2,
+                               pd=min(1.0, p.pd * fpd))
+    return varied
+
+
+MT_MODALITIES = ("T2w", "PD", "FLAIR")
+# Share of the saturation each class takes: grey matter's MT ratio is about 0.7 x white matter's (Tofts (ed.),
+# Quantitative MRI of the Brain, 2003); fluid (CSF, blood) has no bound pool, and lesions (more free water) are
+# left out rather than guessed.
+MT_WEIGHT = {"WM": 1.0, "cGM": 0.7, "dGM": 0.7}
+
+
+def magnetisation_transfer(properties: dict[str, TissueProperties], saturation: float
+                           ) -> dict[str, TissueProperties]:
+    """``properties`` with the signal of each class of ``MT_WEIGHT`` lowered by ``saturation`` x its weight (through
+    PD, on which every signal equation is linear: a first-order model of the bound-pool saturation)."""
+    return {name: replace(p, pd=p.pd * (1.0 - MT_WEIGHT.get(name, 0.0) * saturation))
+            for name, p in properties.items()}
 
 
 def bright_tail(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, fraction: float,
@@ -73,12 +138,15 @@ def quantise(image: np.ndarray, levels: int = 256) -> np.ndarray:
 
 
 def calibrate(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, slice_axis: int = 2,
-              ranges: RealismRanges = RealismRanges()) -> np.ndarray:
-    """One random draw of every real-scan artefact above, applied to a simulated image (background stays 0)."""
+              ranges: RealismRanges = RealismRanges(), voxel_mm: float = 1.0) -> np.ndarray:
+    """One random draw of every real-scan artefact above, applied to a simulated image on a ``voxel_mm`` grid
+    (background stays 0)."""
     out = bright_tail(image, mask, rng, rng.uniform(*ranges.tail_fraction), rng.uniform(*ranges.tail_level))
     if rng.random() < ranges.thick_slice_probability:
-        out = thick_slice_resampling(out, slice_axis, int(rng.integers(ranges.slice_thickness_vox[0],
-                                                                       ranges.slice_thickness_vox[1] + 1))) * mask
+        thickness_mm = int(rng.integers(ranges.slice_thickness_mm[0], ranges.slice_thickness_mm[1] + 1))
+        thickness_vox = int(round(thickness_mm / voxel_mm))
+        if thickness_vox > 1:
+            out = thick_slice_resampling(out, slice_axis, thickness_vox) * mask
     if rng.random() < ranges.quantise_probability:
         out = quantise(out)
     return (out * np.exp(rng.uniform(*np.log(ranges.scale)))).astype(np.float32)
