@@ -561,7 +561,7 @@ def test_bundle_run_prints_one_line_and_exits_1(tmp_path, small_weights, case):
 
 @pytest.mark.parametrize("value, expected", [(False, False), ("false", False), ("False", False), ("0", False),
                                              ("no", False), (True, True), ("true", True), ("1", True)])
-def test_yes_no_overrides_mean_what_they_say(value, expected):
+def test_yes_no_overrides_mean_what_they_say(value, expected, monkeypatch):
     """`--progress_bar false` reaches the config as the string 'false' (fire only turns `False` into a bool)."""
     from monai.bundle import ConfigParser
 
@@ -569,6 +569,12 @@ def test_yes_no_overrides_mean_what_they_say(value, expected):
     parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.yaml"))
     parser["amp"] = value
     assert parser.get_parsed_content("inferer").settings["amp"] is expected
+    parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "simulate.yaml"))
+    parser["realism"] = value
+    calls = []
+    monkeypatch.setattr(scripts.simulator, "simulate", lambda **arguments: calls.append(arguments))
+    parser.get_parsed_content("run#0")
+    assert calls[0]["realism"] is expected
     for config in ("stage1_train.yaml", "stage2_train.yaml"):
         parser.read_config(os.path.join(BUNDLE_ROOT, "configs", config))
         handlers = parser["train"]["handlers"]
