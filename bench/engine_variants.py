@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "bundle"))
 sys.path.insert(0, HERE)
 
-# The engine's previous settings (commit a551dcf, before the fitted windows, the cut windows and the small query chunks).
+# The engine's previous settings (commit a551dcf: before the fitted and cut windows and the small query chunks).
 HEAD_SETTINGS = dict(roi_size=(64, 64, 64), overlap=0.25, query_chunk=65536, channels_last=False, fit_windows=False)
 NOW = {**HEAD_SETTINGS, "query_chunk": 4096, "channels_last": True}
 VARIANTS = {
