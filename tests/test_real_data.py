@@ -80,6 +80,21 @@ def test_where_the_shipped_model_beats_the_input_on_real_data(real_evaluation):
         assert r[(task, "tumsyn")] < r[(task, "identity")], task
 
 
+# The shipped task-specific baselines (models/model_task_*.pt) on their own pairs, measured at 4 mm.
+TASK_SPECIFIC_MEASURED_R = {"T1w->T2w": 0.539, "T2w->FLAIR": 0.816}
+
+
+@needs_real
+@pytest.mark.parametrize("task", list(TASK_SPECIFIC_MEASURED_R))
+def test_task_specific_baselines_beat_the_lookup_table_on_real_data(real_evaluation, task):
+    """Each one-pair model synthesizes beyond any grey-level remapping on the real patient: above the oracle lookup
+    table and more than 0.05 above the input's |r| (the issue's bar, met by these baselines, not the text model)."""
+    _, r = real_evaluation
+    assert r[(task, "task-specific")] == pytest.approx(TASK_SPECIFIC_MEASURED_R[task], abs=R_MARGIN)
+    assert r[(task, "task-specific")] > r[(task, "oracle-lut")]
+    assert r[(task, "task-specific")] > abs(r[(task, "identity")]) + 0.05
+
+
 @needs_real
 def test_datalist_of_plain_pairs(tmp_path, real_evaluation):
     out, _ = real_evaluation
