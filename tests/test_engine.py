@@ -8,6 +8,7 @@ import torch
 from scripts.inference_engine import (
     TUMSynInferer,
     _fitted_windows,
+    _read_box,
     _window_starts,
     foreground_mask,
     synthesize_volume,
@@ -96,6 +97,24 @@ def test_queries_on_latent_centres_decode_only_that_code():
     assert 0 < difference < 0.02 * decoded.abs().max()
 
 
+def test_engine_blends_the_input_residual_exactly():
+    """With no correction (the decoder's last layer zeroed) an input-skip network returns its input interpolated:
+    the engine's blended windows and background skipping must give exactly that, on any output grid."""
+    torch.manual_seed(0)
+    net = build_tumsyn_net("small", input_skip=True).eval()
+    with torch.no_grad():
+        net.decoder.mlp[-1].weight.zero_(), net.decoder.mlp[-1].bias.zero_()
+    image, tokens = head_like((30, 26, 22)), tokenize(T2W)
+    same_grid = synthesize_volume(net, image, tokens, (30, 26, 22), roi_size=(12, 12, 12), query_chunk=999,
+                                  progress=False)[0]
+    assert torch.allclose(same_grid, image[0], atol=1e-5)
+    upsampled = synthesize_volume(net, image, tokens, (60, 26, 22), roi_size=(12, 12, 12), query_chunk=999,
+                                  progress=False)[0]
+    # output rows 2k+1, 2k+2 sit a quarter of an input voxel either side of input rows k, k+1: linear interpolation
+    expected = 0.75 * image[0, :-1] + 0.25 * image[0, 1:]
+    assert torch.allclose(upsampled[1:-1:2], expected, atol=1e-5)
+
+
 def test_channels_last_latent_decodes_identically():
     """The engine's channels-last slab takes the row-gather path of the decoder: the same numbers, bit for bit."""
     torch.manual_seed(0)
@@ -161,6 +180,17 @@ def test_windows_cut_to_the_foreground_encode_less_and_decode_close(network):
     assert 25 < 10 * math.log10(float((reference[mask] ** 2).mean()) / difference) < 200  # close, not equal
     with pytest.raises(ValueError, match="crop_margin"):
         TUMSynInferer(crop_margin=4, skip_background=False)
+    no_margin = synthesize_volume(network, image, tokens, shape, crop_margin=0, **options)[0]
+    assert torch.isfinite(no_margin).all() and no_margin[~mask].abs().max() == 0
+
+
+def test_a_window_only_its_neighbours_latents_serve_is_not_encoded():
+    """A masked-in voxel just past a window reads only the next window's latents: with no margin the cut box would
+    be empty (a crash in the first convolution), so the window is skipped; a margin keeps a sliver of context."""
+    mask = torch.zeros(20, 20, 20, dtype=torch.bool)
+    mask[11, 5, 5] = True  # reads latent rows 11 and 12; the window holds rows 0..9
+    assert _read_box(mask, (0, 0, 0), (10, 10, 10), (20, 20, 20), (20, 20, 20), 0) is None
+    assert _read_box(mask, (0, 0, 0), (10, 10, 10), (20, 20, 20), (20, 20, 20), 4)[0] == (6, 10)
 
 
 @pytest.mark.parametrize("size,largest,overlap", [(157, 64, 0.1), (193, 64, 0.1), (167, 64, 0.25), (13, 12, 0.25),

@@ -172,6 +172,8 @@ def test_infer_super_resolves_to_the_prompt_voxel_size_in_world_space(served):
     info = json.load(urllib.request.urlopen(url + "/info/", timeout=30))
     assert info["models"]["tumsyn"]["type"] == "others"
     assert info["models"]["tumsyn"]["config"]["prompt"] == "T2w"
+    with open(os.path.join(REPO_ROOT, "bundle", "configs", "metadata.json")) as handle:
+        assert info["version"] == json.load(handle)["version"]  # the app reports the served bundle's version
 
     started = time.monotonic()
     image, params = infer(url, "sim01_T1w", {"prompt": TEMPLATE})

@@ -284,6 +284,34 @@ def test_onehot_variant_trains_and_depends_on_modality():
         assert not torch.allclose(net(image, modality=flair), net(image))  # default modality is T1w
 
 
+def test_input_skip_feeds_the_image_to_the_decoder_and_corrects_it():
+    channels = scale_config("small")["encoder"]["channels"]
+    assert tiny_net(input_skip="false").decoder.unfold_projection.in_channels == channels  # fire passes strings
+    with pytest.raises(ValueError, match="input_skip: expected true or false"):
+        tiny_net(input_skip="maybe")
+    net = tiny_net(input_skip="true").eval()
+    projection = net.decoder.unfold_projection
+    assert projection.in_channels == channels + 1
+    image = torch.rand(1, 1, SIZE, SIZE, SIZE)
+    with torch.no_grad():
+        projection.weight[:, :channels] = 0  # silence the fused features: only the skip is left
+        latent = net.encode(image, tokens_for("T2w"))
+        expected = F.conv3d(image, projection.weight[:, channels:], projection.bias, padding=1)
+        assert torch.allclose(latent[:, :-1], expected, atol=1e-6)  # the first layer reads the raw input
+        assert torch.equal(latent[:, -1:], image)  # ... and the residual base is the input itself
+        bright = image.clone()
+        bright[0, 0, 5, 5, 5] += 1
+        changed = (net.encode(bright, tokens_for("T2w"))[:, :-1] - latent[:, :-1]).abs().sum(dim=(0, 1)) > 0
+        assert changed[4:7, 4:7, 4:7].all() and changed.sum() == 27  # through the skip a voxel reaches its 3^3 codes
+
+        last = net.decoder.mlp[-1]
+        last.weight.zero_(), last.bias.zero_()  # no correction: the output is the input, interpolated
+        assert torch.allclose(net(image, tokens_for("FLAIR")), image, atol=1e-6)
+        halfway = torch.full((1, 1, 3), -1 + 4 / SIZE)  # halfway between voxel centres 1 and 2 on each axis
+        between = net(image, tokens_for("FLAIR"), coords=halfway, cell=torch.full_like(halfway, 2 / SIZE))
+        assert between.item() == pytest.approx(image[0, 0, 1:3, 1:3, 1:3].mean().item(), abs=1e-6)
+
+
 def test_bad_inputs_stop_with_clear_messages():
     net = tiny_net()
     with pytest.raises(ValueError, match=r"image: expected shape \[B, 1, D, H, W\]"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import sys
@@ -53,6 +54,12 @@ def check_loopback(host: str | None, allow_remote: bool) -> None:
         )
 
 
+def bundle_version(bundle_path: str) -> str:
+    """The served bundle's own version (``configs/metadata.json``), so the app never reports a stale one."""
+    with open(os.path.join(bundle_path, "configs", "metadata.json")) as handle:
+        return json.load(handle)["version"]
+
+
 class TUMSynApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         check_loopback(requested_host(sys.argv), conf.get("allow_remote", "false").lower() == "true")
@@ -64,7 +71,7 @@ class TUMSynApp(MONAILabelApp):
             conf=conf,
             name="TUMSyn",
             description="Text-guided brain MRI synthesis and arbitrary-scale super-resolution (TUMSyn bundle)",
-            version="0.1.0",
+            version=bundle_version(self.bundle_path),
         )
 
     def init_infers(self):

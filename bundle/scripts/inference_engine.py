@@ -370,6 +370,8 @@ def _read_box(decode_mask: torch.Tensor | None, corner: Sequence[int], roi: Sequ
         first, last = region[axis].start + int(used[0]), region[axis].start + int(used[-1])
         low = math.floor((first + 0.5) * ratio - 0.5) - 1 - margin
         high = math.floor((last + 0.5) * ratio - 0.5) + 3 + margin
+        if min(stop, high) <= max(start, low):  # its voxels read only the neighbouring window's latents
+            return None
         box.append((max(start, low), min(stop, high)))
     return box
 

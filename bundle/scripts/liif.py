@@ -7,7 +7,10 @@ An intensity at a continuous coordinate x is decoded from the latent codes aroun
   the *opposite* corner (Sec. 3.3), i.e. trilinear weights, so the output is continuous across voxel borders.
   The weights are computed per axis: equal to the box volumes between centres, and still exact (no division by a
   near-zero volume sum) for queries just outside the outermost centres;
-- cell decoding: the size of the output voxel is an MLP input (Sec. 3.4), so one model serves any output spacing.
+- cell decoding: the size of the output voxel is an MLP input (Sec. 3.4), so one model serves any output spacing;
+- optional input residual (not in LIIF): each corner's prediction is a correction added to the input intensity at
+  that corner, so the ensemble adds the trilinearly interpolated input to the decoded correction: a global residual
+  as super-resolution networks use (Kim, Lee and Lee, VDSR, CVPR 2016), written in LIIF's local-ensemble form.
 
 Efficiency: the MLP's first layer is linear in its input [unfolded code, offset, cell], and unfolding followed
 by a linear map is exactly a 3x3x3 convolution with zero padding. ``LIIFDecoder.project`` applies that
@@ -61,10 +64,12 @@ def _gather_codes(latent: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class LIIFDecoder(nn.Module):
     """``project(features [B, C, D, H, W]) -> latent``, then ``query(latent, coords [B, N, 3], cell [B, N, 3])``.
 
-    ``query`` returns ``[B, N, 1]`` intensities; ``query_in_chunks`` does the same with bounded memory.
+    ``query`` returns ``[B, N, 1]`` intensities; ``query_in_chunks`` does the same with bounded memory. With
+    ``input_residual``, ``project`` also takes the input image and keeps it as the latent's last channel, which
+    ``query`` adds to the MLP's output instead of feeding it to the MLP.
     """
 
-    def __init__(self, in_channels: int, hidden: Sequence[int]):
+    def __init__(self, in_channels: int, hidden: Sequence[int], input_residual: bool = False):
         super().__init__()
         if not hidden:
             raise ValueError("decoder: expected at least one hidden layer size")
@@ -75,11 +80,18 @@ class LIIFDecoder(nn.Module):
         for width_in, width_out in zip(hidden, list(hidden[1:]) + [1]):
             layers += [nn.ReLU(), nn.Linear(width_in, width_out)]
         self.mlp = nn.Sequential(*layers)
+        self.input_residual = input_residual
         self.register_buffer("corner_offsets", _CORNER_OFFSETS.clone(), persistent=False)
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """Unfold + first linear layer for every latent code at once: ``[B, hidden[0], D, H, W]``."""
-        return self.unfold_projection(features)
+    def project(self, features: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Unfold + first linear layer for every latent code at once: ``[B, hidden[0], D, H, W]`` (``+ 1`` channel,
+        the input ``image [B, 1, D, H, W]`` on the same grid, with ``input_residual``)."""
+        latent = self.unfold_projection(features)
+        if self.input_residual:
+            if image is None:
+                raise ValueError("image: required by a decoder with input_residual")
+            latent = torch.cat([latent, image.to(latent.dtype)], dim=1)
+        return latent
 
     def query(self, latent: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         batch, width = latent.shape[0], latent.shape[1]
@@ -114,10 +126,13 @@ class LIIFDecoder(nn.Module):
 
         flat_index = (corners[..., 0] * latent.shape[3] + corners[..., 1]) * latent.shape[4] + corners[..., 2]
         hidden = _gather_codes(latent, flat_index.reshape(batch, -1)).view(batch, -1, used.numel(), width)
+        base = torch.zeros_like(weight)
+        if self.input_residual:
+            base, hidden = hidden[..., -1], hidden[..., :-1].contiguous()
         position_input = torch.cat([offset, cell_in_voxels], dim=-1).view(-1, 6)
-        hidden = torch.addmm(hidden.view(-1, width), position_input, self.position_projection.weight.t()).view(
-            hidden.shape)  # code + position_projection(offset, cell), one pass
-        prediction = self.mlp(hidden).squeeze(-1)  # [B, N, corners used]
+        hidden = torch.addmm(hidden.view(-1, hidden.shape[-1]), position_input, self.position_projection.weight.t()
+                             ).view(hidden.shape)  # code + position_projection(offset, cell), one pass
+        prediction = self.mlp(hidden).squeeze(-1) + base  # [B, N, corners used]
         return (prediction * weight).sum(dim=-1, keepdim=True)
 
     def query_in_chunks(

@@ -1,7 +1,8 @@
 """Stage 2: TUMSyn's text-guided synthesis and arbitrary-scale super-resolution network.
 
 image -> ResNet encoder (full resolution) -> fusion with the target-prompt embedding -> LIIF latent, queried at any
-continuous coordinate. Conditioning is either the frozen stage-1 text encoder ("text", the paper's model) or a
+continuous coordinate. With ``input_skip`` the decoder also sees the input image and corrects it (see ``TUMSynNet``).
+Conditioning is either the frozen stage-1 text encoder ("text", the paper's model) or a
 learned vector per target modality ("onehot", the paper's ablation).
 
 The frozen text encoder is a submodule, so one ``model.pt`` holds everything. ``forward(image)`` alone works (the
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from .bmlip import build_text_encoder, load_text_encoder
+from .errors import config_flag
 from .liif import LIIFDecoder, make_coord
 from .network_scales import scale_config, text_encoder_config
 from .prompt import MODALITIES, Prompt, tokenize
@@ -39,6 +41,11 @@ class TUMSynNet(nn.Module):
         channels, blocks: encoder width and BasicBlocks per stage.
         fusion_heads, fusion_mlp_ratio: cross-attention heads and feed-forward expansion.
         decoder_hidden: LIIF MLP hidden sizes.
+        input_skip: the decoder sees the input image beside the fused features and predicts a correction that is
+            added to the input interpolated at the query (``LIIFDecoder``'s input residual; super-resolution
+            networks add the interpolated input likewise: Kim et al., VDSR, CVPR 2016). Copying the source (T1w ->
+            T1CE, super-resolution) is then the network's starting point and remapping its grey levels a linear
+            function of a decoder input, so the features only have to add what context changes.
         query_chunk_size: points decoded at once; bounds memory when predicting whole volumes.
     """
 
@@ -52,6 +59,7 @@ class TUMSynNet(nn.Module):
         fusion_heads: int,
         fusion_mlp_ratio: int,
         decoder_hidden: Sequence[int],
+        input_skip: bool = False,
         query_chunk_size: int = QUERY_CHUNK_SIZE,
     ):
         super().__init__()
@@ -73,7 +81,8 @@ class TUMSynNet(nn.Module):
             self.conditioner = ModalityEmbedding(cond_dim)
         self.encoder = ResNetEncoder3d(1, channels, blocks)
         self.fusion = TextGuidedFusion(channels, cond_dim, fusion_heads, fusion_mlp_ratio)
-        self.decoder = LIIFDecoder(channels, decoder_hidden)
+        self.input_skip = bool(input_skip)
+        self.decoder = LIIFDecoder(channels + int(self.input_skip), decoder_hidden, input_residual=self.input_skip)
         # Defaults for forward(image): not persistent, so a changed default never invalidates a checkpoint.
         self.register_buffer("default_tokens", tokenize(Prompt(modality=DEFAULT_MODALITY).render()), persistent=False)
         self.register_buffer(
@@ -83,7 +92,8 @@ class TUMSynNet(nn.Module):
     def encode(
         self, image: torch.Tensor, tokens: Optional[torch.Tensor] = None, modality: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """``image [B, 1, D, H, W]`` -> latent features ``[B, decoder_hidden[0], D, H, W]`` for ``query``.
+        """``image [B, 1, D, H, W]`` -> latent features ``[B, decoder_hidden[0] (+ 1 with input_skip), D, H, W]``
+        for ``query``.
 
         One prompt (``tokens [1, L]``) or modality (``[1]``) is shared by the whole batch.
         """
@@ -99,7 +109,10 @@ class TUMSynNet(nn.Module):
         elif condition.shape[0] != batch:
             raise ValueError(f"{self.conditioning} condition: batch {condition.shape[0]} != image batch {batch}")
         features = self.fusion(self.encoder(image), self.conditioner(condition))
-        return self.decoder.project(features)
+        if not self.input_skip:
+            return self.decoder.project(features)
+        image = image.to(features.dtype)
+        return self.decoder.project(torch.cat([features, image], dim=1), image)
 
     def query(self, features: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """Intensities ``[B, N, 1]`` at ``coords [B, N, 3]`` for output voxels of size ``cell [B, N, 3]``."""
@@ -130,13 +143,15 @@ def build_tumsyn_net(
     scale: str = "small",
     text_encoder_path: Optional[str] = None,
     conditioning: str = "text",
+    input_skip: Optional[bool] = None,
     query_chunk_size: int = QUERY_CHUNK_SIZE,
 ) -> TUMSynNet:
     """TUMSynNet at a named scale (``scripts.network_scales``), for configs.
 
     With ``conditioning="text"`` the text encoder is loaded from ``text_encoder_path`` (a stage-1 export), or built
     untrained at the scale's size when no path is given (its weights then come from a full checkpoint such as
-    ``models/model.pt``). With ``conditioning="onehot"`` the path is ignored.
+    ``models/model.pt``). With ``conditioning="onehot"`` the path is ignored. ``input_skip`` None takes the scale's
+    choice (``decoder.input_skip``).
     """
     numbers = scale_config(scale)
     text_encoder = None
@@ -154,5 +169,6 @@ def build_tumsyn_net(
         fusion_heads=numbers["fusion"]["heads"],
         fusion_mlp_ratio=numbers["fusion"]["mlp_ratio"],
         decoder_hidden=numbers["decoder"]["hidden"],
+        input_skip=numbers["decoder"]["input_skip"] if input_skip is None else config_flag(input_skip, "input_skip"),
         query_chunk_size=query_chunk_size,
     )
