@@ -1,9 +1,11 @@
 """A/B of inference-engine settings on the 1 mm demo subject, side by side in one process, with the official loop.
 
     .venv/bin/python bench/engine_variants.py [--variants base cl slab64 ...] [--demo] [--threads 1]
-                                              [--fov_scale 1.0] [--output bench/results/engine_variants.json]
+                                              [--fov_scale 1.0] [--source subject|mni|real]
+                                              [--output bench/results/engine_variants.json]
 
-Every variant synthesizes the demo subject's T2w from its 1 mm T1w with the shipped weights (``models/model.pt``),
+Every variant synthesizes the demo subject's T2w from its 1 mm T1w (``--source``: on which grid, or the real case,
+as in ``inference_speed.py``) with the shipped weights (``models/model.pt``),
 one after the other on the same network and input. Per variant: wall and process CPU seconds, the seconds spent
 inside ``network.encode`` and ``network.query``, the windows encoded, peak resident memory (``VmHWM``, reset before
 each variant), the PSNR against the subject's real T2w inside its head (``inference_speed.py``'s quality measure)
@@ -46,6 +48,10 @@ VARIANTS = {
     "fit_ov10_crop12": {**NOW, "overlap": 0.1, "fit_windows": True, "crop_margin": 12},
     "fit_ov25_crop4": {**NOW, "fit_windows": True, "crop_margin": 4},
     "fit_ov10_crop4_bf16": {**NOW, "overlap": 0.1, "fit_windows": True, "crop_margin": 4, "cpu_bf16": True},
+    "fit_ov10_crop2": {**NOW, "overlap": 0.1, "fit_windows": True, "crop_margin": 2},
+    "fit_ov10_crop0": {**NOW, "overlap": 0.1, "fit_windows": True, "crop_margin": 0},
+    "fit_ov05_crop4": {**NOW, "overlap": 0.05, "fit_windows": True, "crop_margin": 4},
+    "fit_ov05_crop2": {**NOW, "overlap": 0.05, "fit_windows": True, "crop_margin": 2},
     "fit48_ov10_crop4": {**NOW, "roi_size": (48, 48, 48), "overlap": 0.1, "fit_windows": True, "crop_margin": 4},
     "fit40_ov10_crop4": {**NOW, "roi_size": (40, 40, 40), "overlap": 0.1, "fit_windows": True, "crop_margin": 4},
     "fit32_ov10_crop4": {**NOW, "roi_size": (32, 32, 32), "overlap": 0.1, "fit_windows": True, "crop_margin": 4},
@@ -103,10 +109,12 @@ def main() -> None:
     parser.add_argument("--demo", action="store_true", help="also run the official demo's loop")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fov_scale", type=float, default=1.0)
+    parser.add_argument("--source", default="subject", choices=["subject", "mni", "real"],
+                        help="the 1 mm input (inference_speed.load_case)")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "engine_variants.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    array, _, reference = load_case("subject", "1mm", args.fov_scale)
+    array, _, reference = load_case(args.source, "1mm", args.fov_scale)
     image = torch.from_numpy(np.ascontiguousarray(array))[None]
     weights = os.path.join(HERE, "..", "bundle", "models", "model.pt")
     network = load_network_weights(build_tumsyn_net("small"), weights)

@@ -1,7 +1,7 @@
 """Seconds and peak memory to synthesise one 1 mm whole-brain volume: the engine vs the official demo's loop.
 
     .venv/bin/python bench/inference_speed.py [--scales small paper] [--inputs 1mm 5mm] [--fov_scale 1.0]
-                                              [--threads 2] [--device cpu|cuda] [--source subject|synthetic]
+                                              [--threads 2] [--device cpu|cuda] [--source subject|mni|real|synthetic]
 
 Each (scale, input) case runs in its own subprocess; inside it both methods run one after the other on the same
 network and input, so the speed-up is a ratio measured side by side:
@@ -12,12 +12,16 @@ network and input, so the speed-up is a ratio measured side by side:
 Both run the same network in the same state (its convolutions channels-last, as the engine leaves them) and decode
 in chunks of the same size, so the ratio measures the two schemes, not two implementations of one step.
 Both outputs are set to 0 outside the input's head (``foreground_mask``), as the written image is. Quality: the
-PSNR between the two (data range 1), and with ``--source subject`` at 1 mm each one's PSNR against the subject's
-real T2w inside its brain.
+PSNR between the two (data range 1), and at 1 mm from a subject (``subject``, ``mni``, ``real``) each one's PSNR
+against that subject's T2w inside its brain.
 
 Inputs: ``subject`` (default for the small scale: the shipped weights on the embedded demo subject, its 1 mm T1w and
-its 0.9 x 0.9 x 5 mm axial FLAIR) or ``synthetic`` (default for the paper scale, which has no weights: random
-weights on a brain-shaped 182x218x182 mm volume at 1 mm and at 1 x 1 x 5 mm). ``--fov_scale`` keeps the central
+its 0.9 x 0.9 x 5 mm axial FLAIR: brain-extracted, on a grid cropped tightly around the head), ``mni`` (the same
+two images zero-padded to the MNI152 1 mm field of view, 182 x 218 x 182 mm, the frame TUMSyn's official
+preprocessing registers inputs to), ``real`` (the real patient of ``../shared/data/real/bids``, 1 mm only: its
+brain-extracted T1w on the SRI24 atlas grid, 240 x 240 x 155, reference its T2w) or
+``synthetic`` (default for the paper scale, which has no weights: random weights on a brain-shaped 182x218x182 mm
+volume at 1 mm and at 1 x 1 x 5 mm). ``--fov_scale`` keeps the central
 fraction of the field of view per axis (the paper scale on a CPU: see bench/README.md). Peak memory is the process's
 resident high-water mark (``VmHWM``, reset before each method), ``rss_start`` the resident size before synthesis.
 Prints a table and writes ``bench/results/inference_speed.json``.
@@ -41,8 +45,11 @@ sys.path.insert(0, os.path.join(REPO, "bundle"))
 
 BRAIN_SHAPE_1MM = (182, 218, 182)  # MNI152 1 mm grid
 SYNTHETIC_SPACING = {"1mm": (1.0, 1.0, 1.0), "5mm": (1.0, 1.0, 5.0)}  # the second: a 5 mm axial clinical scan
+SUBJECT_ANAT = os.path.join(REPO, "bundle", "data", "demo", "sub-001", "anat")
 SUBJECT_FILES = {"1mm": "sub-001_T1w.nii.gz", "5mm": "sub-001_acq-ax5mm_FLAIR.nii.gz"}
 REFERENCE_FILE = "sub-001_T2w.nii.gz"
+REAL_ANAT = os.path.join(os.path.dirname(REPO), "shared", "data", "real", "bids", "sub-TCGADU7294", "anat")
+REAL_FILES = {"1mm": "sub-TCGADU7294_T1w.nii.gz", "reference": "sub-TCGADU7294_T2w.nii.gz"}
 PROMPT = ("Age: 30; Gender: F; Scanner: 3.0 Siemens; Modality: T2w; Voxel size: (1.0, 1.0, 1.0); "
           "Imaging parameter TR(ms), TE(ms), TI(ms), and FA(degree):  (4000.0, 100.0, None, 90.0)")
 DEMO_CROP = 60  # the official demo's crop side (input voxels)
@@ -133,14 +140,30 @@ def load_case(source: str, input_name: str, fov_scale: float):
         fov_mm = [n * fov_scale for n in BRAIN_SHAPE_1MM]
         shape = tuple(max(2, round(f / s)) for f, s in zip(fov_mm, spacing))
         return synthetic_brain(shape), spacing, None
-    anat = os.path.join(REPO, "bundle", "data", "demo", "sub-001", "anat")
-    image = nib.as_closest_canonical(nib.load(os.path.join(anat, SUBJECT_FILES[input_name])))
-    array = _central_crop(normalize_intensity(np.asarray(image.dataobj, dtype=np.float32)), fov_scale)
-    reference = None
-    if input_name == "1mm":
-        ref_image = nib.as_closest_canonical(nib.load(os.path.join(anat, REFERENCE_FILE)))
-        reference = _central_crop(normalize_intensity(np.asarray(ref_image.dataobj, dtype=np.float32)), fov_scale)
-    return array, tuple(float(s) for s in image.header.get_zooms()[:3]), reference
+    if source == "real":
+        if input_name != "1mm":
+            raise SystemExit("--source real: only --inputs 1mm (the real case has no thick-slice scan)")
+        input_path, reference_path = (os.path.join(REAL_ANAT, REAL_FILES[k]) for k in ("1mm", "reference"))
+    else:
+        input_path = os.path.join(SUBJECT_ANAT, SUBJECT_FILES[input_name])
+        reference_path = os.path.join(SUBJECT_ANAT, REFERENCE_FILE) if input_name == "1mm" else None
+
+    def load(path):
+        image = nib.as_closest_canonical(nib.load(path))
+        return image, np.asarray(image.dataobj, dtype=np.float32)
+
+    image, array = load(input_path)
+    spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
+    reference = load(reference_path)[1] if reference_path else None
+    if source == "mni":  # centre the head in the MNI field of view, in millimetres along each axis
+        pad = [max(0, round(fov / s) - n) for fov, s, n in zip(BRAIN_SHAPE_1MM, spacing, array.shape)]
+        widths = [(p // 2, p - p // 2) for p in pad]
+        array = np.pad(array, widths)
+        reference = None if reference is None else np.pad(reference, widths)
+    array = _central_crop(normalize_intensity(array), fov_scale)
+    if reference is not None:
+        reference = _central_crop(normalize_intensity(reference), fov_scale)
+    return array, spacing, reference
 
 
 def config_inferer(scale: str, query_chunk: int | None):
@@ -174,7 +197,7 @@ def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads
     out_shape, _ = output_grid(array.shape, np.diag([*spacing, 1.0]), (1.0, 1.0, 1.0))
     image = torch.from_numpy(np.ascontiguousarray(array))[None]
     network = build_tumsyn_net(scale).eval()
-    if source == "subject":
+    if source != "synthetic":
         load_network_weights(network, os.path.join(REPO, "bundle", "models", "model.pt"))
     network = channels_last_convolutions(network.to(device))
     tokens = tokenize(PROMPT)
@@ -228,7 +251,7 @@ def main() -> None:
     parser.add_argument("--scales", nargs="+", default=["small", "paper"])
     parser.add_argument("--inputs", nargs="+", default=list(SUBJECT_FILES))
     parser.add_argument("--methods", nargs="+", default=["engine", "demo"])
-    parser.add_argument("--source", choices=["subject", "synthetic"],
+    parser.add_argument("--source", choices=["subject", "mni", "real", "synthetic"],
                         help="default: subject (small), synthetic (paper)")
     parser.add_argument("--fov_scale", type=float, default=1.0, help="central fraction of the field of view per axis")
     parser.add_argument("--threads", type=int, default=2)
