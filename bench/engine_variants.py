@@ -52,6 +52,7 @@ VARIANTS = {
     "fit_ov10_crop0": {**NOW, "overlap": 0.1, "fit_windows": True, "crop_margin": 0},
     "fit_ov05_crop4": {**NOW, "overlap": 0.05, "fit_windows": True, "crop_margin": 4},
     "fit_ov05_crop2": {**NOW, "overlap": 0.05, "fit_windows": True, "crop_margin": 2},
+    "fit_ov00_crop4": {**NOW, "overlap": 0.0, "fit_windows": True, "crop_margin": 4},
     "fit48_ov10_crop4": {**NOW, "roi_size": (48, 48, 48), "overlap": 0.1, "fit_windows": True, "crop_margin": 4},
     "fit40_ov10_crop4": {**NOW, "roi_size": (40, 40, 40), "overlap": 0.1, "fit_windows": True, "crop_margin": 4},
     "fit32_ov10_crop4": {**NOW, "roi_size": (32, 32, 32), "overlap": 0.1, "fit_windows": True, "crop_margin": 4},
