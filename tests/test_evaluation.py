@@ -136,6 +136,22 @@ def test_shipped_task_specific_baselines_meet_their_measured_quality(evaluation,
     assert float(specific["psnr"]) > TASK_SPECIFIC_MINIMUM_PSNR[task], specific
 
 
+@pytest.mark.parametrize("override, skip", [(None, True), ("false", False), ("true", True)])
+def test_every_evaluated_network_follows_the_input_skip_override(override, skip):
+    """Weights trained with another decoder (a paper-scale run with the skip, version 0.1.0 small weights without)
+    are evaluated by passing --network_def#input_skip: the text, one-hot and task-specific networks all follow it."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(CONFIG)
+    if override is not None:
+        parser["network_def#input_skip"] = override
+    channels = 16 + int(skip)  # the small encoder's width, plus the input
+    for conditioning in ("text", "onehot"):
+        network = parser.get_parsed_content("build_network")(conditioning)
+        assert network.decoder.unfold_projection.in_channels == channels, conditioning
+
+
 def test_task_specific_models_load_for_their_pair_only(tmp_path, caplog):
     weights = str(tmp_path / "t2w_to_flair.pt")
     torch.save(build_tumsyn_net("small", conditioning="onehot").state_dict(), weights)

@@ -374,8 +374,8 @@ def _weights(tmp_path, kind):
     ("truncated", "truncated.pt: not a loadable weights file"),
     ("not_a_dict", "expected a state dict (parameter name -> tensor), got list"),
     ("non_tensor_values", "got a dict holding non-tensor values"),
-    ("other_network", "weights do not fit this network config (is --scale right?): missing conv.bias, conv.weight; "
-                      "unexpected none; different shape none"),
+    ("other_network", "weights do not fit this network config (are --scale and --network_def#input_skip right?): "
+                      "missing conv.bias, conv.weight; unexpected none; different shape none"),
     ("resized", "missing none; unexpected none; different shape conv.weight"),
     ("nan_weights", "NaN/Inf values in 1 tensors (first: conv.bias)"),
 ])

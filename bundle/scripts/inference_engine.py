@@ -808,7 +808,8 @@ def load_network_weights(network: torch.nn.Module, ckpt_path: str) -> torch.nn.M
         def few(keys):
             return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") if keys else "none"
 
-        raise UserInputError(f"{ckpt_path}: weights do not fit this network config (is --scale right?): "
+        raise UserInputError(f"{ckpt_path}: weights do not fit this network config (are --scale and "
+                             f"--network_def#input_skip right?): "
                              f"missing {few(missing)}; unexpected {few(unexpected)}; different shape {few(resized)}")
     broken = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if broken:
