@@ -126,13 +126,15 @@ class LIIFDecoder(nn.Module):
 
         flat_index = (corners[..., 0] * latent.shape[3] + corners[..., 1]) * latent.shape[4] + corners[..., 2]
         hidden = _gather_codes(latent, flat_index.reshape(batch, -1)).view(batch, -1, used.numel(), width)
-        base = torch.zeros_like(weight)
+        residual: Optional[torch.Tensor] = None
         if self.input_residual:
-            base, hidden = hidden[..., -1], hidden[..., :-1].contiguous()
+            residual, hidden = hidden[..., -1], hidden[..., :-1].contiguous()
         position_input = torch.cat([offset, cell_in_voxels], dim=-1).view(-1, 6)
         hidden = torch.addmm(hidden.view(-1, hidden.shape[-1]), position_input, self.position_projection.weight.t()
                              ).view(hidden.shape)  # code + position_projection(offset, cell), one pass
-        prediction = self.mlp(hidden).squeeze(-1) + base  # [B, N, corners used]
+        prediction = self.mlp(hidden).squeeze(-1)  # [B, N, corners used]
+        if residual is not None:
+            prediction = prediction + residual
         return (prediction * weight).sum(dim=-1, keepdim=True)
 
     def query_in_chunks(
