@@ -56,6 +56,7 @@ VARIANTS = {
     "fit48_ov10_crop4": {**NOW, "roi_size": (48, 48, 48), "overlap": 0.1, "fit_windows": True, "crop_margin": 4},
     "fit40_ov10_crop4": {**NOW, "roi_size": (40, 40, 40), "overlap": 0.1, "fit_windows": True, "crop_margin": 4},
     "fit32_ov10_crop4": {**NOW, "roi_size": (32, 32, 32), "overlap": 0.1, "fit_windows": True, "crop_margin": 4},
+    "fit96_ov10_crop4": {**NOW, "roi_size": (96, 96, 96), "overlap": 0.1, "fit_windows": True, "crop_margin": 4},
     "fit48_ov10_crop4_bf16": {**NOW, "roi_size": (48, 48, 48), "overlap": 0.1, "fit_windows": True,
                               "crop_margin": 4, "cpu_bf16": True},
 }

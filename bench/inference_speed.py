@@ -1,7 +1,9 @@
 """Seconds and peak memory to synthesise one 1 mm whole-brain volume: the engine vs the official demo's loop.
 
     .venv/bin/python bench/inference_speed.py [--scales small paper] [--inputs 1mm 5mm] [--fov_scale 1.0]
-                                              [--threads 2] [--device cpu|cuda] [--source subject|mni|real|synthetic]
+                                              [--threads 2] [--device cpu|cuda] [--precision fp32|bf16]
+                                              [--source subject|mni|real|synthetic] [--query_chunk N]
+                                              [--sw_batch_size N]
 
 Each (scale, input) case runs in its own subprocess; inside it both methods run one after the other on the same
 network and input, so the speed-up is a ratio measured side by side:
@@ -9,8 +11,9 @@ network and input, so the speed-up is a ratio measured side by side:
   output voxel decoded once, background neither encoded nor decoded);
 - ``demo``: the official demo's scheme: fixed 60^3 input crops (25 % overlap), each encoded and decoded on its own
   dense output grid, overlapping predictions averaged.
-Both run the same network in the same state (its convolutions channels-last, as the engine leaves them) and decode
-in chunks of the same size, so the ratio measures the two schemes, not two implementations of one step.
+Both run the same network in the same state (its convolutions channels-last, as the engine leaves them), decode
+in chunks of the same size and at the same precision (``--precision bf16``: the engine's GPU autocast, the loop
+inside the same autocast), so the ratio measures the two schemes, not two implementations of one step.
 Both outputs are set to 0 outside the input's head (``foreground_mask``), as the written image is. Quality: the
 PSNR between the two (data range 1), and at 1 mm from a subject (``subject``, ``mni``, ``real``) each one's PSNR
 against that subject's T2w inside its brain.
@@ -23,7 +26,9 @@ brain-extracted T1w on the SRI24 atlas grid, 240 x 240 x 155, reference its T2w)
 ``synthetic`` (default for the paper scale, which has no weights: random weights on a brain-shaped 182x218x182 mm
 volume at 1 mm and at 1 x 1 x 5 mm). ``--fov_scale`` keeps the central
 fraction of the field of view per axis (the paper scale on a CPU: see bench/README.md). Peak memory is the process's
-resident high-water mark (``VmHWM``, reset before each method), ``rss_start`` the resident size before synthesis.
+resident high-water mark (``VmHWM``, reset before each method), ``rss_start`` the resident size before synthesis,
+and on a GPU also ``torch.cuda.max_memory_allocated``. On a GPU each method runs once untimed first (from this
+version on: the GPU numbers in bench/README.md were single cold calls).
 Prints a table and writes ``bench/results/inference_speed.json``.
 """
 
@@ -67,11 +72,11 @@ def synthetic_brain(shape, seed=0):
     return (inside * (0.6 + 0.2 * texture / texture.std())).clip(0).astype(np.float32)
 
 
-def demo_crop_loop(network, image, tokens, out_shape, query_chunk, overlap=0.25):
+def demo_crop_loop(network, image, tokens, out_shape, query_chunk, amp, overlap=0.25):
     """The official demo's inference: every crop decoded on its own output grid, overlaps averaged."""
     import torch
 
-    from scripts.inference_engine import _window_starts
+    from scripts.inference_engine import _autocast, _window_starts
     from scripts.liif import make_coord
 
     device = next(network.parameters()).device
@@ -80,7 +85,7 @@ def demo_crop_loop(network, image, tokens, out_shape, query_chunk, overlap=0.25)
     total, count = torch.zeros(out_shape), torch.zeros(out_shape)
     crop = [min(DEMO_CROP, n) for n in in_shape]
     starts = [_window_starts(n, c, overlap) for n, c in zip(in_shape, crop)]
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(device, amp):
         for z in starts[0]:
             for y in starts[1]:
                 for x in starts[2]:
@@ -166,22 +171,22 @@ def load_case(source: str, input_name: str, fov_scale: float):
     return array, spacing, reference
 
 
-def config_inferer(scale: str, query_chunk: int | None):
-    """The ``inferer`` of ``configs/inference.yaml`` at ``scale`` (no progress bar), ``query_chunk`` overridden if
-    given."""
+def config_inferer(scale: str, precision: str, overrides: dict):
+    """The ``inferer`` of ``configs/inference.yaml`` at ``scale`` (no progress bar), its autocast on for ``bf16``,
+    with the given values of its top-level keys (``query_chunk``, ``sw_batch_size``)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(os.path.join(REPO, "bundle", "configs", "inference.yaml"))
     parser["inferer"]["progress"] = False
     parser["scale"] = scale
-    if query_chunk is not None:
-        parser["query_chunk"] = query_chunk
+    parser["amp"] = precision == "bf16"
+    parser.update({key: value for key, value in overrides.items() if value is not None})
     return parser.get_parsed_content("inferer")
 
 
 def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads: int, device_name: str,
-             query_chunk: int | None, methods: list[str]) -> dict:
+             precision: str, overrides: dict, methods: list[str]) -> dict:
     import numpy as np
     import torch
 
@@ -201,21 +206,30 @@ def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads
         load_network_weights(network, os.path.join(REPO, "bundle", "models", "model.pt"))
     network = channels_last_convolutions(network.to(device))
     tokens = tokenize(PROMPT)
-    inferer = config_inferer(scale, query_chunk)
+    inferer = config_inferer(scale, precision, overrides)
     foreground = foreground_mask(image, out_shape)
     row = {"scale": scale, "input": input_name, "source": source, "device": device_name, "threads": threads,
+           "precision": precision,
+           "processor": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
            "input_shape": list(array.shape), "input_spacing": list(spacing), "output_shape": list(out_shape),
            "foreground_fraction": round(float(foreground.float().mean()), 3),
            "rss_start_mb": round(_memory_mb("VmRSS"), 1),
            "engine_settings": {k: list(v) if isinstance(v, tuple) else v for k, v in inferer.settings.items()}}
+
+    def synthesize(method):
+        if method == "engine":
+            return inferer(image[None], network, prompt=PROMPT, out_shape=out_shape)[0, 0]
+        return demo_crop_loop(network, image, tokens, out_shape, inferer.settings["query_chunk"],
+                              inferer.settings["amp"])
+
     outputs = {}
     for method in methods:
+        if device.type == "cuda":  # untimed first call: CUDA, cuDNN and cuBLAS set up once per process and shape
+            synthesize(method)
+            torch.cuda.synchronize()
         _reset_peak_memory(device)
         wall, cpu = time.perf_counter(), time.process_time()
-        if method == "engine":
-            output = inferer(image[None], network, prompt=PROMPT, out_shape=out_shape)[0, 0]
-        else:
-            output = demo_crop_loop(network, image, tokens, out_shape, inferer.settings["query_chunk"])
+        output = synthesize(method)
         if device.type == "cuda":
             torch.cuda.synchronize()
         row[f"{method}_seconds"] = round(time.perf_counter() - wall, 2)
@@ -237,9 +251,9 @@ def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = ["scale", "input", "output_shape", "engine_seconds", "demo_seconds", "speedup", "cpu_speedup",
-               "engine_peak_rss_mb", "demo_peak_rss_mb", "rss_start_mb", "psnr_engine_vs_demo",
-               "engine_psnr_vs_reference", "demo_psnr_vs_reference"]
+    columns = ["scale", "input", "precision", "output_shape", "engine_seconds", "demo_seconds", "speedup",
+               "cpu_speedup", "engine_peak_rss_mb", "demo_peak_rss_mb", "engine_peak_cuda_mb", "demo_peak_cuda_mb",
+               "psnr_engine_vs_demo", "engine_psnr_vs_reference", "demo_psnr_vs_reference"]
     print(" | ".join(columns))
     for row in rows:
         cells = [row.get(c, row.get("error", "") if c == "engine_seconds" else "") for c in columns]
@@ -256,15 +270,19 @@ def main() -> None:
     parser.add_argument("--fov_scale", type=float, default=1.0, help="central fraction of the field of view per axis")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: the engine's autocast (GPU only; the CPU runs fp32 either way)")
     parser.add_argument("--query_chunk", type=int, help="default: the config's")
+    parser.add_argument("--sw_batch_size", type=int, help="default: the config's")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per case")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "inference_speed.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case and print its JSON
     args = parser.parse_args()
     if args.case:
         scale, input_name, source = args.case.split(",")
+        overrides = {"query_chunk": args.query_chunk, "sw_batch_size": args.sw_batch_size}
         print(json.dumps(run_case(scale, input_name, source, args.fov_scale, args.threads, args.device,
-                                  args.query_chunk, args.methods)))
+                                  args.precision, overrides, args.methods)))
         return
 
     rows = []
@@ -273,8 +291,10 @@ def main() -> None:
         for input_name in args.inputs:
             command = [sys.executable, __file__, "--case", f"{scale},{input_name},{source}", "--fov_scale",
                        str(args.fov_scale), "--threads", str(args.threads), "--device", args.device,
-                       "--methods", *args.methods] + (["--query_chunk", str(args.query_chunk)] if args.query_chunk
-                                                      else [])
+                       "--precision", args.precision, "--methods", *args.methods]
+            for key in ("query_chunk", "sw_batch_size"):
+                if getattr(args, key) is not None:
+                    command += [f"--{key}", str(getattr(args, key))]
             rows.append(run_isolated(command, args.timeout, {"scale": scale, "input": input_name}))
             print(json.dumps(rows[-1]), flush=True)
     print_table(rows)

@@ -1,9 +1,12 @@
 """Training throughput of both stages at both scales: patches/s, voxel queries/s and the data-loading share.
 
     .venv/bin/python bench/training_speed.py [--stages 1 2] [--scales small paper] [--steps 6] [--threads 2]
+                                             [--device cpu|cuda] [--precision fp32|bf16] [--num_workers 0]
+                                             [--dataset_dir D]
 
 Runs the configs' own ``train#trainer`` (``configs/stage1_train.yaml``, ``configs/stage2_train.yaml``) for
-``--steps`` iterations on the simulated dataset, output into a temporary folder. Stage 2 caches its first
+``--steps`` iterations on the simulated dataset (or ``--dataset_dir``), output into a temporary folder; ``bf16``
+turns on the configs' ``amp`` (bf16 autocast of each step, GPU only). Stage 2 caches its first
 ``--subjects`` training subjects (as the config caches them); stage 1 its training list, repeated to fill a batch.
 Timing comes from the trainer's events: data time is GET_BATCH_STARTED -> GET_BATCH_COMPLETED, compute time
 ITERATION_STARTED -> ITERATION_COMPLETED; the first step (warm-up) is left out. Stage 1's "patches" are image crops
@@ -30,7 +33,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "bundle"))
 
 
-def run_case(stage: int, scale: str, steps: int, subjects: int, threads: int, device: str) -> dict:
+def run_case(stage: int, scale: str, steps: int, subjects: int, threads: int, device: str, precision: str,
+             num_workers: int, dataset_dir: str | None) -> dict:
     import torch
     from ignite.engine import Events
     from monai.bundle import ConfigParser
@@ -39,8 +43,10 @@ def run_case(stage: int, scale: str, steps: int, subjects: int, threads: int, de
     parser = ConfigParser()
     parser.read_config(os.path.join(REPO, "bundle", "configs", f"stage{stage}_train.yaml"))
     output_dir = tempfile.mkdtemp(prefix="tumsyn_bench_")
-    parser.update({"scale": scale, "output_dir": output_dir, "progress_bar": False, "num_workers": 0,
-                   "device": f"$torch.device('{device}')"})
+    parser.update({"scale": scale, "output_dir": output_dir, "progress_bar": False, "num_workers": num_workers,
+                   "device": f"$torch.device('{device}')", "amp": precision == "bf16"})
+    if dataset_dir:
+        parser["dataset_dir"] = os.path.abspath(dataset_dir)
     if stage == 1:  # its batches drop the last partial one: repeat the training list to fill one batch at least
         parser.update({"train#datalist": "$@datalists[0] * (1 + @batch_size // max(1, len(@datalists[0])))"})
     else:
@@ -63,11 +69,14 @@ def run_case(stage: int, scale: str, steps: int, subjects: int, threads: int, de
     if stage == 1:
         patches = int(parser.get_parsed_content("batch_size"))
         queries = 0
-    else:
-        patches = int(parser.get_parsed_content("batch_size")) * int(parser.get_parsed_content("patches_per_volume"))
+    else:  # a batch holds at most as many subjects as are cached
+        per_step = min(int(parser.get_parsed_content("batch_size")), len(parser.get_parsed_content("train#datalist")))
+        patches = per_step * int(parser.get_parsed_content("patches_per_volume"))
         queries = patches * int(parser.get_parsed_content("num_queries"))
     seconds = statistics.median(step)
-    return {"stage": stage, "scale": scale, "device": device, "threads": threads, "steps_timed": len(step),
+    processor = torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine()
+    return {"stage": stage, "scale": scale, "device": device, "processor": processor, "precision": precision,
+            "num_workers": num_workers, "threads": threads, "steps_timed": len(step),
             "patches_per_step": patches, "queries_per_step": queries, "median_step_s": round(seconds, 3),
             "patches_per_s": round(patches / seconds, 2), "queries_per_s": round(queries / seconds, 1),
             "data_share": round(sum(data) / sum(step), 3)}
@@ -81,20 +90,26 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=2, help="training subjects cached")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument("--dataset_dir", help="default: the configs' simulated dataset")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "training_speed.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case and print its JSON
     args = parser.parse_args()
     if args.case:
         stage, scale = args.case.split(",")
-        print(json.dumps(run_case(int(stage), scale, args.steps, args.subjects, args.threads, args.device)))
+        print(json.dumps(run_case(int(stage), scale, args.steps, args.subjects, args.threads, args.device,
+                                  args.precision, args.num_workers, args.dataset_dir)))
         return
 
     rows = []
     for stage in args.stages:
         for scale in args.scales:
             command = [sys.executable, __file__, "--case", f"{stage},{scale}", "--steps", str(args.steps),
-                       "--subjects", str(args.subjects), "--threads", str(args.threads), "--device", args.device]
+                       "--subjects", str(args.subjects), "--threads", str(args.threads), "--device", args.device,
+                       "--precision", args.precision, "--num_workers", str(args.num_workers)]
+            command += ["--dataset_dir", args.dataset_dir] if args.dataset_dir else []
             rows.append(run_isolated(command, args.timeout, {"stage": stage, "scale": scale}))
             print(json.dumps(rows[-1]), flush=True)
     columns = ["stage", "scale", "patches_per_step", "median_step_s", "patches_per_s", "queries_per_s", "data_share"]

@@ -67,3 +67,25 @@ def test_configs_run_from_inside_the_bundle_folder(tmp_path):
     assert (out / "sub-001" / "anat" / "sub-001_acq-cor3p2mm_PDw.nii.gz").is_file()
     with open(out / "participants.tsv") as handle:
         assert "IXI" in handle.read()
+
+
+@pytest.mark.parametrize("device, sw_batch_size, query_chunk", [("cpu", 1, 4096), ("cuda", 4, 65536)])
+def test_engine_and_training_precision_follow_the_device(device, sw_batch_size, query_chunk):
+    # A CPU keeps small decode chunks in its cache; a GPU waits on kernel launches and takes larger ones
+    # (bench/README.md). Training autocast is a GPU setting: asked for on a CPU it stays off.
+    import torch
+    from monai.bundle import ConfigParser
+
+    for config in ("inference", "evaluate"):
+        parser = ConfigParser()
+        parser.read_config(os.path.join(BUNDLE_ROOT, "configs", f"{config}.yaml"))
+        parser["device"] = f"$torch.device('{device}')"
+        key = "inferer#" if config == "evaluate" else ""
+        assert parser.get_parsed_content(f"{key}sw_batch_size") == sw_batch_size
+        assert parser.get_parsed_content(f"{key}query_chunk") == query_chunk
+    for stage in (1, 2):
+        parser = ConfigParser()
+        parser.read_config(os.path.join(BUNDLE_ROOT, "configs", f"stage{stage}_train.yaml"))
+        parser.update({"device": device, "amp": "true"})
+        assert parser.get_parsed_content("train#trainer#amp") == (device == "cuda")
+        assert parser.get_parsed_content("train#trainer#amp_kwargs#dtype") is torch.bfloat16

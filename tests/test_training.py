@@ -277,6 +277,22 @@ def test_patches_are_centred_in_the_brain():
     assert in_brain[0] == 1.0 and in_brain[1] < 0.5, in_brain
 
 
+def test_patch_centres_are_uniform_over_the_brain():
+    # Centres are drawn by rejection from random voxels (falling back to listing the brain when all miss): neither
+    # path may favour a part of the brain, and a one-voxel brain is still found.
+    target = np.zeros((40, 40, 40), np.float32)
+    target[2:12, 2:12, 2:12] = 1.0  # 1000 voxels
+    target[30:35, 30:35, 30:38] = 1.0  # 200 voxels: 1/6 of the brain
+    transform = sr_patches.RandSRPatchesd(lr_size=(8, 8, 8), num_samples=1, num_queries=8, foreground_prob=1.0)
+    transform.set_random_state(seed=0)
+    centres = np.array([transform._centre(target) for _ in range(3000)])
+    assert all(target[tuple(c)] > 0 for c in centres)
+    assert abs(np.mean(centres[:, 0] >= 30) - 1 / 6) < 0.03
+    one_voxel = np.zeros((40, 40, 40), np.float32)
+    one_voxel[7, 8, 9] = 1.0
+    assert all(tuple(transform._centre(one_voxel)) == (7, 8, 9) for _ in range(20))
+
+
 def test_slice_profiles_average_the_slab():
     rng = np.random.default_rng(0)
     volume = rng.random((16, 16, 16)).astype(np.float32)
