@@ -184,8 +184,10 @@ def synthesize_volume(
     with as many windows as ``roi_size`` would (``_fitted_windows``). False: windows of ``roi_size``, the last one
     clamped to the end of the axis.
 
-    ``crop_margin`` (with a ``decode_mask``): each window is cut to the box of the latents its masked-in voxels
-    read, plus that many input voxels of context, so background far from the head is not encoded either. Unlike
+    ``crop_margin`` (with a ``decode_mask``): the windows tile only the box of the latents the masked-in voxels
+    read, plus that many input voxels of context, and each window is cut to the same box of its own voxels, so
+    background far from the head is not encoded either (a head padded into a wider field of view costs nothing
+    more). Unlike
     skipping whole windows this changes the decoded values (the encoder's zero padding moves, and the fusion
     attention pools over the cut window); bench/README.md measures the quality. None: whole windows.
     """
@@ -196,11 +198,16 @@ def synthesize_volume(
     if decode_mask is not None and tuple(decode_mask.shape) != out_shape:
         raise ValueError(f"decode_mask: expected shape {list(out_shape)} (the output grid), "
                          f"got {list(decode_mask.shape)}")
-    roi = tuple(n if int(r) <= 0 else min(int(r), n) for r, n in zip(roi_size, in_shape))  # <= 0: the whole axis
+    span = [(0, n) for n in in_shape]  # the input range the windows tile, per axis
+    if decode_mask is not None and crop_margin is not None:  # the box every cut window lies in: tile only that
+        span = _read_box(decode_mask, (0, 0, 0), in_shape, in_shape, out_shape, crop_margin) or span
+    lengths = [high - low for low, high in span]
+    roi = tuple(n if int(r) <= 0 else min(int(r), n) for r, n in zip(roi_size, lengths))  # <= 0: the whole axis
     if fit_windows:
-        roi, starts = zip(*[_fitted_windows(n, r, overlap) for n, r in zip(in_shape, roi)])
+        roi, starts = zip(*[_fitted_windows(n, r, overlap) for n, r in zip(lengths, roi)])
     else:
-        starts = [_window_starts(n, r, overlap) for n, r in zip(in_shape, roi)]
+        starts = [_window_starts(n, r, overlap) for n, r in zip(lengths, roi)]
+    starts = [[low + start for start in axis] for (low, _), axis in zip(span, starts)]
     window_weight = gaussian_window(roi, sigma_scale, device)
     tokens = None if tokens is None else tokens.to(device)
     modality = None if modality is None else modality.to(device)
@@ -216,7 +223,7 @@ def synthesize_volume(
     windows = [(y, x) for y in starts[1] for x in starts[2]]
     bar = tqdm(total=len(starts[0]) * len(windows), desc="synthesize", unit="window", disable=not progress)
     slab = None
-    slab_low = 0  # first input row still needed; the slab starts there once a window is encoded
+    slab_low = starts[0][0]  # first input row still needed; the slab starts there once a window is encoded
     next_row = 0
     with torch.inference_mode(), _autocast(device, amp):
         for index, z in enumerate(starts[0]):
@@ -379,8 +386,8 @@ def _read_box(decode_mask: torch.Tensor | None, corner: Sequence[int], roi: Sequ
 def channels_last_convolutions(network: torch.nn.Module) -> torch.nn.Module:
     """Store every ``Conv3d`` weight of ``network`` channels-last (in place, values unchanged); returns it.
 
-    A 3D convolution with channels-last weights returns channels-last features, which oneDNN convolves without
-    the reorders to and from its blocked layout that the depth-wise convolution of the fusion block pays otherwise.
+    The network then keeps its feature maps channels-last too (``scripts.resnet_encoder.channels_last``, which CUDA
+    does by itself), the layout in which oneDNN runs the fusion block's depth-wise convolution 5x faster.
     """
     for module in network.modules():
         if isinstance(module, torch.nn.Conv3d):

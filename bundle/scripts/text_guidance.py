@@ -10,6 +10,7 @@
 """
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,14 @@ class ChannelLayerNorm(nn.Module):
         return self.norm(x.movedim(1, -1)).movedim(-1, 1)
 
 
+def pointwise(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A 1x1x1 convolution (its ``weight``, ``bias``) as one matrix product over the voxels:
+    ``[B, C, *spatial] -> [B, C', *spatial]``, channels-last. A CPU's 1x1x1 convolution returns channels-first
+    features whatever its input, and the depth-wise convolution after it ran 5x slower on those (bench/README.md)."""
+    last = features.dim() - 1  # positive axes: the ONNX exporter writes a negative one into Transpose as is
+    return F.linear(features.movedim(1, last), weight.flatten(1), bias).movedim(last, 1)
+
+
 class TextToVoxelAttention(nn.Module):
     """Multi-head attention with the conditioning vector as the only query and every voxel as key/value.
 
@@ -101,13 +110,15 @@ class TextToVoxelAttention(nn.Module):
     def forward(self, features: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         batch, channels = features.shape[0], features.shape[1]
         head_dim = channels // self.heads
-        key, value = self.key_value(features).flatten(2).chunk(2, dim=1)  # [B, C, voxels] each
-        key = F.normalize(key.reshape(batch, self.heads, head_dim, -1), dim=2)
-        value = value.reshape(batch, self.heads, head_dim, -1)
+        # Voxels as rows [B, N, C]: each head's normalisation then runs over contiguous memory.
+        key_value = pointwise(features, self.key_value.weight, self.key_value.bias)
+        key, value = key_value.movedim(1, key_value.dim() - 1).reshape(batch, -1, 2 * channels).chunk(2, dim=-1)
+        key = F.normalize(key.reshape(batch, -1, self.heads, head_dim), dim=-1)
+        value = value.reshape(batch, -1, self.heads, head_dim)
         query = self.query(cond)
         unit_query = F.normalize(query.reshape(batch, self.heads, head_dim), dim=-1)
-        logits = torch.einsum("bhc,bhcn->bhn", unit_query, key) * self.temperature.view(1, -1, 1)
-        attended = torch.einsum("bhn,bhcn->bhc", logits.softmax(dim=-1), value).reshape(batch, channels)
+        logits = torch.einsum("bhc,bnhc->bhn", unit_query, key) * self.temperature.view(1, -1, 1)
+        attended = torch.einsum("bhn,bnhc->bhc", logits.softmax(dim=-1), value).reshape(batch, channels)
         gate = torch.sigmoid(self.gate(query + attended))
         return features * gate.reshape(batch, channels, 1, 1, 1)
 
@@ -123,8 +134,8 @@ class GatedDepthwiseFeedForward(nn.Module):
         self.project = nn.Conv3d(hidden, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, content = self.depthwise(self.expand(x)).chunk(2, dim=1)
-        return self.project(F.gelu(gate) * content)
+        gate, content = self.depthwise(pointwise(x, self.expand.weight, self.expand.bias)).chunk(2, dim=1)
+        return pointwise(F.gelu(gate) * content, self.project.weight, self.project.bias)
 
 
 class TextGuidedFusion(nn.Module):

@@ -19,7 +19,7 @@ from .errors import config_flag
 from .liif import LIIFDecoder, make_coord
 from .network_scales import scale_config, text_encoder_config
 from .prompt import MODALITIES, Prompt, tokenize
-from .resnet_encoder import ResNetEncoder3d
+from .resnet_encoder import ResNetEncoder3d, channels_last
 from .text_guidance import ModalityEmbedding, TextConditioner, TextGuidedFusion
 
 CONDITIONINGS = ("text", "onehot")
@@ -112,7 +112,10 @@ class TUMSynNet(nn.Module):
         if not self.input_skip:
             return self.decoder.project(features)
         image = image.to(features.dtype)
-        return self.decoder.project(torch.cat([features, image], dim=1), image)
+        stacked = torch.cat([features, image], dim=1)
+        if channels_last(self.decoder.unfold_projection.weight):  # cat returns channels-first beside one channel
+            stacked = stacked.contiguous(memory_format=torch.channels_last_3d)
+        return self.decoder.project(stacked, image)
 
     def query(self, features: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """Intensities ``[B, N, 1]`` at ``coords [B, N, 3]`` for output voxels of size ``cell [B, N, 3]``."""
