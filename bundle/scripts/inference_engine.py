@@ -386,8 +386,8 @@ def _read_box(decode_mask: torch.Tensor | None, corner: Sequence[int], roi: Sequ
 def channels_last_convolutions(network: torch.nn.Module) -> torch.nn.Module:
     """Store every ``Conv3d`` weight of ``network`` channels-last (in place, values unchanged); returns it.
 
-    The network then keeps its feature maps channels-last too (``scripts.resnet_encoder.channels_last``, which CUDA
-    does by itself), the layout in which oneDNN runs the fusion block's depth-wise convolution 5x faster.
+    The network then keeps its feature maps channels-last too (``scripts.layout``; CUDA does so by itself), the
+    layout in which oneDNN runs the fusion block's depth-wise convolution 5x faster.
     """
     for module in network.modules():
         if isinstance(module, torch.nn.Conv3d):

@@ -25,6 +25,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+from .layout import cat_channels
+
 # The 8 corners of the latent cube around a query, as binary (lower 0 / upper 1) offsets per axis.
 _CORNER_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)])
 
@@ -90,7 +92,7 @@ class LIIFDecoder(nn.Module):
         if self.input_residual:
             if image is None:
                 raise ValueError("image: required by a decoder with input_residual")
-            latent = torch.cat([latent, image.to(latent.dtype)], dim=1)
+            latent = cat_channels(latent, image.to(latent.dtype))
         return latent
 
     def query(self, latent: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:

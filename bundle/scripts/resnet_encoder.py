@@ -13,17 +13,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .layout import channels_last
+
 RESIDUAL_SCALE = 0.1  # EDSR's residual scaling (Lim et al. 2017, Sec. 3.2)
-
-
-def channels_last(weight: torch.Tensor) -> bool:
-    """Whether a convolution's ``weight`` is stored channels-last (as ``channels_last_convolutions`` leaves it).
-
-    On a CPU a convolution's output follows its input's layout, not its weights', and a one-channel image has no
-    layout to follow (it is both), so feature maps would stay channels-first; oneDNN's depth-wise convolution then
-    ran 5x slower (bench/README.md). CUDA already picks channels-last when the weights are.
-    """
-    return weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
 
 
 class BasicBlock3d(nn.Module):
@@ -60,6 +52,6 @@ class ResNetEncoder3d(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         stem = self.stem(image)
-        if channels_last(self.stem.weight) or channels_last(self.body[-1].weight):
+        if channels_last(self.body[-1].weight):  # a one-channel image gives the stem no layout to follow
             stem = stem.contiguous(memory_format=torch.channels_last_3d)
         return stem + self.body(stem)

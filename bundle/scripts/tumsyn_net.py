@@ -16,10 +16,11 @@ from torch import nn
 
 from .bmlip import build_text_encoder, load_text_encoder
 from .errors import config_flag
+from .layout import cat_channels
 from .liif import LIIFDecoder, make_coord
 from .network_scales import scale_config, text_encoder_config
 from .prompt import MODALITIES, Prompt, tokenize
-from .resnet_encoder import ResNetEncoder3d, channels_last
+from .resnet_encoder import ResNetEncoder3d
 from .text_guidance import ModalityEmbedding, TextConditioner, TextGuidedFusion
 
 CONDITIONINGS = ("text", "onehot")
@@ -112,10 +113,7 @@ class TUMSynNet(nn.Module):
         if not self.input_skip:
             return self.decoder.project(features)
         image = image.to(features.dtype)
-        stacked = torch.cat([features, image], dim=1)
-        if channels_last(self.decoder.unfold_projection.weight):  # cat returns channels-first beside one channel
-            stacked = stacked.contiguous(memory_format=torch.channels_last_3d)
-        return self.decoder.project(stacked, image)
+        return self.decoder.project(cat_channels(features, image), image)
 
     def query(self, features: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """Intensities ``[B, N, 1]`` at ``coords [B, N, 3]`` for output voxels of size ``cell [B, N, 3]``."""
