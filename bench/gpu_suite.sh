@@ -3,7 +3,8 @@
 # scales, 1 mm and 5 mm inputs, the MNI field of view) and training throughput of both stages (fp32 and bf16).
 #   bash bench/gpu_suite.sh RESULTS_DIR [DATASET_DIR]
 # DATASET_DIR: a BIDS dataset for the training cases (default: the configs' simulated one). Every case's JSON row is
-# printed as it finishes; RESULTS_DIR gets one JSON file per benchmark run.
+# printed as it finishes; RESULTS_DIR gets one JSON file per benchmark run. Its first version took 470 s on an H200
+# up to the A/B runs; the untimed warm-up call per method that inference_speed.py now makes on a GPU adds to that.
 set -u
 results=${1:?usage: bash bench/gpu_suite.sh RESULTS_DIR [DATASET_DIR]}
 dataset=${2:-}
@@ -27,8 +28,11 @@ for precision in bf16 fp32; do
     inference "inference_paper_$precision" --scales paper --inputs 1mm 5mm --precision $precision
     training $precision
 done
-# Larger decode chunks and window batches: the CPU defaults are sized for a CPU cache, not a GPU.
-inference inference_small_mni_bf16_chunk65536 --scales small --source mni --inputs 1mm --precision bf16 \
-    --query_chunk 65536 --sw_batch_size 4
-inference inference_paper_bf16_chunk65536 --scales paper --inputs 1mm --precision bf16 --query_chunk 65536 \
-    --sw_batch_size 4
+# A/B of the GPU defaults (65536 voxels per decode chunk, 4 windows per batch) against the CPU's (4096, 1), and of
+# training data loading in worker processes.
+inference inference_small_mni_bf16_cpu_chunks --scales small --source mni --inputs 1mm --precision bf16 \
+    --query_chunk 4096 --sw_batch_size 1
+inference inference_paper_bf16_cpu_chunks --scales paper --inputs 1mm --precision bf16 --query_chunk 4096 \
+    --sw_batch_size 1
+$python "$here/training_speed.py" --device cuda --threads 8 --steps 6 --subjects 4 --precision bf16 --stages 2 \
+    --num_workers 4 --timeout 180 --output "$results/training_bf16_workers4.json" ${dataset:+--dataset_dir "$dataset"}
