@@ -187,9 +187,8 @@ def synthesize_volume(
     ``crop_margin`` (with a ``decode_mask``): the windows tile only the box of the latents the masked-in voxels
     read, plus that many input voxels of context, and each window is cut to the same box of its own voxels, so
     background far from the head is not encoded either (a head padded into a wider field of view costs nothing
-    more). Unlike
-    skipping whole windows this changes the decoded values (the encoder's zero padding moves, and the fusion
-    attention pools over the cut window); bench/README.md measures the quality. None: whole windows.
+    more). Unlike skipping whole windows this changes the decoded values (the encoder's zero padding moves, and the
+    fusion attention pools over the cut window); bench/README.md measures the quality. None: whole windows.
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"image: expected shape [1, D, H, W], got {list(image.shape)}")

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .layout import channels_last
+from .layout import is_channels_last
 
 RESIDUAL_SCALE = 0.1  # EDSR's residual scaling (Lim et al. 2017, Sec. 3.2)
 
@@ -52,6 +52,6 @@ class ResNetEncoder3d(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         stem = self.stem(image)
-        if channels_last(self.body[-1].weight):  # a one-channel image gives the stem no layout to follow
+        if is_channels_last(self.body[-1].weight):  # a one-channel image gives the stem no layout to follow
             stem = stem.contiguous(memory_format=torch.channels_last_3d)
         return stem + self.body(stem)

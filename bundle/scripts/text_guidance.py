@@ -10,12 +10,12 @@
 """
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import pointwise
 from .prompt import MODALITIES
 
 
@@ -77,14 +77,6 @@ class ChannelLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x.movedim(1, -1)).movedim(-1, 1)
-
-
-def pointwise(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """A 1x1x1 convolution (its ``weight``, ``bias``) as one matrix product over the voxels:
-    ``[B, C, *spatial] -> [B, C', *spatial]``, channels-last. A CPU's 1x1x1 convolution returns channels-first
-    features whatever its input, and the depth-wise convolution after it ran 5x slower on those (bench/README.md)."""
-    last = features.dim() - 1  # positive axes: the ONNX exporter writes a negative one into Transpose as is
-    return F.linear(features.movedim(1, last), weight.flatten(1), bias).movedim(last, 1)
 
 
 class TextToVoxelAttention(nn.Module):
