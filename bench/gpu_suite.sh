@@ -18,15 +18,16 @@ inference() {  # name, then inference_speed.py arguments
     local name=$1; shift
     $python "$here/inference_speed.py" --device cuda --threads 8 --timeout 180 --output "$results/$name.json" "$@"
 }
-training() {  # precision
-    $python "$here/training_speed.py" --device cuda --threads 8 --steps 6 --subjects 4 --precision "$1" \
-        --timeout 180 --output "$results/training_$1.json" ${dataset:+--dataset_dir "$dataset"}
+training() {  # name, then training_speed.py arguments
+    local name=$1; shift
+    $python "$here/training_speed.py" --device cuda --threads 8 --steps 6 --subjects 4 --timeout 180 \
+        --output "$results/$name.json" ${dataset:+--dataset_dir "$dataset"} "$@"
 }
 # The frame first (182x218x182 mm, from 1 mm and from 5 mm inputs), both scales, then training.
 for precision in bf16 fp32; do
     inference "inference_small_mni_$precision" --scales small --source mni --inputs 1mm 5mm --precision $precision
     inference "inference_paper_$precision" --scales paper --inputs 1mm 5mm --precision $precision
-    training $precision
+    training "training_$precision" --precision $precision
 done
 # A/B of the GPU defaults (65536 voxels per decode chunk, 4 windows per batch) against the CPU's (4096, 1), and of
 # training data loading in worker processes.
@@ -34,5 +35,4 @@ inference inference_small_mni_bf16_cpu_chunks --scales small --source mni --inpu
     --query_chunk 4096 --sw_batch_size 1
 inference inference_paper_bf16_cpu_chunks --scales paper --inputs 1mm --precision bf16 --query_chunk 4096 \
     --sw_batch_size 1
-$python "$here/training_speed.py" --device cuda --threads 8 --steps 6 --subjects 4 --precision bf16 --stages 2 \
-    --num_workers 4 --timeout 180 --output "$results/training_bf16_workers4.json" ${dataset:+--dataset_dir "$dataset"}
+training training_bf16_workers4 --precision bf16 --stages 2 --num_workers 4
