@@ -3,7 +3,7 @@
     .venv/bin/python bench/inference_speed.py [--scales small paper] [--inputs 1mm 5mm] [--fov_scale 1.0]
                                               [--threads 2] [--device cpu|cuda] [--precision fp32|bf16]
                                               [--source subject|mni|real|synthetic] [--query_chunk N]
-                                              [--sw_batch_size N]
+                                              [--sw_batch_size N] [--crop_margin N|none]
 
 Each (scale, input) case runs in its own subprocess; inside it both methods run one after the other on the same
 network and input, so the speed-up is a ratio measured side by side:
@@ -173,7 +173,7 @@ def load_case(source: str, input_name: str, fov_scale: float):
 
 def config_inferer(scale: str, precision: str, overrides: dict):
     """The ``inferer`` of ``configs/inference.yaml`` at ``scale`` (no progress bar), its autocast on for ``bf16``,
-    with the given values of its top-level keys (``query_chunk``, ``sw_batch_size``)."""
+    with the given values of its top-level keys (``query_chunk``, ``sw_batch_size``, ``crop_margin``)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -181,7 +181,7 @@ def config_inferer(scale: str, precision: str, overrides: dict):
     parser["inferer"]["progress"] = False
     parser["scale"] = scale
     parser["amp"] = precision == "bf16"
-    parser.update({key: value for key, value in overrides.items() if value is not None})
+    parser.update(overrides)
     return parser.get_parsed_content("inferer")
 
 
@@ -260,6 +260,9 @@ def print_table(rows: list[dict]) -> None:
         print(" | ".join("x".join(map(str, c)) if isinstance(c, list) else str(c) for c in cells))
 
 
+OVERRIDES = ("query_chunk", "sw_batch_size", "crop_margin")  # engine settings a run may change (config keys)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scales", nargs="+", default=["small", "paper"])
@@ -272,15 +275,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="bf16: the engine's autocast (GPU only; the CPU runs fp32 either way)")
-    parser.add_argument("--query_chunk", type=int, help="default: the config's")
-    parser.add_argument("--sw_batch_size", type=int, help="default: the config's")
+    parser.add_argument("--query_chunk", help="default: the config's")
+    parser.add_argument("--sw_batch_size", help="default: the config's")
+    parser.add_argument("--crop_margin", help="default: the config's; none: whole windows")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per case")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "inference_speed.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case and print its JSON
     args = parser.parse_args()
     if args.case:
         scale, input_name, source = args.case.split(",")
-        overrides = {"query_chunk": args.query_chunk, "sw_batch_size": args.sw_batch_size}
+        overrides = {key: int(value) if value.lower() != "none" else None
+                     for key, value in vars(args).items() if key in OVERRIDES and value is not None}
         print(json.dumps(run_case(scale, input_name, source, args.fov_scale, args.threads, args.device,
                                   args.precision, overrides, args.methods)))
         return
@@ -292,7 +297,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--case", f"{scale},{input_name},{source}", "--fov_scale",
                        str(args.fov_scale), "--threads", str(args.threads), "--device", args.device,
                        "--precision", args.precision, "--methods", *args.methods]
-            for key in ("query_chunk", "sw_batch_size"):
+            for key in OVERRIDES:
                 if getattr(args, key) is not None:
                     command += [f"--{key}", str(getattr(args, key))]
             rows.append(run_isolated(command, args.timeout, {"scale": scale, "input": input_name}))

@@ -35,9 +35,12 @@ class CountingNet(torch.nn.Module):
         super().__init__()
         self.network, self.windows = network, 0
 
-    def encode(self, image, tokens=None, modality=None):
+    def embed_condition(self, tokens=None, modality=None):
+        return self.network.embed_condition(tokens, modality)
+
+    def encode(self, image, tokens=None, modality=None, condition=None):
         self.windows += image.shape[0]
-        return self.network.encode(image, tokens, modality)
+        return self.network.encode(image, tokens, modality, condition)
 
     def query(self, latent, coords, cell):
         return self.network.query(latent, coords, cell)
@@ -158,9 +161,9 @@ class ShapeRecordingNet(CountingNet):
         super().__init__(network)
         self.voxels = 0
 
-    def encode(self, image, tokens=None, modality=None):
+    def encode(self, image, tokens=None, modality=None, condition=None):
         self.voxels += image[0, 0].numel() * image.shape[0]
-        return super().encode(image, tokens, modality)
+        return super().encode(image, tokens, modality, condition)
 
 
 def test_windows_cut_to_the_foreground_encode_less_and_decode_close(network):
@@ -220,3 +223,21 @@ def test_fitted_windows_tile_the_axis_with_fewer_voxels(size, largest, overlap):
     assert window * len(starts) <= largest * len(clamped)
     if (size, largest, overlap) == (157, 64, 0.1):  # the demo head's first axis: 171 voxels encoded, not 192
         assert (window, starts) == (57, [0, 50, 100])
+
+
+def test_the_prompt_is_embedded_once_per_volume_and_shared_by_every_window(network):
+    image, tokens = head_like((30, 26, 22)), tokenize(T2W)
+    calls = []
+    hook = network.conditioner.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        counting = CountingNet(network)
+        synthesize_volume(counting, image, tokens, (30, 26, 22), roi_size=(12, 12, 12), progress=False)
+    finally:
+        hook.remove()
+    assert counting.windows > 4 and calls == [1]
+    with torch.inference_mode():
+        crops = torch.rand(3, 1, 10, 12, 8)
+        shared = network.encode(crops, condition=network.embed_condition(tokens))
+        torch.testing.assert_close(shared, network.encode(crops, tokens))
+        with pytest.raises(ValueError, match="condition: batch 2 != image batch 3"):
+            network.encode(crops, condition=network.embed_condition(tokens.expand(2, -1)))

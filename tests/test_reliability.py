@@ -284,7 +284,7 @@ def test_atomic_path_publishes_only_on_success(tmp_path):
 
 
 class FailingNet(SamplingNet):
-    def encode(self, image, tokens=None, modality=None):
+    def encode(self, image, tokens=None, modality=None, condition=None):
         raise RuntimeError("CUDA out of memory (simulated)")
 
 

@@ -174,7 +174,8 @@ def synthesize_volume(
 
     ``image [1, D, H, W]`` is normalised; ``tokens [1, L]`` (or ``modality [1]``) is the target condition. Output
     voxel j of n along an axis of n_in input voxels sits at normalised coordinate -1 + (2j + 1) / n. Runs on the
-    network's device and returns float32 on the CPU.
+    network's device and returns float32 on the CPU. ``network``: what ``TUMSynNet`` offers (``embed_condition``
+    once per volume, ``encode`` per window, ``query``).
 
     ``decode_mask`` (bool, ``out_shape``; e.g. ``foreground_mask``): only its voxels are decoded, the rest are 0,
     and windows no such voxel reads are not encoded. Every decoded voxel equals the unmasked result (a query reads
@@ -208,8 +209,6 @@ def synthesize_volume(
         starts = [_window_starts(n, r, overlap) for n, r in zip(lengths, roi)]
     starts = [[low + start for start in axis] for (low, _), axis in zip(span, starts)]
     window_weight = gaussian_window(roi, sigma_scale, device)
-    tokens = None if tokens is None else tokens.to(device)
-    modality = None if modality is None else modality.to(device)
 
     # Output row j (first axis) reads latent rows around its continuous input index u_j.
     rows_ratio = in_shape[0] / out_shape[0]
@@ -225,6 +224,9 @@ def synthesize_volume(
     slab_low = starts[0][0]  # first input row still needed; the slab starts there once a window is encoded
     next_row = 0
     with torch.inference_mode(), _autocast(device, amp):
+        # One embedding of the prompt for every window (on a GPU the text tower's launches cost more than its sums).
+        condition = network.embed_condition(None if tokens is None else tokens.to(device),
+                                            None if modality is None else modality.to(device))
         for index, z in enumerate(starts[0]):
             boxes = [_read_box(decode_mask, (z, y, x), roi, in_shape, out_shape, crop_margin) for y, x in windows]
             read = [((z, y, x), box) for (y, x), box in zip(windows, boxes) if box is not None]
@@ -234,7 +236,7 @@ def synthesize_volume(
                 for _, group in itertools.groupby(batch, key=lambda item: [high - low for low, high in item[1]]):
                     group = list(group)
                     crops = torch.stack([image[(slice(None), *_slices(box))] for _, box in group])
-                    encoded = network.encode(crops.to(device), tokens, modality).float()
+                    encoded = network.encode(crops.to(device), condition=condition).float()
                     if slab is None:
                         slab = _LatentSlab(encoded.shape[1], roi[0] + 2 * QUERY_HALO + 1, in_shape[1:], device,
                                            slab_low)

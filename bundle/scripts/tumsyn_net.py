@@ -90,26 +90,38 @@ class TUMSynNet(nn.Module):
             "default_modality", torch.tensor([MODALITIES.index(DEFAULT_MODALITY)]), persistent=False
         )
 
+    def embed_condition(self, tokens: Optional[torch.Tensor] = None, modality: Optional[torch.Tensor] = None
+                        ) -> torch.Tensor:
+        """The conditioning vectors ``[N, cond_dim]`` of prompts ``tokens [N, L]`` (or modalities ``[N]``); None: the
+        default prompt. ``encode`` computes them itself; the inference engine computes one per volume and passes it
+        to every window (on a GPU the text tower's launches per window cost more than its arithmetic)."""
+        if self.conditioning == "text":
+            return self.conditioner(self.default_tokens if tokens is None else tokens)
+        return self.conditioner(self.default_modality if modality is None else modality)
+
     def encode(
-        self, image: torch.Tensor, tokens: Optional[torch.Tensor] = None, modality: Optional[torch.Tensor] = None
+        self,
+        image: torch.Tensor,
+        tokens: Optional[torch.Tensor] = None,
+        modality: Optional[torch.Tensor] = None,
+        condition: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``image [B, 1, D, H, W]`` -> latent features ``[B, decoder_hidden[0] (+ 1 with input_skip), D, H, W]``
         for ``query``.
 
-        One prompt (``tokens [1, L]``) or modality (``[1]``) is shared by the whole batch.
+        One prompt (``tokens [1, L]``), modality (``[1]``) or ``condition`` (``embed_condition``'s ``[1, cond_dim]``)
+        may be shared by the whole batch; ``condition`` replaces ``tokens`` and ``modality``.
         """
         if image.dim() != 5 or image.shape[1] != 1:
             raise ValueError(f"image: expected shape [B, 1, D, H, W], got {list(image.shape)}")
         batch = image.shape[0]
-        if self.conditioning == "text":
-            condition = self.default_tokens if tokens is None else tokens
-        else:
-            condition = self.default_modality if modality is None else modality
+        if condition is None:
+            condition = self.embed_condition(tokens, modality)
         if condition.shape[0] == 1:
-            condition = condition.expand([batch] + list(condition.shape[1:]))
+            condition = condition.expand(batch, condition.shape[1])
         elif condition.shape[0] != batch:
             raise ValueError(f"{self.conditioning} condition: batch {condition.shape[0]} != image batch {batch}")
-        features = self.fusion(self.encoder(image), self.conditioner(condition))
+        features = self.fusion(self.encoder(image), condition)
         if not self.input_skip:
             return self.decoder.project(features)
         image = image.to(features.dtype)
