@@ -23,12 +23,13 @@ its 0.9 x 0.9 x 5 mm axial FLAIR: brain-extracted, on a grid cropped tightly aro
 two images zero-padded to the MNI152 1 mm field of view, 182 x 218 x 182 mm, the frame TUMSyn's official
 preprocessing registers inputs to), ``real`` (the real patient of ``../shared/data/real/bids``, 1 mm only: its
 brain-extracted T1w on the SRI24 atlas grid, 240 x 240 x 155, reference its T2w) or
-``synthetic`` (default for the paper scale, which has no weights: random weights on a brain-shaped 182x218x182 mm
-volume at 1 mm and at 1 x 1 x 5 mm). ``--fov_scale`` keeps the central
-fraction of the field of view per axis (the paper scale on a CPU: see bench/README.md). Peak memory is the process's
-resident high-water mark (``VmHWM``, reset before each method), ``rss_start`` the resident size before synthesis,
-and on a GPU also ``torch.cuda.max_memory_allocated``. On a GPU each method runs once untimed first (from this
-version on: the GPU numbers in bench/README.md were single cold calls).
+``synthetic`` (default for the paper scale: an ellipsoidal 'brain' filling 37 % of a 182x218x182 mm volume, at 1 mm
+and at 1 x 1 x 5 mm; a real head in that frame fills 24 %). The paper scale has no trained weights: it runs with
+random weights on any source, so ``--scales paper --source mni`` times it on the demo subject's head.
+``--fov_scale`` keeps the central fraction of the field of view per axis (the paper scale on a CPU: see
+bench/README.md). Peak memory is the process's resident high-water mark (``VmHWM``, reset before each method),
+``rss_start`` the resident size before synthesis, and on a GPU also ``torch.cuda.max_memory_allocated``. On a GPU
+each method runs once untimed first, so the timings are warm calls.
 Prints a table and writes ``bench/results/inference_speed.json``.
 """
 
@@ -202,7 +203,7 @@ def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads
     out_shape, _ = output_grid(array.shape, np.diag([*spacing, 1.0]), (1.0, 1.0, 1.0))
     image = torch.from_numpy(np.ascontiguousarray(array))[None]
     network = build_tumsyn_net(scale).eval()
-    if source != "synthetic":
+    if scale == "small" and source != "synthetic":  # the paper scale has no trained weights: random ones
         load_network_weights(network, os.path.join(REPO, "bundle", "models", "model.pt"))
     network = channels_last_convolutions(network.to(device))
     tokens = tokenize(PROMPT)

@@ -1,5 +1,6 @@
 """Training data pipeline and the stage-1/stage-2 training configs, on a tiny synthetic BIDS dataset."""
 
+import copy
 import json
 import math
 import os
@@ -392,6 +393,22 @@ def test_configs_train_on_prompts_with_dropped_fields(config, dataset, tmp_path)
     prompt = Prompt.parse(sample["prompt"])
     assert prompt.render() == Prompt(modality=prompt.modality).render()
     assert torch.equal(torch.as_tensor(sample["tokens"]), tokenize(prompt.render())[0])
+
+
+def test_stage2_patches_leave_the_uncopied_cache_intact(dataset, tmp_path):
+    """The stage-2 cache is not copied per load (``copy_cache: false``): drawing patches must not write into it."""
+    workflow = _workflow(STAGE2, dataset, tmp_path, device="cpu", conditioning="onehot")
+    workflow.initialize()
+    cached = workflow.parser.get_parsed_content("train#dataset")
+    assert cached.copy_cache is False
+    before = [{key: copy.deepcopy(value) for key, value in item.items()} for item in cached._cache]
+    for _ in range(2):
+        for batch in workflow.parser.get_parsed_content("train#dataloader"):
+            assert batch["image"].shape[0] > 0
+    for item, original in zip(cached._cache, before):
+        assert torch.equal(torch.as_tensor(item["images"]), torch.as_tensor(original["images"]))
+        assert item["prompts"] == original["prompts"]
+        assert torch.equal(torch.as_tensor(item["tokens"]), torch.as_tensor(original["tokens"]))
 
 
 # ------------------------------------------------------------------------------------- text embedding checks
