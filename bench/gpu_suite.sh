@@ -28,6 +28,8 @@ training() {  # name, then training_speed.py arguments
 inference inference_small_mni_fp32 --scales small --source mni --inputs 1mm 5mm --precision fp32
 inference inference_small_mni_bf16 --scales small --source mni --inputs 1mm 5mm --precision bf16
 inference inference_paper_fp32 --scales paper --inputs 1mm 5mm --precision fp32
+# The paper scale on a real head's share of the grid (the demo subject in the MNI frame, random weights).
+inference inference_paper_mni_bf16 --scales paper --source mni --inputs 1mm 5mm --precision bf16
 training training_fp32_stage2 --precision fp32 --stages 2
 training training_fp32_stage2_workers4 --precision fp32 --stages 2 --scales small --num_workers 4
 # Engine only: whole windows (one shape, so sw_batch_size batches them) and larger decode chunks.
