@@ -164,3 +164,9 @@ def test_task_specific_models_load_for_their_pair_only(tmp_path, caplog):
     assert all(methods[0].applies_to(t) for t in TASKS)
     with pytest.raises(ValueError, match="^task_models: expected 'source->target' .* got 'T2w->Flair'"):
         load_methods(lambda conditioning: None, MODEL, None, {"T2w->Flair": weights})
+    # The command line passes null as a word: no task-specific models; anything else that is not a mapping is refused.
+    methods = load_methods(lambda conditioning: build_tumsyn_net("small", conditioning=conditioning), MODEL, None,
+                           "null")
+    assert [m.name for m in methods] == ["tumsyn", "identity", "oracle-lut"]
+    with pytest.raises(ValueError, match="^task_models: expected a mapping .* got 'T2w'"):
+        load_methods(lambda conditioning: None, MODEL, None, "T2w")

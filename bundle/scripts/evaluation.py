@@ -147,7 +147,13 @@ TASK_SPECIFIC = "task-specific"
 def load_methods(build_network, ckpt_path: str, onehot_ckpt_path: str | None,
                  task_models: dict[str, str] | None = None) -> list[Method]:
     """The shipped model, the one-hot ablation and the task-specific models (``{'T2w->FLAIR': path}``, one-hot
-    networks) whose weights exist, the identity and the oracle-LUT baselines."""
+    networks) whose weights exist, the identity and the oracle-LUT baselines. ``task_models`` None, or the word
+    ``null``/``none`` as a command line passes it, leaves them out."""
+    if isinstance(task_models, str) and task_models.strip().lower() in ("", "null", "none"):
+        task_models = None
+    if task_models is not None and not isinstance(task_models, dict):
+        raise UserInputError(f"task_models: expected a mapping of 'source->target' to weights files, or null; got "
+                             f"{task_models!r}")
     task_models = dict(task_models or {})
     pairs = parse_tasks(list(task_models), "task_models") if task_models else []  # a bad name fails before loading
     methods = [Method("tumsyn", load_network_weights(build_network("text"), ckpt_path))]
