@@ -183,6 +183,11 @@ def test_windows_cut_to_the_foreground_encode_less_and_decode_close(network):
     assert 25 < 10 * math.log10(float((reference[mask] ** 2).mean()) / difference) < 200  # close, not equal
     with pytest.raises(ValueError, match="crop_margin"):
         TUMSynInferer(crop_margin=4, skip_background=False)
+    # What the command line passes: the words null/None mean whole windows, digits a margin, anything else is refused.
+    assert TUMSynInferer(crop_margin="null").settings["crop_margin"] is None
+    assert TUMSynInferer(crop_margin="2").settings["crop_margin"] == 2
+    with pytest.raises(ValueError, match="^crop_margin: expected null or a number of voxels >= 0"):
+        TUMSynInferer(crop_margin="-1")
     no_margin = synthesize_volume(network, image, tokens, shape, crop_margin=0, **options)[0]
     assert torch.isfinite(no_margin).all() and no_margin[~mask].abs().max() == 0
 

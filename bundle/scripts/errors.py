@@ -46,6 +46,12 @@ def config_flag(value: Any, key: str) -> bool:
     return _FLAG_WORDS[word]
 
 
+def config_null(value: Any) -> Any:
+    """``value``, or None for the words ``null``/``none`` (any case): ``fire`` passes ``--key null`` through as the
+    string ``'null'`` (only ``None`` becomes None), where the configs document ``null``."""
+    return None if isinstance(value, str) and value.strip().lower() in ("null", "none") else value
+
+
 def one_line(error: BaseException) -> str:
     """``Type: first line of the message`` of a library's exception, to quote inside a one-line error."""
     lines = str(error).strip().splitlines()

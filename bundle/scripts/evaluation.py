@@ -29,7 +29,7 @@ import torch
 from scipy.ndimage import map_coordinates
 
 from .bids_data import parse_tasks
-from .errors import UserInputError
+from .errors import UserInputError, config_null
 from .inference_engine import TUMSynInferer, load_network_weights, read_datalist_rows, synthesize_image, target_prompt
 from .intensity import normalize_intensity
 from .metrics import compare, oracle_lookup_table, tissue_volumes
@@ -149,8 +149,7 @@ def load_methods(build_network, ckpt_path: str, onehot_ckpt_path: str | None,
     """The shipped model, the one-hot ablation and the task-specific models (``{'T2w->FLAIR': path}``, one-hot
     networks) whose weights exist, the identity and the oracle-LUT baselines. ``task_models`` None, or the word
     ``null``/``none`` as a command line passes it, leaves them out."""
-    if isinstance(task_models, str) and task_models.strip().lower() in ("", "null", "none"):
-        task_models = None
+    task_models = config_null(task_models)
     if task_models is not None and not isinstance(task_models, dict):
         raise UserInputError(f"task_models: expected a mapping of 'source->target' to weights files, or null; got "
                              f"{task_models!r}")

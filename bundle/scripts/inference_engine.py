@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import scripts
 
-from .errors import UserInputError, guard_text_fields, one_line
+from .errors import UserInputError, config_null, guard_text_fields, one_line
 from .intensity import METHODS as INTENSITY_METHODS
 from .intensity import normalize_intensity
 from .liif import make_coord
@@ -429,9 +429,10 @@ class TUMSynInferer(Inferer):
                  fit_windows: bool = True, channels_last: bool = True, input_normalisation: str = "percentile"):
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
-        if crop_margin is not None and (int(crop_margin) < 0 or not skip_background):
-            raise ValueError(f"crop_margin: expected None or a number of voxels >= 0 with skip_background, got "
-                             f"{crop_margin!r} (skip_background={skip_background!r})")
+        crop_margin = config_null(crop_margin)  # --crop_margin null: whole windows
+        if crop_margin is not None and (not str(crop_margin).isdigit() or not skip_background):
+            raise UserInputError(f"crop_margin: expected null or a number of voxels >= 0 with skip_background, got "
+                                 f"{crop_margin!r} (skip_background={skip_background!r})")
         if len(roi_size) != 3 or query_chunk < 1 or sw_batch_size < 1:
             raise ValueError(f"roi_size, query_chunk, sw_batch_size: expected 3 window sizes (<= 0: whole axis) and "
                              f"positive sizes, got {list(roi_size)}, {query_chunk}, {sw_batch_size}")
