@@ -50,6 +50,8 @@ VARIANTS = {
     "fit_ov10_crop4_bf16": {**NOW, "overlap": 0.1, "fit_windows": True, "crop_margin": 4, "cpu_bf16": True},
     "fit_ov10_crop2": {**NOW, "overlap": 0.1, "fit_windows": True, "crop_margin": 2},
     "fit_ov10_crop0": {**NOW, "overlap": 0.1, "fit_windows": True, "crop_margin": 0},
+    "fit128_ov10_crop0": {**NOW, "roi_size": (128, 128, 128), "overlap": 0.1, "fit_windows": True, "crop_margin": 0},
+    "whole_crop0": {**NOW, "roi_size": (0, 0, 0), "fit_windows": True, "crop_margin": 0},  # one window: the head's box
     "fit_ov05_crop4": {**NOW, "overlap": 0.05, "fit_windows": True, "crop_margin": 4},
     "fit_ov05_crop2": {**NOW, "overlap": 0.05, "fit_windows": True, "crop_margin": 2},
     "fit_ov00_crop4": {**NOW, "overlap": 0.0, "fit_windows": True, "crop_margin": 4},

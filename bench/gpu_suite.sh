@@ -24,13 +24,19 @@ training() {  # name, then training_speed.py arguments
         --output "$results/$name.json" ${dataset:+--dataset_dir "$dataset"} "$@"
 }
 # Most wanted first (a time limit cuts the tail): the frame (182x218x182 mm, from 1 mm and from 5 mm inputs)
-# at both scales, then training data loading in the process and in workers, A/B runs of engine settings, bf16.
+# at both scales, stage-2 training, a profile, then bf16 at the small scale, the synthetic head, training data
+# loading in workers and A/B runs of engine settings.
 inference inference_small_mni_fp32 --scales small --source mni --inputs 1mm 5mm --precision fp32
-inference inference_small_mni_bf16 --scales small --source mni --inputs 1mm 5mm --precision bf16
-inference inference_paper_fp32 --scales paper --inputs 1mm 5mm --precision fp32
 # The paper scale on a real head's share of the grid (the demo subject in the MNI frame, random weights).
 inference inference_paper_mni_bf16 --scales paper --source mni --inputs 1mm 5mm --precision bf16
+inference inference_paper_mni_fp32 --scales paper --source mni --inputs 1mm 5mm --precision fp32
 training training_fp32_stage2 --precision fp32 --stages 2
+# Where a warm call's GPU time goes, and each convolution kind by kernel path.
+timeout 180 $python "$here/profile_engine.py" --scale paper --source mni --precision bf16 \
+    --output "$results/profile_paper_mni_bf16.json" 2>&1 | tail -32
+$python "$here/conv_paths.py" --device cuda --precision bf16 --output "$results/conv_paths_bf16.json" | tail -24
+inference inference_small_mni_bf16 --scales small --source mni --inputs 1mm 5mm --precision bf16
+inference inference_paper_fp32 --scales paper --inputs 1mm 5mm --precision fp32
 training training_fp32_stage2_workers4 --precision fp32 --stages 2 --scales small --num_workers 4
 # Engine only: whole windows (one shape, so sw_batch_size batches them) and larger decode chunks.
 inference inference_small_mni_fp32_whole_windows --scales small --source mni --inputs 1mm --methods engine \

@@ -3,7 +3,8 @@
     .venv/bin/python bench/inference_speed.py [--scales small paper] [--inputs 1mm 5mm] [--fov_scale 1.0]
                                               [--threads 2] [--device cpu|cuda] [--precision fp32|bf16]
                                               [--source subject|mni|real|synthetic] [--query_chunk N]
-                                              [--sw_batch_size N] [--crop_margin N|none]
+                                              [--sw_batch_size N] [--crop_margin N|none] [--roi_size N]
+                                              [--cudnn_benchmark]
 
 Each (scale, input) case runs in its own subprocess; inside it both methods run one after the other on the same
 network and input, so the speed-up is a ratio measured side by side:
@@ -29,7 +30,8 @@ random weights on any source, so ``--scales paper --source mni`` times it on the
 ``--fov_scale`` keeps the central fraction of the field of view per axis (the paper scale on a CPU: see
 bench/README.md). Peak memory is the process's resident high-water mark (``VmHWM``, reset before each method),
 ``rss_start`` the resident size before synthesis, and on a GPU also ``torch.cuda.max_memory_allocated``. On a GPU
-each method runs once untimed first, so the timings are warm calls.
+each method runs once untimed first (``*_first_call_seconds``: what one volume in a fresh process pays), so the
+timings are warm calls; ``--cudnn_benchmark`` lets cuDNN time its convolution algorithms per input shape.
 Prints a table and writes ``bench/results/inference_speed.json``.
 """
 
@@ -187,7 +189,7 @@ def config_inferer(scale: str, precision: str, overrides: dict):
 
 
 def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads: int, device_name: str,
-             precision: str, overrides: dict, methods: list[str]) -> dict:
+             precision: str, overrides: dict, methods: list[str], cudnn_benchmark: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -198,6 +200,7 @@ def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     device = torch.device(device_name)
     array, spacing, reference = load_case(source, input_name, fov_scale)
     out_shape, _ = output_grid(array.shape, np.diag([*spacing, 1.0]), (1.0, 1.0, 1.0))
@@ -210,7 +213,7 @@ def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads
     inferer = config_inferer(scale, precision, overrides)
     foreground = foreground_mask(image, out_shape)
     row = {"scale": scale, "input": input_name, "source": source, "device": device_name, "threads": threads,
-           "precision": precision,
+           "precision": precision, "cudnn_benchmark": cudnn_benchmark,
            "processor": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
            "input_shape": list(array.shape), "input_spacing": list(spacing), "output_shape": list(out_shape),
            "foreground_fraction": round(float(foreground.float().mean()), 3),
@@ -226,8 +229,10 @@ def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads
     outputs = {}
     for method in methods:
         if device.type == "cuda":  # untimed first call: CUDA, cuDNN and cuBLAS set up once per process and shape
+            first_call = time.perf_counter()
             synthesize(method)
             torch.cuda.synchronize()
+            row[f"{method}_first_call_seconds"] = round(time.perf_counter() - first_call, 2)
         _reset_peak_memory(device)
         wall, cpu = time.perf_counter(), time.process_time()
         output = synthesize(method)
@@ -261,7 +266,15 @@ def print_table(rows: list[dict]) -> None:
         print(" | ".join("x".join(map(str, c)) if isinstance(c, list) else str(c) for c in cells))
 
 
-OVERRIDES = ("query_chunk", "sw_batch_size", "crop_margin")  # engine settings a run may change (config keys)
+# Engine settings a run may change (config keys).
+OVERRIDES = ("query_chunk", "sw_batch_size", "crop_margin", "roi_size")
+
+
+def parse_override(key: str, value: str):
+    """A command-line override as the config's value: ``none`` is None; ``roi_size`` N is a cube (0: whole axes)."""
+    if value.lower() == "none":
+        return None
+    return [int(value)] * 3 if key == "roi_size" else int(value)
 
 
 def main() -> None:
@@ -279,16 +292,18 @@ def main() -> None:
     parser.add_argument("--query_chunk", help="default: the config's")
     parser.add_argument("--sw_batch_size", help="default: the config's")
     parser.add_argument("--crop_margin", help="default: the config's; none: whole windows")
+    parser.add_argument("--roi_size", help="default: the config's; N: windows of N^3 at most; 0: the head's box")
+    parser.add_argument("--cudnn_benchmark", action="store_true", help="cuDNN times algorithms per shape (GPU)")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per case")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "inference_speed.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case and print its JSON
     args = parser.parse_args()
     if args.case:
         scale, input_name, source = args.case.split(",")
-        overrides = {key: int(value) if value.lower() != "none" else None
+        overrides = {key: parse_override(key, value)
                      for key, value in vars(args).items() if key in OVERRIDES and value is not None}
         print(json.dumps(run_case(scale, input_name, source, args.fov_scale, args.threads, args.device,
-                                  args.precision, overrides, args.methods)))
+                                  args.precision, overrides, args.methods, args.cudnn_benchmark)))
         return
 
     rows = []
@@ -301,6 +316,7 @@ def main() -> None:
             for key in OVERRIDES:
                 if getattr(args, key) is not None:
                     command += [f"--{key}", str(getattr(args, key))]
+            command += ["--cudnn_benchmark"] if args.cudnn_benchmark else []
             rows.append(run_isolated(command, args.timeout, {"scale": scale, "input": input_name}))
             print(json.dumps(rows[-1]), flush=True)
     print_table(rows)

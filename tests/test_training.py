@@ -411,6 +411,25 @@ def test_stage2_patches_leave_the_uncopied_cache_intact(dataset, tmp_path):
         assert torch.equal(torch.as_tensor(item["tokens"]), torch.as_tensor(original["tokens"]))
 
 
+@pytest.mark.parametrize("method", ["percentile", "wm_peak"])
+def test_stage2_intensity_normalisation_scales_training_and_validation_images(dataset, tmp_path, method):
+    from scripts.intensity import WM_PEAK_LEVEL, white_matter_peak
+
+    def landmark(image):
+        values = np.asarray(image, dtype=np.float32)
+        values = values[values > 0]
+        return white_matter_peak(values) / WM_PEAK_LEVEL if method == "wm_peak" else np.percentile(values, 99)
+
+    workflow = _workflow(STAGE2, dataset, tmp_path, device="cpu", conditioning="onehot",
+                         intensity_normalisation=method)
+    workflow.initialize()
+    training_images = workflow.parser.get_parsed_content("train#dataset")._cache[0]["images"]
+    validation = workflow.parser.get_parsed_content("validate#dataset")._cache[0]
+    images = [*training_images, validation["label"][0]]  # the validation target, normalised and cropped
+    # The histogram peak is found on 128 bins: within one bin of its level.
+    assert [landmark(image) for image in images] == pytest.approx([1.0] * len(images), abs=0.02)
+
+
 # ------------------------------------------------------------------------------------- text embedding checks
 
 

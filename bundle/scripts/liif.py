@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .layout import cat_channels
+from .layout import Conv3d, cat_channels
 
 # The 8 corners of the latent cube around a query, as binary (lower 0 / upper 1) offsets per axis.
 _CORNER_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)])
@@ -76,7 +76,7 @@ class LIIFDecoder(nn.Module):
         if not hidden:
             raise ValueError("decoder: expected at least one hidden layer size")
         # First MLP layer, split: its unfolded-feature part as a convolution, its (offset, cell) part as a linear map.
-        self.unfold_projection = nn.Conv3d(in_channels, hidden[0], kernel_size=3, padding=1)
+        self.unfold_projection = Conv3d(in_channels, hidden[0], kernel_size=3, padding=1)
         self.position_projection = nn.Linear(6, hidden[0], bias=False)
         layers: List[nn.Module] = []
         for width_in, width_out in zip(hidden, list(hidden[1:]) + [1]):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import pointwise
+from .layout import Conv3d, pointwise
 from .prompt import MODALITIES
 
 
@@ -122,7 +122,7 @@ class GatedDepthwiseFeedForward(nn.Module):
         super().__init__()
         hidden = channels * ratio
         self.expand = nn.Conv3d(channels, 2 * hidden, kernel_size=1)
-        self.depthwise = nn.Conv3d(2 * hidden, 2 * hidden, kernel_size=3, padding=1, groups=2 * hidden)
+        self.depthwise = Conv3d(2 * hidden, 2 * hidden, kernel_size=3, padding=1, groups=2 * hidden)
         self.project = nn.Conv3d(hidden, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""Where one warm call of the inference engine spends its time: ``torch.profiler`` operators by device time.
+
+    python bench/profile_engine.py [--scale paper] [--source mni] [--input 1mm] [--device cuda]
+                                   [--precision bf16] [--cudnn_benchmark] [--top 25] [--output FILE.json]
+
+The case is ``inference_speed.py``'s (same inputs, network, weights and engine settings); the engine runs once
+untimed, then once under the profiler. Prints the operators, and on a GPU the kernels, with the most self time (on
+the device; on a CPU, the CPU's) and writes them with the call's wall seconds, the GPU's busy seconds (the kernels'
+summed durations) and the kernel count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import inference_speed as case
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", default="paper")
+    parser.add_argument("--source", default="mni", choices=["subject", "mni", "real", "synthetic"])
+    parser.add_argument("--input", default="1mm")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--cudnn_benchmark", action="store_true")
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--output", default=os.path.join(HERE, "results", "profile_engine.json"))
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from scripts.inference_engine import channels_last_convolutions, load_network_weights, output_grid
+    from scripts.tumsyn_net import build_tumsyn_net
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    device = torch.device(args.device)
+    array, spacing, _ = case.load_case(args.source, args.input, 1.0)
+    out_shape, _ = output_grid(array.shape, np.diag([*spacing, 1.0]), (1.0, 1.0, 1.0))
+    image = torch.from_numpy(np.ascontiguousarray(array))[None, None]
+    network = build_tumsyn_net(args.scale).eval()
+    if args.scale == "small" and args.source != "synthetic":
+        load_network_weights(network, os.path.join(case.REPO, "bundle", "models", "model.pt"))
+    network = channels_last_convolutions(network.to(device))
+    inferer = case.config_inferer(args.scale, args.precision, {})
+
+    def synthesize():
+        inferer(image, network, prompt=case.PROMPT, out_shape=out_shape)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    synthesize()  # warm-up: CUDA, cuDNN and cuBLAS set up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        synthesize()
+        wall = time.perf_counter() - start
+    on_device = device.type == "cuda"
+    time_key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    # Operators (the host-side calls) and, on a GPU, the kernels they launched: each list partitions the time.
+    tables = {}
+    for kind in ("operator", "kernel") if on_device else ("operator",):
+        events = [e for e in profiler.key_averages() if (e.device_type.name == "CUDA") == (kind == "kernel")]
+        events.sort(key=lambda e: getattr(e, time_key), reverse=True)
+        tables[kind] = [{"name": e.key, "calls": e.count, "self_seconds": round(getattr(e, time_key) / 1e6, 4)}
+                        for e in events[: args.top]]
+    kernels = [e for e in profiler.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 if on_device else None
+    print(f"wall {wall:.3f} s" + (f", device busy {busy:.3f} s, {len(kernels)} kernels" if on_device else ""))
+    for kind, rows in tables.items():
+        print(f"top {kind}s by self {'device' if on_device else 'CPU'} time:")
+        for row in rows:
+            print(f"{row['self_seconds']:8.4f} s {row['calls']:7d}  {row['name'][:100]}")
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output + ".tmp", "w") as handle:
+        json.dump({**vars(args), "wall_seconds": round(wall, 3), "device_busy_seconds": busy,
+                   "kernel_count": len(kernels), **tables}, handle, indent=2)
+    os.replace(args.output + ".tmp", args.output)
+
+
+if __name__ == "__main__":
+    main()
