@@ -105,7 +105,7 @@ def demo_crop_loop(network, image, tokens, out_shape, query_chunk, amp, overlap=
                     coords = make_coord(size, ranges)[None].to(device)
                     cell = torch.tensor([2 / (r * n) for r, n in zip(ratio, crop)], device=device).expand_as(coords)
                     prediction = torch.cat([network.query(latent, coords[:, i : i + query_chunk],
-                                                          cell[:, i : i + query_chunk])
+                                                          cell[:, i : i + query_chunk], chunk_size=query_chunk)
                                             for i in range(0, coords.shape[1], query_chunk)], 1)
                     region = tuple(slice(lo, h) for lo, h in zip(low, high))
                     total[region] += prediction.reshape(size).float().cpu()

@@ -86,7 +86,7 @@ class SamplingNet(torch.nn.Module):
     def encode(self, image, tokens=None, modality=None, condition=None):
         return self.conv(image) if self.conv is not None else image * self.scale
 
-    def query(self, features, coords, cell):
+    def query(self, features, coords, cell, chunk_size=None):
         grid = coords.flip(-1)[:, :, None, None, :]  # grid_sample wants (W, H, D) order
         sampled = F.grid_sample(features, grid, mode="bilinear", align_corners=False, padding_mode="border")
         return sampled[:, :1, :, 0, 0].transpose(1, 2)

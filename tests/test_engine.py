@@ -42,8 +42,8 @@ class CountingNet(torch.nn.Module):
         self.windows += image.shape[0]
         return self.network.encode(image, tokens, modality, condition)
 
-    def query(self, latent, coords, cell):
-        return self.network.query(latent, coords, cell)
+    def query(self, latent, coords, cell, chunk_size=None):
+        return self.network.query(latent, coords, cell, chunk_size)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,19 @@ def test_background_skipping_changes_no_decoded_voxel(network, out_shape):
     torch.testing.assert_close(masked[mask], reference[mask], atol=1e-6, rtol=0)
     assert masked[~mask].abs().max() == 0
     assert skipping.windows < full.windows  # windows that only background reads were not encoded
+
+
+def test_the_decoder_gets_the_engines_chunks_whole():
+    # The network's own chunk (query_chunk_size) is smaller than the engine's: the engine's setting must win, or a
+    # GPU's large chunks would be cut back into many small decoder calls.
+    torch.manual_seed(0)
+    network = build_tumsyn_net("small", query_chunk_size=500).eval()
+    sizes, query = [], network.decoder.query
+    network.decoder.query = lambda latent, coords, cell: sizes.append(coords.shape[1]) or query(latent, coords, cell)
+    image = head_like((24, 20, 18), seed=2)
+    synthesize_volume(network, image, tokenize(T2W), (24, 20, 18), roi_size=(12, 12, 12), query_chunk=2000,
+                      progress=False)
+    assert max(sizes) == 2000 and sum(sizes) == 24 * 20 * 18
 
 
 def test_inferer_skips_background_by_default_with_the_written_result(network):

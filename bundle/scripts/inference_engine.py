@@ -340,7 +340,8 @@ def _decode_rows(network, latent: torch.Tensor, slab_low: int, rows_ratio: float
         input_row = (rows.double() + 0.5) * rows_ratio - 0.5  # continuous input index of each output row
         row_coord = (-1 + 2 * (input_row - slab_low + 0.5) / slab_rows).float()
         coords = torch.cat([row_coord[:, None], plane_coords[flat % plane_size]], dim=1)[None]
-        prediction = network.query(latent[None], coords, cell.expand_as(coords))
+        # The chunk is already query_chunk points: one pass (the network's own default chunk may be smaller).
+        prediction = network.query(latent[None], coords, cell.expand_as(coords), chunk_size=query_chunk)
         destination[flat_cpu] = prediction.reshape(-1).float().cpu()
 
 

@@ -127,9 +127,12 @@ class TUMSynNet(nn.Module):
         image = image.to(features.dtype)
         return self.decoder.project(cat_channels(features, image), image)
 
-    def query(self, features: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        """Intensities ``[B, N, 1]`` at ``coords [B, N, 3]`` for output voxels of size ``cell [B, N, 3]``."""
-        return self.decoder.query_in_chunks(features, coords, cell, self.query_chunk_size)
+    def query(self, features: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor,
+              chunk_size: Optional[int] = None) -> torch.Tensor:
+        """Intensities ``[B, N, 1]`` at ``coords [B, N, 3]`` for output voxels of size ``cell [B, N, 3]``, decoded
+        ``chunk_size`` points at a time (default ``query_chunk_size``)."""
+        return self.decoder.query_in_chunks(features, coords, cell,
+                                            self.query_chunk_size if chunk_size is None else chunk_size)
 
     def forward(
         self,
