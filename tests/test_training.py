@@ -430,6 +430,23 @@ def test_stage2_intensity_normalisation_scales_training_and_validation_images(da
     assert [landmark(image) for image in images] == pytest.approx([1.0] * len(images), abs=0.02)
 
 
+def test_input_intensity_randomisation_remaps_only_the_input_and_keeps_its_order(dataset, tmp_path):
+    samples = {}
+    for prob in (0.0, 1.0):
+        workflow = _workflow(STAGE2, dataset, tmp_path / str(prob), device="cpu", conditioning="onehot",
+                             input_intensity_prob=prob)
+        workflow.initialize()
+        cached = workflow.parser.get_parsed_content("train#dataset")
+        cached.transform.set_random_state(seed=0)
+        samples[prob] = cached[0][0]  # the first patch of the first subject
+    plain, remapped = samples[0.0], samples[1.0]
+    assert torch.equal(plain["label"], remapped["label"]) and torch.equal(plain["coords"], remapped["coords"])
+    before, after = plain["image"].flatten(), remapped["image"].flatten()
+    assert not torch.allclose(before, after, atol=1e-3)
+    order = torch.argsort(before, stable=True)  # a gamma and a positive scaling: the grey-level order is kept
+    assert torch.all(after[order][1:] >= after[order][:-1] - 1e-6)
+
+
 # ------------------------------------------------------------------------------------- text embedding checks
 
 
