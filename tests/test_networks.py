@@ -332,6 +332,8 @@ def test_conv3d_runs_small_cpu_windows_on_onednn_with_nn_conv3d_results(groups, 
     expected_gradients = torch.autograd.grad(expected.square().sum(), [image, reference.weight])
     for gradient, expected_gradient in zip(gradients, expected_gradients):
         assert torch.allclose(gradient, expected_gradient, atol=1e-3, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # nn.Conv3d's autocast dtype, not oneDNN in float32
+        assert conv(image).dtype == reference(image).dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the route taken there")
