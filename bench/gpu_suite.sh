@@ -3,8 +3,8 @@
 # scales, 1 mm and 5 mm inputs, the MNI field of view), training throughput of both stages, and A/B runs.
 #   bash bench/gpu_suite.sh RESULTS_DIR [DATASET_DIR]
 # DATASET_DIR: a BIDS dataset for the training cases (default: the configs' simulated one). Every case's JSON row is
-# printed as it finishes; RESULTS_DIR gets one JSON file per benchmark run. Every GPU timing is a warm call (each
-# method runs once untimed first).
+# printed as it finishes; RESULTS_DIR gets one JSON file per benchmark run. Every GPU timing is the median of 3 warm
+# calls (each method runs once untimed first).
 set -u
 results=${1:?usage: bash bench/gpu_suite.sh RESULTS_DIR [DATASET_DIR]}
 dataset=${2:-}
@@ -16,7 +16,8 @@ $python -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 
 inference() {  # name, then inference_speed.py arguments
     local name=$1; shift
-    $python "$here/inference_speed.py" --device cuda --threads 8 --timeout 180 --output "$results/$name.json" "$@"
+    $python "$here/inference_speed.py" --device cuda --threads 8 --timeout 180 --repeats 3 \
+        --output "$results/$name.json" "$@"
 }
 training() {  # name, then training_speed.py arguments
     local name=$1; shift
@@ -34,6 +35,8 @@ training training_fp32_stage2 --precision fp32 --stages 2
 # Where a warm call's GPU time goes, and each convolution kind by kernel path.
 timeout 180 $python "$here/profile_engine.py" --scale paper --source mni --precision bf16 \
     --output "$results/profile_paper_mni_bf16.json" 2>&1 | tail -32
+timeout 180 $python "$here/profile_engine.py" --scale small --source mni --precision fp32 \
+    --output "$results/profile_small_mni_fp32.json" 2>&1 | tail -32
 $python "$here/conv_paths.py" --device cuda --precision bf16 --output "$results/conv_paths_bf16.json" | tail -24
 inference inference_small_mni_bf16 --scales small --source mni --inputs 1mm 5mm --precision bf16
 inference inference_paper_fp32 --scales paper --inputs 1mm 5mm --precision fp32

@@ -4,7 +4,7 @@
                                               [--threads 2] [--device cpu|cuda] [--precision fp32|bf16]
                                               [--source subject|mni|real|synthetic] [--query_chunk N]
                                               [--sw_batch_size N] [--crop_margin N|none] [--roi_size N]
-                                              [--cudnn_benchmark]
+                                              [--cudnn_benchmark] [--repeats N]
 
 Each (scale, input) case runs in its own subprocess; inside it both methods run one after the other on the same
 network and input, so the speed-up is a ratio measured side by side:
@@ -31,7 +31,8 @@ random weights on any source, so ``--scales paper --source mni`` times it on the
 bench/README.md). Peak memory is the process's resident high-water mark (``VmHWM``, reset before each method),
 ``rss_start`` the resident size before synthesis, and on a GPU also ``torch.cuda.max_memory_allocated``. On a GPU
 each method runs once untimed first (``*_first_call_seconds``: what one volume in a fresh process pays), so the
-timings are warm calls; ``--cudnn_benchmark`` lets cuDNN time its convolution algorithms per input shape.
+timings are warm calls; ``--repeats N`` times N calls and reports their median (``*_seconds_all``: each one);
+``--cudnn_benchmark`` lets cuDNN time its convolution algorithms per input shape.
 Prints a table and writes ``bench/results/inference_speed.json``.
 """
 
@@ -189,7 +190,8 @@ def config_inferer(scale: str, precision: str, overrides: dict):
 
 
 def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads: int, device_name: str,
-             precision: str, overrides: dict, methods: list[str], cudnn_benchmark: bool = False) -> dict:
+             precision: str, overrides: dict, methods: list[str], cudnn_benchmark: bool = False,
+             repeats: int = 1) -> dict:
     import numpy as np
     import torch
 
@@ -213,7 +215,7 @@ def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads
     inferer = config_inferer(scale, precision, overrides)
     foreground = foreground_mask(image, out_shape)
     row = {"scale": scale, "input": input_name, "source": source, "device": device_name, "threads": threads,
-           "precision": precision, "cudnn_benchmark": cudnn_benchmark,
+           "precision": precision, "cudnn_benchmark": cudnn_benchmark, "repeats": repeats,
            "processor": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
            "input_shape": list(array.shape), "input_spacing": list(spacing), "output_shape": list(out_shape),
            "foreground_fraction": round(float(foreground.float().mean()), 3),
@@ -234,12 +236,18 @@ def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads
             torch.cuda.synchronize()
             row[f"{method}_first_call_seconds"] = round(time.perf_counter() - first_call, 2)
         _reset_peak_memory(device)
-        wall, cpu = time.perf_counter(), time.process_time()
-        output = synthesize(method)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        row[f"{method}_seconds"] = round(time.perf_counter() - wall, 2)
-        row[f"{method}_cpu_seconds"] = round(time.process_time() - cpu, 2)
+        walls, cpus = [], []
+        for _ in range(repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            output = synthesize(method)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+        row[f"{method}_seconds"] = round(float(np.median(walls)), 2)
+        row[f"{method}_cpu_seconds"] = round(float(np.median(cpus)), 2)
+        if repeats > 1:
+            row[f"{method}_seconds_all"] = [round(w, 3) for w in walls]
         row[f"{method}_peak_rss_mb"] = round(_memory_mb("VmHWM"), 1)
         if device.type == "cuda":
             row[f"{method}_peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -294,6 +302,7 @@ def main() -> None:
     parser.add_argument("--crop_margin", help="default: the config's; none: whole windows")
     parser.add_argument("--roi_size", help="default: the config's; N: windows of N^3 at most; 0: the head's box")
     parser.add_argument("--cudnn_benchmark", action="store_true", help="cuDNN times algorithms per shape (GPU)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed calls per method (their median)")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per case")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "inference_speed.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case and print its JSON
@@ -303,7 +312,8 @@ def main() -> None:
         overrides = {key: parse_override(key, value)
                      for key, value in vars(args).items() if key in OVERRIDES and value is not None}
         print(json.dumps(run_case(scale, input_name, source, args.fov_scale, args.threads, args.device,
-                                  args.precision, overrides, args.methods, args.cudnn_benchmark)))
+                                  args.precision, overrides, args.methods, args.cudnn_benchmark,
+                                  args.repeats)))
         return
 
     rows = []
@@ -312,7 +322,7 @@ def main() -> None:
         for input_name in args.inputs:
             command = [sys.executable, __file__, "--case", f"{scale},{input_name},{source}", "--fov_scale",
                        str(args.fov_scale), "--threads", str(args.threads), "--device", args.device,
-                       "--precision", args.precision, "--methods", *args.methods]
+                       "--precision", args.precision, "--repeats", str(args.repeats), "--methods", *args.methods]
             for key in OVERRIDES:
                 if getattr(args, key) is not None:
                     command += [f"--{key}", str(getattr(args, key))]

@@ -6,7 +6,8 @@
 The case is ``inference_speed.py``'s (same inputs, network, weights and engine settings); the engine runs once
 untimed, then once under the profiler. Prints the operators, and on a GPU the kernels, with the most self time (on
 the device; on a CPU, the CPU's) and writes them with the call's wall seconds, the GPU's busy seconds (the kernels'
-summed durations) and the kernel count.
+summed durations) and the kernel count; on a GPU also the operators with the most self time on the host (where a
+launch-bound call spends it).
 """
 
 from __future__ import annotations
@@ -74,11 +75,17 @@ def main() -> None:
         events.sort(key=lambda e: getattr(e, time_key), reverse=True)
         tables[kind] = [{"name": e.key, "calls": e.count, "self_seconds": round(getattr(e, time_key) / 1e6, 4)}
                         for e in events[: args.top]]
+    if on_device:  # a launch-bound call: where the host's time goes
+        events = [e for e in profiler.key_averages() if e.device_type.name != "CUDA"]
+        events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        tables["host operator"] = [{"name": e.key, "calls": e.count,
+                                    "self_seconds": round(e.self_cpu_time_total / 1e6, 4)}
+                                   for e in events[: args.top]]
     kernels = [e for e in profiler.events() if e.device_type.name == "CUDA"]
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 if on_device else None
     print(f"wall {wall:.3f} s" + (f", device busy {busy:.3f} s, {len(kernels)} kernels" if on_device else ""))
     for kind, rows in tables.items():
-        print(f"top {kind}s by self {'device' if on_device else 'CPU'} time:")
+        print(f"top {kind}s by self {'device' if on_device and kind != 'host operator' else 'CPU'} time:")
         for row in rows:
             print(f"{row['self_seconds']:8.4f} s {row['calls']:7d}  {row['name'][:100]}")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)

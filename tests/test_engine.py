@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,6 +229,52 @@ def test_a_window_only_its_neighbours_latents_serve_is_not_encoded():
     mask[11, 5, 5] = True  # reads latent rows 11 and 12; the window holds rows 0..9
     assert _read_box(mask, (0, 0, 0), (10, 10, 10), (20, 20, 20), (20, 20, 20), 0) is None
     assert _read_box(mask, (0, 0, 0), (10, 10, 10), (20, 20, 20), (20, 20, 20), 4)[0] == (6, 10)
+
+
+def _read_box_by_definition(mask, corner, roi, in_shape, out_shape, margin):
+    """``_read_box`` spelled out voxel by voxel: the masked-in output voxels whose trilinear reads (latents floor(u)
+    and floor(u) + 1, one voxel of rounding slack) touch the window, and the latents they read plus the margin."""
+    reads = []
+    for j in np.argwhere(mask):
+        u = [(jj + 0.5) * n_in / n_out - 0.5 for jj, n_in, n_out in zip(j, in_shape, out_shape)]
+        if all(c - 2 <= uu <= c + size + 1 for uu, c, size in zip(u, corner, roi)):
+            reads.append(u)
+    if not reads:
+        return None
+    if margin is None:
+        return [(c, c + size) for c, size in zip(corner, roi)]
+    reads = np.floor(np.array(reads))
+    box = [(max(c, int(low) - 1 - margin), min(c + size, int(high) + 3 + margin))
+           for c, size, low, high in zip(corner, roi, reads.min(0), reads.max(0))]
+    return None if any(high <= low for low, high in box) else box
+
+
+@pytest.mark.parametrize("out_shape", [(20, 18, 16), (40, 18, 32), (10, 9, 16)])
+@pytest.mark.parametrize("margin", [None, 0, 3])
+def test_window_boxes_follow_their_definition(out_shape, margin):
+    """The window planning (host work a GPU waits on, so vectorised) against a voxel-by-voxel reading of its rule,
+    for masks of several blobs on grids finer, equal to and coarser than the input's."""
+    rng = np.random.default_rng(len(out_shape) + out_shape[0] + (margin or 0))
+    mask = np.zeros(out_shape, dtype=bool)
+    for _ in range(3):
+        low = [int(rng.integers(0, n - 2)) for n in out_shape]
+        mask[tuple(slice(a, a + int(rng.integers(1, 5))) for a in low)] = True
+    in_shape, roi = (20, 18, 16), (8, 7, 6)
+    for corner in [(0, 0, 0), (6, 5, 4), (12, 11, 10), (12, 0, 10)]:
+        expected = _read_box_by_definition(mask, corner, roi, in_shape, out_shape, margin)
+        assert _read_box(mask, corner, roi, in_shape, out_shape, margin) == expected
+        assert _read_box(torch.from_numpy(mask), corner, roi, in_shape, out_shape, margin) == expected
+
+
+def test_foreground_on_the_input_grid_is_the_nonzero_mask():
+    image = torch.zeros(1, 9, 8, 7)
+    image[0, 2:7, 1:5, 3:6] = torch.rand(5, 4, 3) + 0.1
+    image[0, 4, 2, 4] = 0.0  # a zero voxel inside: resampled on the same grid it stays background
+    same = foreground_mask(image, (9, 8, 7))
+    assert torch.equal(same, image[0] != 0)
+    resampled = torch.nn.functional.interpolate((image[None] != 0).float(), size=(9, 8, 7), mode="trilinear",
+                                                align_corners=False)[0, 0] >= 0.5
+    assert torch.equal(same, resampled)
 
 
 @pytest.mark.parametrize("size,largest,overlap", [(157, 64, 0.1), (193, 64, 0.1), (167, 64, 0.25), (13, 12, 0.25),
