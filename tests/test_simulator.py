@@ -355,6 +355,49 @@ def test_realism_steps_move_the_statistics_real_scans_have(template):
     assert np.all(calibrated[~mask] == 0) and calibrated.dtype == np.float32
 
 
+def test_truncated_kspace_rings_at_edges_and_the_full_kspace_does_not():
+    from scripts.simulator.realism import gibbs_ringing
+
+    image = np.zeros((8, 64, 48), np.float32)
+    image[:, 20:44, 12:36] = 1.0  # a bright square in every slice: sharp edges in-plane
+    assert np.allclose(gibbs_ringing(image, (1, 2), 1.0), image, atol=1e-5)
+    ringing = gibbs_ringing(image, (1, 2), 0.6)
+    inside = ringing[:, 20:44, 12:36]
+    assert inside.max() > 1.05  # overshoot beside the edge (~9 % for a hard truncation)
+    assert abs(inside[:, 10:14, 10:14].mean() - 1.0) < 0.03  # far from the edges the square keeps its level
+    assert np.allclose(ringing[:, :, 0], ringing[:, :, 0][0]) and ringing.dtype == np.float32  # slices untouched
+
+
+def test_motion_ghosts_spread_along_the_phase_axis_only_and_keep_the_energy():
+    from scripts.simulator.realism import motion_ghosting
+
+    image = np.zeros((40, 32, 16), np.float32)
+    image[16:24, 12:20, 6:10] = 1.0
+    lines = np.zeros(40, dtype=bool)
+    assert np.allclose(motion_ghosting(image, 0, lines, 2.0), image, atol=1e-6)
+    lines[::4] = True  # a quarter of the lines, the head 2 voxels away
+    ghosted = motion_ghosting(image, 0, lines, 2.0)
+    assert ghosted[:10, 12:20, 6:10].max() > 0.05  # ghosts far from the object along the phase-encode axis
+    assert np.abs(ghosted[:, :12]).max() < 1e-5 and np.abs(ghosted[:, :, :6]).max() < 1e-5  # not across it
+    np.testing.assert_allclose((ghosted**2).sum(), (image**2).sum(), rtol=1e-4)  # a phase change moves energy only
+
+
+def test_registration_resampling_undershoots_like_the_real_cases_int16_images():
+    from scripts.simulator.acquisition import to_scanner_scale
+    from scripts.simulator.realism import quantise, registration_resampling
+
+    image = np.full((24, 24, 24), 0.05, np.float32)  # dark CSF-like background inside the brain
+    image[8:16, 8:16, 8:16] = 1.0
+    assert np.allclose(registration_resampling(image, (0.0, 0.0, 0.0)), image, atol=1e-6)
+    moved = registration_resampling(image, (0.5, 0.3, 0.0))
+    assert moved.min() < 0.0  # the cubic kernel's negative lobes undershoot below the dark side of an edge
+    assert abs(moved[4:20, 4:20, 4:20].sum() - image[4:20, 4:20, 4:20].sum()) < 1e-2 * image.sum()
+    stored = to_scanner_scale(moved, np.random.default_rng(0), signed=True)
+    assert stored.dtype == np.int16 and stored.min() < 0  # kept by signed storage (the realism mode's) ...
+    assert to_scanner_scale(moved, np.random.default_rng(0)).min() == 0  # ... clipped by the scanner's
+    assert quantise(moved).min() == 0.0  # 8-bit storage is unsigned
+
+
 def test_realism_option_keeps_the_clean_subject_and_is_off_by_default(dataset, tmp_path):
     root, images = dataset
     real_like = simulate(str(tmp_path), num_subjects=1, seed=3, sites=["BraTS2021"], voxel_mm=COARSE_MM,
@@ -365,6 +408,9 @@ def test_realism_option_keeps_the_clean_subject_and_is_off_by_default(dataset, t
     clean, artefacts = (np.asarray(nib.load(i.path).dataobj, np.float32) for i in (first, same))
     mask = (clean > 0) & (artefacts > 0)
     assert _peak_over_p99(artefacts, mask) < _peak_over_p99(clean, mask)
+    # stored signed, as the real case is: the resampling's undershoot survives (clean images have no value below 0)
+    assert any(np.asarray(nib.load(i.path).dataobj).min() < 0 for i in real_like)
+    assert all(np.asarray(nib.load(i.path).dataobj).min() >= 0 for i in images)
 
 
 @pytest.mark.parametrize("field_strength", [1.5, 3.0])
@@ -429,6 +475,6 @@ def test_realism_covers_the_real_case_at_1mm_where_the_doc_says_so():
 
     with open(SIM_VS_REAL_DOC) as handle:
         claimed = claimed_rows(handle.read(), HEADING)
-    assert len(claimed) >= 27  # all but T2w peak/p99 (docs/sim_vs_real.md)
+    assert len(claimed) == 28  # every row (docs/sim_vs_real.md)
     real, simulated = dataset_statistics(REAL, label="real"), realism_statistics(**REALISM_CHECK)
     assert not [row for row in uncovered(real, simulated) if row[:2] in claimed]

@@ -126,8 +126,9 @@ def acquire_geometry(volume: np.ndarray, affine: np.ndarray, voxel_mm: float, ge
     return np.ascontiguousarray(np.transpose(data, order)), affine @ index_to_truth
 
 
-def to_scanner_scale(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Store as a scanner would: an arbitrary gain putting the 99.9th percentile near 1000-4000, rounded to int16."""
+def to_scanner_scale(image: np.ndarray, rng: np.random.Generator, signed: bool = False) -> np.ndarray:
+    """Store as a scanner would: an arbitrary gain putting the 99.9th percentile near 1000-4000, rounded to int16;
+    negative values become 0 unless ``signed`` (images resampled after the scanner: realism.py)."""
     top = float(np.percentile(image[image > 0], 99.9)) if (image > 0).any() else 1.0
     gain = rng.uniform(1000.0, 4000.0) / top
-    return np.clip(np.rint(image * gain), 0, 32767).astype(np.int16)
+    return np.clip(np.rint(image * gain), -32768 if signed else 0, 32767).astype(np.int16)

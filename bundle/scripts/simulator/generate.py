@@ -79,7 +79,8 @@ def _write_image(root: str, scan: _SubjectScan, modality: str, sequence: Sequenc
     stem = bids.image_stem(participant, modality, acq)
     folder = os.path.join(root, f"sub-{participant}", "anat")
     voxel_size = (float(anatomy.voxel_mm),) * 3 if geometry is None else geometry.voxel_size()
-    bids.save_nifti(os.path.join(folder, stem + ".nii.gz"), to_scanner_scale(noisy, rng), affine)
+    stored = to_scanner_scale(noisy, rng, signed=realism is not None and geometry is None)
+    bids.save_nifti(os.path.join(folder, stem + ".nii.gz"), stored, affine)
     bids.save_json(os.path.join(folder, stem + ".json"),
                    bids.sidecar(scan.subject, modality, sequence, geometry, anatomy.voxel_mm, snr))
     return SimulatedImage(os.path.join(folder, stem + ".nii.gz"), modality, scan.subject, sequence, voxel_size, snr,

@@ -15,9 +15,13 @@ own (so its anatomy and protocols stay those of the clean subject):
 - a skull-strip cut moved outwards or inwards (``strip_shift_mm``): on some real scans a bright CSF band survives
   under a thin dark shell (T2w rim 1.30 x the brain median), on others the cut lies deeper (sim-to-real.md);
 - ``calibrate``, per image: vessel- and fat-like bright blobs (``bright_tail``: real T1w white-matter peak at 0.51 of
-  its 99th percentile, clean simulation 0.62-0.92), clinical 2D slices averaged and resampled back to the grid
-  (``thick_slice_resampling``: real z/xy neighbour-difference ratio 0.56-0.76 vs ~1.0), 8-bit storage
-  (``quantise``) and an arbitrary intensity scale (normalisation must undo it).
+  its 99th percentile, clean simulation 0.62-0.92), truncated k-space (``gibbs_ringing``: an acquisition matrix
+  coarser than the grid, ringing at every sharp edge), motion during part of the phase encoding
+  (``motion_ghosting``: ghosts along the phase-encode axis), clinical 2D slices averaged and resampled back to the
+  grid (``thick_slice_resampling``: real z/xy neighbour-difference ratio 0.56-0.76 vs ~1.0), resampling by a
+  registration's cubic kernel (``registration_resampling``: over- and undershoot, the small negative values of the
+  real case's int16 images), 8-bit storage (``quantise``) and an arbitrary intensity scale (normalisation must undo
+  it). With realism the images are stored as signed int16, so the negative values survive.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .interpolation import resample_separable
+from .interpolation import cubic_interpolation_matrix, resample_separable
 from .random_fields import smooth_random_field
 from .tissue import TissueProperties
 
@@ -62,6 +66,16 @@ class RealismRanges:
     tail_level: tuple[float, float] = (1.5, 3.5)  # x the bright-half median (real T1w tail: ~2x the WM peak)
     slice_thickness_mm: tuple[int, int] = (3, 8)  # clinical 2D: 3-6 mm slices plus gaps
     thick_slice_probability: float = 0.5
+    # Truncation ringing (Kellner et al., MRM 2016, 76:1574-1581): the share of the grid's k-space extent acquired
+    # along each in-plane axis, i.e. an acquired voxel 1-1.7 x the grid's, reconstructed without a filter.
+    kspace_fraction: tuple[float, float] = (0.6, 1.0)
+    gibbs_probability: float = 0.5
+    # Rigid motion during part of the phase encoding (Wood & Henkelman, Med. Phys. 1985, 12:143-151): that share of
+    # the k-space lines sees the head displaced by up to that many voxels along the phase-encode axis.
+    motion_lines: tuple[float, float] = (0.02, 0.2)
+    motion_shift_vox: tuple[float, float] = (0.5, 3.0)
+    motion_probability: float = 0.3
+    resampling_probability: float = 0.5  # registered to an atlas by a cubic kernel (sub-voxel shifts)
     quantise_probability: float = 0.2
     scale: tuple[float, float] = (0.01, 5000.0)  # log-uniform
 
@@ -117,6 +131,36 @@ def bright_tail(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, f
     return out
 
 
+def gibbs_ringing(image: np.ndarray, axes: tuple[int, ...], kspace_fraction: float) -> np.ndarray:
+    """The magnitude image of ``image``'s spectrum cut, along each of ``axes``, to the central ``kspace_fraction`` of
+    its frequencies (no apodisation): what a coarser acquisition matrix zero-filled to this grid gives."""
+    spectrum = np.fft.fftn(image, axes=axes)
+    for axis in axes:
+        keep = np.abs(np.fft.fftfreq(image.shape[axis])) <= 0.5 * kspace_fraction
+        shape = [1] * image.ndim
+        shape[axis] = -1
+        spectrum *= keep.reshape(shape)
+    return np.abs(np.fft.ifftn(spectrum, axes=axes)).astype(np.float32)
+
+
+def motion_ghosting(image: np.ndarray, axis: int, lines: np.ndarray, shift_vox: float) -> np.ndarray:
+    """The magnitude image when the k-space ``lines`` (bool per frequency along ``axis``, the phase-encode axis) are
+    acquired with the head shifted by ``shift_vox`` voxels along that axis: the shift theorem's phase ramp on those
+    lines only, so their share of the signal reappears as ghosts along the axis."""
+    spectrum = np.fft.fft(image, axis=axis)
+    ramp = np.where(lines, np.exp(-2j * np.pi * np.fft.fftfreq(image.shape[axis]) * shift_vox), 1.0)
+    shape = [1] * image.ndim
+    shape[axis] = -1
+    return np.abs(np.fft.ifft(spectrum * ramp.reshape(shape), axis=axis)).astype(np.float32)
+
+
+def registration_resampling(image: np.ndarray, shift_vox: tuple[float, ...]) -> np.ndarray:
+    """``image`` moved by a sub-voxel ``shift_vox`` per axis with cubic convolution, as a registration to an atlas
+    resamples it: the kernel's negative lobes undershoot below dark neighbours of bright tissue (values below 0)."""
+    positions = [np.arange(n) - shift for n, shift in zip(image.shape, shift_vox)]
+    return resample_separable(image, positions, kernel=cubic_interpolation_matrix)
+
+
 def thick_slice_resampling(image: np.ndarray, axis: int, thickness_vox: int) -> np.ndarray:
     """Average ``thickness_vox`` neighbouring slices along ``axis`` into one and interpolate linearly back."""
     n = image.shape[axis]
@@ -132,21 +176,33 @@ def thick_slice_resampling(image: np.ndarray, axis: int, thickness_vox: int) -> 
 
 
 def quantise(image: np.ndarray, levels: int = 256) -> np.ndarray:
-    """``image`` stored in ``levels`` grey levels (8 bit), on its own maximum."""
+    """``image`` stored in ``levels`` grey levels (8 bit, unsigned: negative values become 0), on its own maximum."""
     top = float(image.max())
-    return image if top <= 0 else (np.round(image / top * (levels - 1)) * (top / (levels - 1))).astype(np.float32)
+    if top <= 0:
+        return image
+    return (np.clip(np.round(image / top * (levels - 1)), 0, levels - 1) * (top / (levels - 1))).astype(np.float32)
 
 
 def calibrate(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, slice_axis: int = 2,
               ranges: RealismRanges = RealismRanges(), voxel_mm: float = 1.0) -> np.ndarray:
     """One random draw of every real-scan artefact above, applied to a simulated image on a ``voxel_mm`` grid
-    (background stays 0)."""
+    (background stays 0; the skull stripping, ``mask``, comes after the acquisition): the in-plane axes are the
+    two other than ``slice_axis``."""
     out = bright_tail(image, mask, rng, rng.uniform(*ranges.tail_fraction), rng.uniform(*ranges.tail_level))
+    in_plane = tuple(axis for axis in range(out.ndim) if axis != slice_axis)
+    if rng.random() < ranges.gibbs_probability:
+        out = gibbs_ringing(out, in_plane, rng.uniform(*ranges.kspace_fraction)) * mask
+    if rng.random() < ranges.motion_probability:
+        axis = in_plane[int(rng.integers(len(in_plane)))]
+        lines = rng.random(out.shape[axis]) < rng.uniform(*ranges.motion_lines)
+        out = motion_ghosting(out, axis, lines, rng.uniform(*ranges.motion_shift_vox)) * mask
     if rng.random() < ranges.thick_slice_probability:
         thickness_mm = int(rng.integers(ranges.slice_thickness_mm[0], ranges.slice_thickness_mm[1] + 1))
         thickness_vox = int(round(thickness_mm / voxel_mm))
         if thickness_vox > 1:
             out = thick_slice_resampling(out, slice_axis, thickness_vox) * mask
+    if rng.random() < ranges.resampling_probability:
+        out = registration_resampling(out, tuple(rng.uniform(-0.5, 0.5, out.ndim))) * mask
     if rng.random() < ranges.quantise_probability:
         out = quantise(out)
     return (out * np.exp(rng.uniform(*np.log(ranges.scale)))).astype(np.float32)
