@@ -103,9 +103,10 @@ def main() -> None:
     import torch
     from inference_speed import PROMPT, _memory_mb, _reset_peak_memory, demo_crop_loop, load_case
 
-    from scripts.inference_engine import TUMSynInferer, foreground_mask, load_network_weights
+    from scripts.inference_engine import load_network_weights
     from scripts.metrics import psnr
     from scripts.prompt import tokenize
+    from scripts.synthesis_engine import TUMSynInferer, foreground_mask
     from scripts.tumsyn_net import build_tumsyn_net
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -80,8 +80,8 @@ def demo_crop_loop(network, image, tokens, out_shape, query_chunk, amp, overlap=
     """The official demo's inference: every crop decoded on its own output grid, overlaps averaged."""
     import torch
 
-    from scripts.inference_engine import _autocast, _window_starts
     from scripts.liif import make_coord
+    from scripts.synthesis_engine import _autocast, _window_starts
 
     device = next(network.parameters()).device
     in_shape = image.shape[1:]
@@ -195,9 +195,10 @@ def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads
     import numpy as np
     import torch
 
-    from scripts.inference_engine import channels_last_convolutions, foreground_mask, load_network_weights, output_grid
+    from scripts.inference_engine import load_network_weights, output_grid
     from scripts.metrics import psnr
     from scripts.prompt import tokenize
+    from scripts.synthesis_engine import channels_last_convolutions, foreground_mask
     from scripts.tumsyn_net import build_tumsyn_net
 
     torch.set_num_threads(threads)

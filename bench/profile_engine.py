@@ -39,7 +39,8 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from scripts.inference_engine import channels_last_convolutions, load_network_weights, output_grid
+    from scripts.inference_engine import load_network_weights, output_grid
+    from scripts.synthesis_engine import channels_last_convolutions
     from scripts.tumsyn_net import build_tumsyn_net
 
     torch.set_num_threads(args.threads)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scripts.inference_engine import TUMSynInferer
+from scripts.synthesis_engine import TUMSynInferer
 
 
 def write_dicom_series(folder: str, volume: np.ndarray, spacing=(1.0, 1.0, 2.0), **header) -> list[str]:

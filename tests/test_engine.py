@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.inference_engine import (
+from scripts.liif import LIIFDecoder, make_coord
+from scripts.prompt import tokenize
+from scripts.synthesis_engine import (
     TUMSynInferer,
     _fitted_windows,
     _read_box,
@@ -14,8 +16,6 @@ from scripts.inference_engine import (
     foreground_mask,
     synthesize_volume,
 )
-from scripts.liif import LIIFDecoder, make_coord
-from scripts.prompt import tokenize
 from scripts.tumsyn_net import build_tumsyn_net
 
 T2W = "Modality: T2w; Voxel size: (1.0, 1.0, 1.0)"

@@ -23,9 +23,10 @@ from helpers import (
     write_dicom_series,
     write_nifti,
 )
-from scripts.inference_engine import gaussian_window, inference_cases, output_grid, run_inference, synthesize_volume
+from scripts.inference_engine import inference_cases, output_grid, run_inference
 from scripts.intensity import normalize_intensity
 from scripts.prompt import tokenize
+from scripts.synthesis_engine import gaussian_window, synthesize_volume
 from scripts.tumsyn_net import build_tumsyn_net
 from scripts.volume_io import load_volume
 
@@ -344,7 +345,7 @@ def test_opt_in_landmark_input_normalisation(tmp_path):
     """`input_normalisation: landmarks` feeds the network the input mapped onto the training landmarks of the input's
     modality (from its sidecar); an input whose modality is unknown is one error line, and the default is unchanged."""
     from scripts.errors import UserInputError
-    from scripts.inference_engine import TUMSynInferer
+    from scripts.synthesis_engine import TUMSynInferer
 
     data = (300 * blob_volume((16, 16, 16), np.eye(4), (8, 8, 8))).astype(np.float32)
     bids = write_bids_image(str(tmp_path / "bids"), "01", "T1w", data, {"RepetitionTime": 2.3, "EchoTime": 0.003})

@@ -72,7 +72,8 @@ def test_prompt_warnings_name_the_field(caplog):
 def test_end_to_end_prompt_with_none_fields_records_warnings(tmp_path):
     import torch
 
-    from scripts.inference_engine import TUMSynInferer, load_network_weights, run_inference
+    from scripts.inference_engine import load_network_weights, run_inference
+    from scripts.synthesis_engine import TUMSynInferer
     from scripts.tumsyn_net import build_tumsyn_net
 
     torch.set_num_threads(1)

@@ -17,8 +17,8 @@ from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT
 from scripts.evaluation import REAL_TASKS, Method, downsample_bids, load_pairs, run_evaluation, tasks_for
-from scripts.inference_engine import TUMSynInferer
 from scripts.intensity import WM_PEAK_LEVEL, normalize_intensity
+from scripts.synthesis_engine import TUMSynInferer
 
 REAL = os.path.normpath(os.path.join(BUNDLE_ROOT, "..", "..", "shared", "data", "real", "bids"))
 needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="the real case (../shared/data/real) is absent")

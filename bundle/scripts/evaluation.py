@@ -30,10 +30,11 @@ from scipy.ndimage import map_coordinates
 
 from .bids_data import parse_tasks
 from .errors import UserInputError, config_null
-from .inference_engine import TUMSynInferer, load_network_weights, read_datalist_rows, synthesize_image, target_prompt
+from .inference_engine import load_network_weights, read_datalist_rows, synthesize_image, target_prompt
 from .intensity import normalize_intensity
 from .metrics import compare, oracle_lookup_table, tissue_volumes
 from .prompt import BIDS_SUFFIX, MODALITIES, Prompt, PromptError, bids_modality, prompt_from_bids, prompt_from_image
+from .synthesis_engine import TUMSynInferer
 from .volume_io import atomic_path, load_volume, save_nifti
 
 logger = logging.getLogger(__name__)

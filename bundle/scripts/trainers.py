@@ -36,7 +36,7 @@ from monai.utils import evenly_divisible_all_gather, set_determinism
 
 from . import metrics
 from .bmlip import save_text_encoder
-from .inference_engine import synthesize_volume
+from .synthesis_engine import synthesize_volume
 from .volume_io import atomic_path
 
 logger = logging.getLogger(__name__)
