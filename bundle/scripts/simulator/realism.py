@@ -131,15 +131,19 @@ def bright_tail(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, f
     return out
 
 
+def _along(vector: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """``vector`` shaped to broadcast along ``axis`` of an ``ndim``-dimensional array (one factor per frequency)."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return vector.reshape(shape)
+
+
 def gibbs_ringing(image: np.ndarray, axes: tuple[int, ...], kspace_fraction: float) -> np.ndarray:
     """The magnitude image of ``image``'s spectrum cut, along each of ``axes``, to the central ``kspace_fraction`` of
     its frequencies (no apodisation): what a coarser acquisition matrix zero-filled to this grid gives."""
     spectrum = np.fft.fftn(image, axes=axes)
     for axis in axes:
-        keep = np.abs(np.fft.fftfreq(image.shape[axis])) <= 0.5 * kspace_fraction
-        shape = [1] * image.ndim
-        shape[axis] = -1
-        spectrum *= keep.reshape(shape)
+        spectrum *= _along(np.abs(np.fft.fftfreq(image.shape[axis])) <= 0.5 * kspace_fraction, axis, image.ndim)
     return np.abs(np.fft.ifftn(spectrum, axes=axes)).astype(np.float32)
 
 
@@ -149,9 +153,7 @@ def motion_ghosting(image: np.ndarray, axis: int, lines: np.ndarray, shift_vox: 
     lines only, so their share of the signal reappears as ghosts along the axis."""
     spectrum = np.fft.fft(image, axis=axis)
     ramp = np.where(lines, np.exp(-2j * np.pi * np.fft.fftfreq(image.shape[axis]) * shift_vox), 1.0)
-    shape = [1] * image.ndim
-    shape[axis] = -1
-    return np.abs(np.fft.ifft(spectrum * ramp.reshape(shape), axis=axis)).astype(np.float32)
+    return np.abs(np.fft.ifft(spectrum * _along(ramp, axis, image.ndim), axis=axis)).astype(np.float32)
 
 
 def registration_resampling(image: np.ndarray, shift_vox: tuple[float, ...]) -> np.ndarray:
