@@ -1,5 +1,6 @@
 """Networks of both stages: shapes, gradient flow, LIIF behaviour, conditioning, checkpoints, paper-scale cost."""
 
+import copy
 import time
 import warnings
 
@@ -224,6 +225,26 @@ def test_liif_chunked_query_equals_single_query_and_uses_offset_and_cell():
     at_once.sum().backward()
     assert_all_trainable_have_gradients(decoder)
 
+
+def test_decoder_in_place_relus_and_uncopied_codes_keep_values_and_gradients():
+    # The decoder's ReLUs run in place and its first layer reads the gathered codes without copying them out
+    # (scripts.liif): the same outputs and gradients as out-of-place ReLUs, with the input-skip channel beside them.
+    torch.manual_seed(0)
+    fast = LIIFDecoder(in_channels=4, hidden=(8, 8), input_residual=True)
+    plain = copy.deepcopy(fast)
+    for layer in plain.mlp:
+        if isinstance(layer, torch.nn.ReLU):
+            layer.inplace = False
+    assert any(isinstance(layer, torch.nn.ReLU) and layer.inplace for layer in fast.mlp)
+    features, image = torch.randn(1, 4, 5, 6, 7), torch.rand(1, 1, 5, 6, 7)
+    coords = torch.rand(1, 64, 3) * 2 - 1
+    cell = torch.full_like(coords, 0.2)
+    outputs = [decoder.query(decoder.project(features, image), coords, cell) for decoder in (fast, plain)]
+    assert torch.equal(outputs[0], outputs[1])
+    for output in outputs:
+        output.square().sum().backward()
+    for (name, fast_parameter), plain_parameter in zip(fast.named_parameters(), plain.parameters()):
+        assert torch.allclose(fast_parameter.grad, plain_parameter.grad, atol=1e-6), name
 
 # ---- full network ------------------------------------------------------------------------------------------------
 

@@ -80,7 +80,9 @@ class LIIFDecoder(nn.Module):
         self.position_projection = nn.Linear(6, hidden[0], bias=False)
         layers: List[nn.Module] = []
         for width_in, width_out in zip(hidden, list(hidden[1:]) + [1]):
-            layers += [nn.ReLU(), nn.Linear(width_in, width_out)]
+            # In place: every ReLU follows a linear map whose output nothing else keeps (one pass less over
+            # [queries x corners x width] per layer; the gradients are the same).
+            layers += [nn.ReLU(inplace=True), nn.Linear(width_in, width_out)]
         self.mlp = nn.Sequential(*layers)
         self.input_residual = input_residual
         self.register_buffer("corner_offsets", _CORNER_OFFSETS.clone(), persistent=False)
@@ -127,16 +129,14 @@ class LIIFDecoder(nn.Module):
         cell_in_voxels = (cell * size / 2).unsqueeze(2).expand_as(offset)
 
         flat_index = (corners[..., 0] * latent.shape[3] + corners[..., 1]) * latent.shape[4] + corners[..., 2]
-        hidden = _gather_codes(latent, flat_index.reshape(batch, -1)).view(batch, -1, used.numel(), width)
-        residual: Optional[torch.Tensor] = None
-        if self.input_residual:
-            residual, hidden = hidden[..., -1], hidden[..., :-1].contiguous()
+        codes = _gather_codes(latent, flat_index.reshape(batch, -1)).view(-1, width)  # [B * N * used, width]
+        hidden_width = width - int(self.input_residual)  # the input image, if kept, is the last channel
         position_input = torch.cat([offset, cell_in_voxels], dim=-1).view(-1, 6)
-        hidden = torch.addmm(hidden.view(-1, hidden.shape[-1]), position_input, self.position_projection.weight.t()
-                             ).view(hidden.shape)  # code + position_projection(offset, cell), one pass
-        prediction = self.mlp(hidden).squeeze(-1)  # [B, N, corners used]
-        if residual is not None:
-            prediction = prediction + residual
+        # code + position_projection(offset, cell) in one pass; addmm reads the code columns in place (no copy).
+        hidden = torch.addmm(codes[:, :hidden_width], position_input, self.position_projection.weight.t())
+        prediction = self.mlp(hidden).view(weight.shape)  # [B, N, corners used]
+        if self.input_residual:
+            prediction = prediction + codes[:, -1].view(weight.shape)
         return (prediction * weight).sum(dim=-1, keepdim=True)
 
     def query_in_chunks(
