@@ -69,6 +69,13 @@ def test_prompt_warnings_name_the_field(caplog):
     assert low < 2500 < high and trained_voxel_range()[1] >= 5.0  # ranges follow the training presets
 
 
+def test_same_contrast_target_warning():
+    found = ood_warnings(brain(), T2W, source_modality="T2w")
+    assert len(found) == 1 and "T2w is the input's own contrast" in found[0]
+    assert ood_warnings(brain(), T2W, source_modality="T1w") == []
+    assert ood_warnings(brain(), T2W) == []  # the input's contrast unknown: nothing to compare
+
+
 def test_end_to_end_prompt_with_none_fields_records_warnings(tmp_path):
     import torch
 
@@ -88,3 +95,8 @@ def test_end_to_end_prompt_with_none_fields_records_warnings(tmp_path):
     record = json.loads(open(paths["sidecar"]).read())
     assert record["ood_warnings"] == []
     assert nib.load(paths["image"]).shape == (40, 44, 34)
+    # the same input asked for its own contrast (read from its BIDS name): recorded in the sidecar
+    paths = run_inference(str(path), "T1w", str(tmp_path / "same"), network,
+                          inferer=TUMSynInferer(roi_size=(48, 48, 48), progress=False), preview=False)
+    warnings = json.loads(open(paths["sidecar"]).read())["ood_warnings"]
+    assert len(warnings) == 1 and "T1w is the input's own contrast" in warnings[0]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine
+from monai.bundle import ConfigParser
 
 from scripts import bids_data, bids_datalist, sr_patches, text_embedding_checks, trainers
 from scripts.prompt import MODALITIES, Prompt, tokenize
@@ -176,6 +177,39 @@ def test_random_patches_draw_only_the_allowed_tasks():
     transform = sr_patches.RandSRPatchesd(lr_size=(6, 6, 6), tasks=[(1, 3)])
     with pytest.raises(ValueError, match="sub-x.*no \\(source, target\\) pair of the allowed tasks"):
         transform(data)
+
+
+def test_random_patches_draw_same_contrast_targets_at_their_share():
+    ramp = _ramp((24, 24, 24))
+    data = {"images": np.stack([ramp, 2 * ramp, 3 * ramp]), "tokens": torch.arange(3)[:, None].repeat(1, 90),
+            "modalities": torch.tensor([5, 0, 2]), "prompts": ["PD", "T1w", "FLAIR"], "subject": "sub-x"}
+
+    def draws(probability, tasks=None):
+        transform = sr_patches.RandSRPatchesd(lr_size=(6, 6, 6), num_samples=300, num_queries=16, tasks=tasks,
+                                              same_contrast_prob=probability)
+        transform.set_random_state(seed=0)
+        return transform(data)
+
+    same = [s for s in draws(0.3) if int(s["input_modality"]) == int(s["modality"])]
+    assert 0.22 < len(same) / 300 < 0.38 and {int(s["modality"]) for s in same} == {5, 0, 2}
+    for sample in same:  # the target is the input's own volume: (k x ramp) with k = 1, 2, 3 for PD, T1w, FLAIR
+        scale = {5: 1, 0: 2, 2: 3}[int(sample["modality"])]
+        assert sample["prompt"] == data["prompts"][[5, 0, 2].index(int(sample["modality"]))]
+        points = (sample["coords"].double().numpy() + 1) / 2 * sample["patch_size"].numpy() - 0.5 \
+            + sample["patch_start"].numpy()
+        inside = np.all((points >= 0) & (points <= 23), axis=1)
+        expected = scale * (2 * points[:, 0] + 3 * points[:, 1] + 5 * points[:, 2] + 1)
+        np.testing.assert_allclose(sample["label"][inside, 0].numpy(), expected[inside], rtol=1e-5, atol=1e-2)
+    assert all(int(s["input_modality"]) != int(s["modality"]) for s in draws(0.0))
+    assert all((int(s["input_modality"]), int(s["modality"])) == (5, 0) for s in draws(1.0, tasks=[(5, 0)]))
+    with pytest.raises(ValueError, match="same_contrast_prob must lie in \\[0, 1\\]"):
+        sr_patches.RandSRPatchesd(same_contrast_prob=1.5)
+    # the config's key reaches the patch transform; off in the shipped recipe
+    parser = ConfigParser()
+    parser.read_config(STAGE2)
+    patches = parser["train"]["preprocessing"]["transforms"][2]
+    assert patches["_target_"].endswith("RandSRPatchesd") and patches["same_contrast_prob"] == "@same_contrast_prob"
+    assert parser["same_contrast_prob"] == 0.0
 
 
 def test_bad_datasets_stop_with_clear_errors(tmp_path, dataset):

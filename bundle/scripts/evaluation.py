@@ -58,7 +58,8 @@ class Task:
 
 
 # The paper's Table 1 tasks on sites like the paper's; its joint super-resolution cases (Fig. 3: 3.2 mm coronal PD
-# -> 1 mm T1w; Fig. 4: 5 mm axial FLAIR -> 1 mm T1w on ADNI, a site held out of training); zero-shot cases on the
+# -> 1 mm T1w; Fig. 4: 5 mm axial FLAIR -> 1 mm T1w on ADNI, a site held out of training) and super-resolution
+# within one contrast (a clinical thick-slice scan -> 1 mm of the same contrast); zero-shot cases on the
 # ``unseen-params`` preset, whose TE/TR/TI lie outside every training range.
 TASKS = (
     Task("PD->FLAIR", "PD", "FLAIR", ("AIBL",)),
@@ -69,6 +70,8 @@ TASKS = (
     Task("T1w->SWI", "T1w", "SWI", ("OASIS",)),
     Task("T2w->T2star", "T2w", "T2star", ("OASIS",)),
     Task("cor3.2mm PD->T1w", "PD", "T1w", ("IXI", "clinical"), "cor3p2mm", "sr"),
+    Task("sag4mm T1w->T1w", "T1w", "T1w", ("clinical",), "sag4mm", "sr"),
+    Task("ax5mm FLAIR->FLAIR", "FLAIR", "FLAIR", ("clinical", "ADNI"), "ax5mm", "sr"),
     Task("ax5mm FLAIR->T1w (ADNI, unseen site)", "FLAIR", "T1w", ("ADNI",), "ax5mm", "zero-shot"),
     Task("T1w->T2w (unseen TE)", "T1w", "T2w", ("unseen-params",), group="zero-shot"),
     Task("T1w->FLAIR (unseen TR/TE/TI)", "T1w", "FLAIR", ("unseen-params",), group="zero-shot"),

@@ -247,7 +247,8 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
     tokenize(target.render())  # checks the token limit before any work
     paths = output_paths(input_image, target.modality, output_dir)
     _refuse_overwriting_inputs(paths, [str(input_image), reference])
-    out_of_distribution = ood_warnings(volume, target)  # warnings, not refusals (scripts/ood.py)
+    # warnings, not refusals (scripts/ood.py)
+    out_of_distribution = ood_warnings(volume, target, None if source is None else source.modality)
 
     # The grid follows the requested numbers, not the prompt's rounding of them (which may round tiny sizes to 0).
     grid_spacing = spacing if spacing is not None else _checked_spacing(target.voxel_size, "prompt 'Voxel size'")

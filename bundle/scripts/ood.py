@@ -137,12 +137,22 @@ def _prompt_warnings(prompt: Prompt) -> list[str]:
     return found
 
 
-def ood_warnings(volume: Volume, prompt: Prompt | None = None) -> list[str]:
-    """Every way ``volume`` (and the target ``prompt``) lies outside the training distribution; each is logged as
-    one warning line naming the file."""
+def _task_warnings(source_modality: str | None, prompt: Prompt) -> list[str]:
+    # Stage 2 draws two different contrasts per sample unless trained with same_contrast_prob > 0 (the shipped weights
+    # were not): a target of the input's own contrast is a task they never saw.
+    if source_modality != prompt.modality:
+        return []
+    return [f"target {prompt.modality} is the input's own contrast: the shipped weights were trained on pairs of "
+            f"different contrasts only and scored below trilinear interpolation of the input on such "
+            f"super-resolution (bundle/docs/README.md)"]
+
+
+def ood_warnings(volume: Volume, prompt: Prompt | None = None, source_modality: str | None = None) -> list[str]:
+    """Every way ``volume`` (and the target ``prompt``, given the input's contrast ``source_modality`` when its
+    metadata tell it) lies outside the training distribution; each is logged as one warning line naming the file."""
     found = _geometry_warnings(volume) + _extent_warnings(volume) + _histogram_warnings(volume)
     if prompt is not None:
-        found += _prompt_warnings(prompt)
+        found += _prompt_warnings(prompt) + _task_warnings(source_modality, prompt)
     for message in found:
         logger.warning("%s: out of distribution: %s", volume.path, message)
     return found
