@@ -143,8 +143,8 @@ def _task_warnings(source_modality: str | None, prompt: Prompt) -> list[str]:
     if source_modality != prompt.modality:
         return []
     return [f"target {prompt.modality} is the input's own contrast: the shipped weights were trained on pairs of "
-            f"different contrasts only and scored below trilinear interpolation of the input on such "
-            f"super-resolution (bundle/docs/README.md)"]
+            f"different contrasts only and scored below trilinear interpolation of the input on most such "
+            f"super-resolution cases (bundle/docs/README.md)"]
 
 
 def ood_warnings(volume: Volume, prompt: Prompt | None = None, source_modality: str | None = None) -> list[str]:
