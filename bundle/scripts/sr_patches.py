@@ -219,12 +219,12 @@ class RandSRPatchesd(Randomizable, MapTransform):
         pairs = self._task_pairs(data)
         samples = []
         for _ in range(self.num_samples):
-            if pairs is None and self.same_contrast_prob and self.R.rand() < self.same_contrast_prob:
-                source = target = self.R.randint(volumes.shape[0])  # super-resolution of one contrast
-            elif pairs is None:
-                source, target = self.R.choice(volumes.shape[0], size=2, replace=False)
-            else:
+            if pairs is not None:
                 source, target = pairs[self.R.randint(len(pairs))]
+            elif self.same_contrast_prob and self.R.rand() < self.same_contrast_prob:
+                source = target = self.R.randint(volumes.shape[0])  # super-resolution of one contrast
+            else:
+                source, target = self.R.choice(volumes.shape[0], size=2, replace=False)
             geometry = self.randomize(volumes.shape[1:], self._centre(volumes[target]))
             points = self.R.uniform(-0.5, np.asarray(geometry.hr_size) - 0.5, size=(self.num_queries, 3))
             sample = _sample(volumes[source], volumes[target], geometry, points, self.profile)
