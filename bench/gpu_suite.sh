@@ -28,8 +28,9 @@ training() {  # name, then training_speed.py arguments
 # at both scales, stage-2 training, a profile, then bf16 at the small scale, the synthetic head, training data
 # loading in workers and A/B runs of engine settings.
 inference inference_small_mni_fp32 --scales small --source mni --inputs 1mm 5mm --precision fp32
-# The small scale is bound by kernel launches on a GPU (bench/README.md): fewer, larger cut windows launch fewer.
-inference inference_small_mni_fp32_roi96 --scales small --source mni --inputs 1mm 5mm --methods engine --roi_size 96
+# The small scale is bound by kernel launches on a GPU (bench/README.md): fewer, larger cut windows launch fewer
+# (96^3, its GPU default since 0.2.6, against the CPU's 64^3 and against 128^3).
+inference inference_small_mni_fp32_roi64 --scales small --source mni --inputs 1mm 5mm --methods engine --roi_size 64
 inference inference_small_mni_fp32_roi128 --scales small --source mni --inputs 1mm 5mm --methods engine --roi_size 128
 # The paper scale on a real head's share of the grid (the demo subject in the MNI frame, random weights).
 inference inference_paper_mni_bf16 --scales paper --source mni --inputs 1mm 5mm --precision bf16

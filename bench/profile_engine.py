@@ -1,7 +1,8 @@
 """Where one warm call of the inference engine spends its time: ``torch.profiler`` operators by device time.
 
     python bench/profile_engine.py [--scale paper] [--source mni] [--input 1mm] [--device cuda]
-                                   [--precision bf16] [--cudnn_benchmark] [--top 25] [--output FILE.json]
+                                   [--precision bf16] [--roi_size N] [--cudnn_benchmark] [--top 25]
+                                   [--output FILE.json]
 
 The case is ``inference_speed.py``'s (same inputs, network, weights and engine settings); the engine runs once
 untimed, then once under the profiler. Prints the operators, and on a GPU the kernels, with the most self time (on
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--input", default="1mm")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--roi_size", help="default: the config's; N: windows of N^3 at most")
     parser.add_argument("--cudnn_benchmark", action="store_true")
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--top", type=int, default=25)
@@ -54,7 +56,8 @@ def main() -> None:
     if args.scale == "small" and args.source != "synthetic":
         load_network_weights(network, os.path.join(case.REPO, "bundle", "models", "model.pt"))
     network = channels_last_convolutions(network.to(device))
-    inferer = case.config_inferer(args.scale, args.precision, {})
+    overrides = {} if args.roi_size is None else {"roi_size": case.parse_override("roi_size", args.roi_size)}
+    inferer = case.config_inferer(args.scale, args.precision, overrides)
 
     def synthesize():
         inferer(image, network, prompt=case.PROMPT, out_shape=out_shape)
