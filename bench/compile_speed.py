@@ -39,22 +39,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from scripts.inference_engine import load_network_weights, output_grid
-    from scripts.synthesis_engine import channels_last_convolutions
-    from scripts.tumsyn_net import build_tumsyn_net
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    array, spacing, _ = case.load_case(args.source, args.input, 1.0)
-    out_shape, _ = output_grid(array.shape, np.diag([*spacing, 1.0]), (1.0, 1.0, 1.0))
-    image = torch.from_numpy(np.ascontiguousarray(array))[None, None]
-    network = build_tumsyn_net(args.scale).eval()
-    if args.scale == "small" and args.source != "synthetic":
-        load_network_weights(network, os.path.join(case.REPO, "bundle", "models", "model.pt"))
-    network = channels_last_convolutions(network.to(device))
     overrides = {} if args.roi_size is None else {"roi_size": case.parse_override("roi_size", args.roi_size)}
-    inferer = case.config_inferer(args.scale, args.precision, overrides)
+    array, _, _, out_shape, network, inferer = case.prepare_case(
+        args.scale, args.input, args.source, 1.0, args.threads, args.device, args.precision, overrides, False)
+    image = torch.from_numpy(np.ascontiguousarray(array))[None, None]
 
     def timed_call():
         start = time.perf_counter()

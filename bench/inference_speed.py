@@ -189,31 +189,44 @@ def config_inferer(scale: str, precision: str, overrides: dict):
     return parser.get_parsed_content("inferer")
 
 
+def prepare_case(scale: str, input_name: str, source: str, fov_scale: float, threads: int, device_name: str,
+                 precision: str, overrides: dict, cudnn_benchmark: bool = False):
+    """One case's (input array, voxel size, reference or None, output shape, network on the device, inferer): the
+    shipped weights at the small scale (random ones at the paper scale, which has none; and on the synthetic head)."""
+    import numpy as np
+    import torch
+
+    from scripts.inference_engine import load_network_weights, output_grid
+    from scripts.synthesis_engine import channels_last_convolutions
+    from scripts.tumsyn_net import build_tumsyn_net
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    array, spacing, reference = load_case(source, input_name, fov_scale)
+    out_shape, _ = output_grid(array.shape, np.diag([*spacing, 1.0]), (1.0, 1.0, 1.0))
+    network = build_tumsyn_net(scale).eval()
+    if scale == "small" and source != "synthetic":
+        load_network_weights(network, os.path.join(REPO, "bundle", "models", "model.pt"))
+    network = channels_last_convolutions(network.to(torch.device(device_name)))
+    return array, spacing, reference, out_shape, network, config_inferer(scale, precision, overrides)
+
+
 def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads: int, device_name: str,
              precision: str, overrides: dict, methods: list[str], cudnn_benchmark: bool = False,
              repeats: int = 1) -> dict:
     import numpy as np
     import torch
 
-    from scripts.inference_engine import load_network_weights, output_grid
     from scripts.metrics import psnr
     from scripts.prompt import tokenize
-    from scripts.synthesis_engine import channels_last_convolutions, foreground_mask
-    from scripts.tumsyn_net import build_tumsyn_net
+    from scripts.synthesis_engine import foreground_mask
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = cudnn_benchmark
     device = torch.device(device_name)
-    array, spacing, reference = load_case(source, input_name, fov_scale)
-    out_shape, _ = output_grid(array.shape, np.diag([*spacing, 1.0]), (1.0, 1.0, 1.0))
+    array, spacing, reference, out_shape, network, inferer = prepare_case(
+        scale, input_name, source, fov_scale, threads, device_name, precision, overrides, cudnn_benchmark)
     image = torch.from_numpy(np.ascontiguousarray(array))[None]
-    network = build_tumsyn_net(scale).eval()
-    if scale == "small" and source != "synthetic":  # the paper scale has no trained weights: random ones
-        load_network_weights(network, os.path.join(REPO, "bundle", "models", "model.pt"))
-    network = channels_last_convolutions(network.to(device))
     tokens = tokenize(PROMPT)
-    inferer = config_inferer(scale, precision, overrides)
     foreground = foreground_mask(image, out_shape)
     row = {"scale": scale, "input": input_name, "source": source, "device": device_name, "threads": threads,
            "precision": precision, "cudnn_benchmark": cudnn_benchmark, "repeats": repeats,
