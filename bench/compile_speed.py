@@ -23,16 +23,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scale", default="small")
-    parser.add_argument("--source", default="mni", choices=["subject", "mni", "real", "synthetic"])
-    parser.add_argument("--input", default="1mm")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    case.add_case_arguments(parser, scale="small", precision="fp32")
     parser.add_argument("--parts", nargs="+", default=["encode", "query"], choices=["encode", "query"])
     parser.add_argument("--mode", default="default", help="torch.compile mode")
-    parser.add_argument("--roi_size", help="default: the config's; N: windows of N^3 at most")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--output", default=os.path.join(HERE, "results", "compile_speed.json"))
     args = parser.parse_args()
 

@@ -212,6 +212,18 @@ def prepare_case(scale: str, input_name: str, source: str, fov_scale: float, thr
     return array, spacing, reference, out_shape, network, config_inferer(scale, precision, overrides)
 
 
+def add_case_arguments(parser, scale: str, precision: str) -> None:
+    """The options of one warm engine case (``--scale --source --input --device --precision --roi_size --threads``),
+    for the scripts that time or profile a single case."""
+    parser.add_argument("--scale", default=scale)
+    parser.add_argument("--source", default="mni", choices=["subject", "mni", "real", "synthetic"])
+    parser.add_argument("--input", default="1mm")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--precision", default=precision, choices=["fp32", "bf16"])
+    parser.add_argument("--roi_size", help="default: the config's; N: windows of N^3 at most")
+    parser.add_argument("--threads", type=int, default=8)
+
+
 def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads: int, device_name: str,
              precision: str, overrides: dict, methods: list[str], cudnn_benchmark: bool = False,
              repeats: int = 1) -> dict:
