@@ -2,7 +2,8 @@
 window encoder and/or decoder query compiled (``dynamic=True``: cut windows and the last decode chunk vary in shape).
 
     python bench/compile_speed.py [--scale small] [--source mni] [--input 1mm] [--device cuda] [--precision fp32]
-                                  [--parts encode query] [--mode default] [--repeats 3] [--output FILE.json]
+                                  [--roi_size N] [--threads 8] [--parts encode query] [--mode default]
+                                  [--repeats 3] [--output FILE.json]
 
 Prints and writes the plain engine's median warm seconds, the compiled engine's first call (compilation included) and
 median warm seconds, and the largest difference between their outputs. The case is ``inference_speed.py``'s.
