@@ -306,3 +306,26 @@ def test_the_prompt_is_embedded_once_per_volume_and_shared_by_every_window(netwo
         torch.testing.assert_close(shared, network.encode(crops, tokens))
         with pytest.raises(ValueError, match="condition: batch 2 != image batch 3"):
             network.encode(crops, condition=network.embed_condition(tokens.expand(2, -1)))
+
+
+@pytest.mark.parametrize("out_shape", [(24, 20, 18), (12, 30, 18)])
+def test_flip_averaging_is_the_mean_of_the_eight_mirror_predictions(network, out_shape):
+    image = head_like((24, 20, 18), seed=3)
+    single = TUMSynInferer(T2W, roi_size=(12, 12, 12), progress=False)
+    averaged = TUMSynInferer(T2W, roi_size=(12, 12, 12), progress=False, flip_averaging="true")
+    plain = single(image[None], network, out_shape=out_shape)[0, 0]
+    mean = averaged(image[None], network, out_shape=out_shape)[0, 0]
+    # The ensemble of every mirror image commutes with mirroring, whatever the network and window tiling: an output
+    # voxel flipped to the wrong place (an asymmetric output grid) would break this.
+    for axes in ([0], [1, 2], [0, 1, 2]):
+        mirrored = averaged(image.flip([1 + a for a in axes])[None], network, out_shape=out_shape)[0, 0]
+        torch.testing.assert_close(mirrored.flip(axes), mean, atol=1e-5, rtol=0)
+    # It differs from the single prediction (the untrained network is not mirror-symmetric), only inside the head.
+    assert (mean - plain).abs().max() > 1e-3
+    assert mean[~foreground_mask(image, out_shape)].abs().max() == 0
+    assert len(averaged.mirror_axes) == 8 and len(set(averaged.mirror_axes)) == 8 and single.mirror_axes == ((),)
+
+
+def test_flip_averaging_takes_only_a_yes_or_no():
+    with pytest.raises(ValueError, match="flip_averaging: expected true or false"):
+        TUMSynInferer(flip_averaging="eight")

@@ -363,3 +363,23 @@ def test_opt_in_landmark_input_normalisation(tmp_path):
     assert not os.path.exists(tmp_path / "out2") or os.listdir(tmp_path / "out2") == []
     with pytest.raises(UserInputError, match=r"^input_normalisation: expected one of \['percentile'"):
         TUMSynInferer(input_normalisation="zscore")
+
+
+def test_flip_averaging_keeps_every_voxel_in_place_on_an_oblique_grid(tmp_path):
+    """A network that only resamples its input is mirror-symmetric, so averaging its 8 mirror predictions must give
+    its single prediction back on any input orientation and output grid: a mirror image flipped back onto the wrong
+    voxels would blur the blob. The sidecar records how many mirror images were averaged."""
+    from scripts.synthesis_engine import TUMSynInferer
+
+    affine = np.array([[-1.2, 0, 0, 30.0], [0, 0, 2.0, -10.0], [0, -0.9, 0, 20.0], [0, 0, 0, 1]])  # LPS-like, permuted
+    data = (300 * blob_volume((18, 14, 11), affine, (22.0, 5.0, 12.0))).astype(np.float32)
+    image = write_nifti(tmp_path / "oblique.nii.gz", data, affine)
+    results = {}
+    for flips in (False, True):
+        inferer = TUMSynInferer(roi_size=(8, 8, 8), progress=False, flip_averaging=flips)
+        written = run_inference(image, "T2w", str(tmp_path / f"out_{flips}"), SamplingNet(),
+                                target_spacing=[0.7, 1.3, 1.1], inferer=inferer, preview=False)
+        results[flips] = np.asarray(nib.load(written["image"]).dataobj)
+        assert json.load(open(written["sidecar"]))["mirror_images_averaged"] == (8 if flips else 1)
+    assert results[True].std() > 0.1
+    np.testing.assert_allclose(results[True], results[False], atol=1e-5)

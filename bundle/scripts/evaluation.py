@@ -476,6 +476,12 @@ NORMALISATION_NOTE = (
     "mapped to the mean target of the bin, fitted on the target itself (the best voxel-wise intensity mapping).\n\n")
 
 
+def _engine_note(inferer: TUMSynInferer) -> str:
+    averaged = len(inferer.mirror_axes)
+    return (f"Networks' input normalisation: {inferer.input_normalisation}; predictions averaged over "
+            f"{averaged} mirror image{'s' if averaged > 1 else ''} of the input (flip_averaging).\n\n")
+
+
 def run_evaluation(dataset_dir: str | None, output_dir: str, methods: Sequence[Method], inferer: TUMSynInferer,
                    tasks: Sequence[Task] | None = None, subjects: Sequence[str] | None = None,
                    datalist: str | None = None) -> list[dict[str, Any]]:
@@ -497,6 +503,7 @@ def run_evaluation(dataset_dir: str | None, output_dir: str, methods: Sequence[M
     _write_csv(os.path.join(output_dir, "metrics.csv"), rows)
     _write_csv(os.path.join(output_dir, "summary.csv"), summary)
     with atomic_path(os.path.join(output_dir, "metrics.md")) as temporary, open(temporary, "w") as handle:
-        handle.write(NORMALISATION_NOTE + markdown_table(summary) + volume_table(summary) + "\n")
+        handle.write(NORMALISATION_NOTE + _engine_note(inferer) + markdown_table(summary) + volume_table(summary)
+                     + "\n")
     _write_figure(os.path.join(output_dir, "metrics.png"), summary)
     return rows

@@ -272,6 +272,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "reference": None if reference is None else os.path.abspath(reference),
         "model_version": bundle_version(),
         "intensity": INTENSITY_NOTES[inferer.input_normalisation],
+        "mirror_images_averaged": len(inferer.mirror_axes),
         "warnings": volume.warnings,
         "ood_warnings": out_of_distribution,
     }

@@ -11,7 +11,8 @@ background reads are skipped, and (``crop_margin``) the others are cut to the he
 channels-last, the layout the decoder gathers codes from fastest.
 
 ``TUMSynInferer``: the MONAI ``Inferer`` that holds the engine's settings (``configs/inference.yaml``'s
-``inferer``) and runs it on a batch of normalised volumes.
+``inferer``) and runs it on a batch of normalised volumes, optionally averaging the predictions of its 8 mirror
+images (``flip_averaging``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from tqdm import tqdm
 
-from .errors import UserInputError, config_null
+from .errors import UserInputError, config_flag, config_null
 from .intensity import METHODS as INTENSITY_METHODS
 from .liif import make_coord
 from .prompt import MODALITIES, Prompt, tokenize
@@ -35,6 +36,9 @@ from .prompt import MODALITIES, Prompt, tokenize
 # Latent voxels kept around the ones a query reads: the decoder reads the 2 latent voxels around a coordinate per
 # axis and the latent is a 3x3x3 convolution of the features, so 2 voxels of margin make slab edges invisible.
 QUERY_HALO = 2
+# The 8 mirror images of a volume: every subset of its 3 axes flipped (test-time augmentation by mirroring, as
+# nnU-Net does: Isensee et al., Nature Methods 2021).
+MIRROR_AXES = tuple(axes for count in range(4) for axes in itertools.combinations(range(3), count))
 
 
 def _window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -356,6 +360,11 @@ def foreground_mask(image: torch.Tensor, out_shape: Sequence[int]) -> torch.Tens
     return resampled[0, 0] >= 0.5
 
 
+def _mirrored(volume: torch.Tensor, axes: Sequence[int], first_axis: int = 0) -> torch.Tensor:
+    """``volume`` flipped along the spatial ``axes`` (0-2), counted from dimension ``first_axis``."""
+    return volume.flip([first_axis + axis for axis in axes]) if axes else volume
+
+
 class TUMSynInferer(Inferer):
     """MONAI ``Inferer`` around ``synthesize_volume``: ``inferer(inputs [B, 1, D, H, W], network, prompt, out_shape)``.
 
@@ -370,12 +379,16 @@ class TUMSynInferer(Inferer):
     ``input_normalisation``: how ``synthesize_image`` scales the input (``scripts.intensity.METHODS``): the default
     ``percentile`` is what the shipped weights were trained with; ``landmarks`` maps the input's percentiles onto
     the training images' of its modality (opt-in: measured on a real case in docs/real_data.md).
+    ``flip_averaging``: the prediction is the mean of the network's predictions on the volume's 8 mirror images
+    (``MIRROR_AXES``), each flipped back: 8x the time; on real scans every task's correlation with the real
+    target rose (docs/real_data.md).
     """
 
     def __init__(self, prompt: str | None = None, roi_size: Sequence[int] = (64, 64, 64), overlap: float = 0.25,
                  sigma_scale: float = 0.125, sw_batch_size: int = 1, query_chunk: int = 4096, amp: bool = True,
                  progress: bool = True, skip_background: bool = True, crop_margin: int | None = None,
-                 fit_windows: bool = True, channels_last: bool = True, input_normalisation: str = "percentile"):
+                 fit_windows: bool = True, channels_last: bool = True, input_normalisation: str = "percentile",
+                 flip_averaging: bool = False):
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
         crop_margin = config_null(crop_margin)  # --crop_margin null: whole windows
@@ -396,6 +409,7 @@ class TUMSynInferer(Inferer):
             raise UserInputError(f"input_normalisation: expected one of {list(INTENSITY_METHODS)}, got "
                                  f"{input_normalisation!r}")
         self.input_normalisation = input_normalisation
+        self.mirror_axes = MIRROR_AXES if config_flag(flip_averaging, "flip_averaging") else ((),)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, prompt: str | Prompt | None = None,
                  out_shape: Sequence[int] | None = None) -> torch.Tensor:
@@ -408,7 +422,19 @@ class TUMSynInferer(Inferer):
         out_shape = tuple(inputs.shape[2:]) if out_shape is None else tuple(out_shape)
         if self.channels_last:
             channels_last_convolutions(network)
-        return torch.stack([synthesize_volume(network, item, tokens, out_shape, modality=modality,
-                                              decode_mask=foreground_mask(item, out_shape) if self.skip_background
-                                              else None, **self.settings)
-                            for item in inputs])
+        return torch.stack([self._mirror_mean(network, item, tokens, modality, out_shape) for item in inputs])
+
+    def _mirror_mean(self, network: torch.nn.Module, image: torch.Tensor, tokens: torch.Tensor | None,
+                     modality: torch.Tensor | None, out_shape: tuple[int, ...]) -> torch.Tensor:
+        """``synthesize_volume`` of ``image [1, D, H, W]``, averaged over ``self.mirror_axes``. The output grid's
+        voxels sit symmetrically in the field of view, so flipping the input and the prediction along an axis
+        keeps every voxel's position."""
+        decode_mask = foreground_mask(image, out_shape) if self.skip_background else None
+        total = None
+        for axes in self.mirror_axes:
+            prediction = synthesize_volume(network, _mirrored(image, axes, 1), tokens, out_shape, modality=modality,
+                                           decode_mask=None if decode_mask is None else _mirrored(decode_mask, axes),
+                                           **self.settings)
+            prediction = _mirrored(prediction, axes, 1)
+            total = prediction if total is None else total.add_(prediction)
+        return total / len(self.mirror_axes)
