@@ -18,6 +18,7 @@ images (``flip_averaging``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 from typing import Sequence
@@ -360,6 +361,10 @@ def foreground_mask(image: torch.Tensor, out_shape: Sequence[int]) -> torch.Tens
     return resampled[0, 0] >= 0.5
 
 
+def _mirror_axes(flip_averaging: bool | str) -> tuple[tuple[int, ...], ...]:
+    return MIRROR_AXES if config_flag(flip_averaging, "flip_averaging") else ((),)
+
+
 def _mirrored(volume: torch.Tensor, axes: Sequence[int], first_axis: int = 0) -> torch.Tensor:
     """``volume`` flipped along the spatial ``axes`` (0-2), counted from dimension ``first_axis``."""
     return volume.flip([first_axis + axis for axis in axes]) if axes else volume
@@ -409,7 +414,13 @@ class TUMSynInferer(Inferer):
             raise UserInputError(f"input_normalisation: expected one of {list(INTENSITY_METHODS)}, got "
                                  f"{input_normalisation!r}")
         self.input_normalisation = input_normalisation
-        self.mirror_axes = MIRROR_AXES if config_flag(flip_averaging, "flip_averaging") else ((),)
+        self.mirror_axes = _mirror_axes(flip_averaging)
+
+    def with_flip_averaging(self, flip_averaging: bool | str) -> TUMSynInferer:
+        """A copy of these settings that does (or does not) average the predictions on the 8 mirror images."""
+        inferer = copy.copy(self)
+        inferer.mirror_axes = _mirror_axes(flip_averaging)
+        return inferer
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, prompt: str | Prompt | None = None,
                  out_shape: Sequence[int] | None = None) -> torch.Tensor:

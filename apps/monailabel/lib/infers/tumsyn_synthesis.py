@@ -27,12 +27,17 @@ logger = logging.getLogger(__name__)
 
 # What of the bundle's JSON sidecar goes back to the client as the result's params.
 RESULT_FIELDS = ("prompt_given", "target_prompt", "source_prompt", "input_spacing", "target_spacing",
-                 "output_spacing", "output_shape", "model_version", "intensity", "warnings")
+                 "output_spacing", "output_shape", "model_version", "intensity", "mirror_images_averaged", "warnings")
+
+
+def _blank(value: Any) -> bool:
+    """An option the request leaves out: absent, or empty text (what a client's form sends)."""
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def requested_prompt(value: Any, default: str) -> str:
     """The request's ``prompt`` (official template or modality, e.g. "FLAIR"); the default when absent or blank."""
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if _blank(value):
         return default
     if not isinstance(value, str):
         raise ValueError(f"prompt: expected text (the official template or a modality such as 'FLAIR'), got {value!r}")
@@ -44,7 +49,7 @@ def requested_spacing(value: Any) -> Any:
 
     Text is split into numbers here; count, sign and finiteness are checked by the engine.
     """
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if _blank(value):
         return None
     if not isinstance(value, str):
         return value
@@ -53,6 +58,12 @@ def requested_spacing(value: Any) -> Any:
     except ValueError:
         raise ValueError(f"target_spacing: expected voxel sizes in mm such as '0.8, 0.8, 0.8', got {value!r}") from None
     return numbers[0] if len(numbers) == 1 else numbers
+
+
+def requested_flip_averaging(value: Any) -> Any:
+    """The request's optional ``flip_averaging`` (true/false, checked by the engine); None when absent or blank:
+    the bundle config's setting."""
+    return None if _blank(value) else value
 
 
 class TUMSynSynthesis(BundleInferTask):
@@ -72,7 +83,7 @@ class TUMSynSynthesis(BundleInferTask):
             pre_filter=None,
             post_filter=None,
             load_strict=True,
-            config={"prompt": default_prompt, "target_spacing": ""},
+            config={"prompt": default_prompt, "target_spacing": "", "flip_averaging": ""},
         )
         if not self.is_valid():
             raise ValueError(f"{bundle_path}: not a TUMSyn bundle (expected configs/inference.yaml, "
@@ -103,8 +114,11 @@ class TUMSynSynthesis(BundleInferTask):
             try:
                 prompt = requested_prompt(data.get("prompt"), self.default_prompt)
                 spacing = requested_spacing(data.get("target_spacing"))
+                flip_averaging = requested_flip_averaging(data.get("flip_averaging"))
+                inferer = (self.bundle_inferer if flip_averaging is None
+                           else self.bundle_inferer.with_flip_averaging(flip_averaging))
                 paths = self.engine.run_inference(data["image"], prompt, work_dir, network, spacing,
-                                                  inferer=self.bundle_inferer, preview=False)
+                                                  inferer=inferer, preview=False)
             except ValueError as error:  # bad input: the client gets the one-line reason, not a bare 500
                 raise HTTPException(status_code=422, detail=str(error)) from None
             with open(paths["sidecar"]) as handle:
