@@ -183,6 +183,19 @@ def test_dicom_series_too_large_is_refused_with_the_numbers(tmp_path, monkeypatc
     assert "series (6 DICOM files): needs about 18.0 KiB of memory, only 1000.0 B is available" in one_line(raised)
 
 
+def test_flip_averaging_counts_its_extra_memory_before_any_work(tmp_path, monkeypatch):
+    image = write_nifti(tmp_path / "scan.nii.gz", (0.2 + np.random.rand(5, 5, 5)).astype(np.float32), np.eye(4))
+    # output 10 x 10 x 10 at 0.5 mm: 12 bytes per voxel for one prediction, 20 with flip averaging
+    monkeypatch.setattr(scripts.volume_io, "available_memory_bytes", lambda: 16000)
+    run_inference(image, "T2w", str(tmp_path / "single"), SamplingNet(), target_spacing=0.5, inferer=FAST,
+                  preview=False)
+    with pytest.raises(UserInputError) as raised:
+        run_inference(image, "T2w", str(tmp_path / "averaged"), SamplingNet(), target_spacing=0.5,
+                      inferer=FAST.with_flip_averaging(True), preview=False)
+    assert "output grid (10, 10, 10) for" in one_line(raised) and "needs about 19.5 KiB" in one_line(raised)
+    assert not os.path.exists(tmp_path / "averaged") or os.listdir(tmp_path / "averaged") == []
+
+
 @pytest.mark.parametrize("shape, volume_index", [
     ((8, 8, 8, 1), None),  # a "4D" file of one volume
     ((8, 8, 8, 1, 1), None),  # trailing singleton axes (some converters write 5D)

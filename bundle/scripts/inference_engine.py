@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 # Bytes per output voxel held at once: the float32 prediction, its resampled mask and a copy on write.
 OUTPUT_BYTES_PER_VOXEL = 12
+# flip averaging holds two more: the running sum and one prediction's flipped copy
+MIRROR_BYTES_PER_VOXEL = 8
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 
@@ -213,7 +215,8 @@ def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, i
                              f"metadata (BIDS name or sidecar, DICOM header) does not give it")
     spacing = target.voxel_size if spacing is None else spacing
     out_shape, out_affine = output_grid(volume.array.shape, volume.affine, spacing)
-    check_memory(OUTPUT_BYTES_PER_VOXEL * float(np.prod(out_shape)), f"output grid {out_shape} for {volume.path}")
+    per_voxel = OUTPUT_BYTES_PER_VOXEL + (MIRROR_BYTES_PER_VOXEL if len(inferer.mirror_axes) > 1 else 0)
+    check_memory(per_voxel * float(np.prod(out_shape)), f"output grid {out_shape} for {volume.path}")
     orientation = _canonical_orientation(volume.affine)
     canonical = nib.orientations.apply_orientation(volume.array, orientation)
     normalised = normalize_intensity(canonical, method=inferer.input_normalisation, modality=source_modality)
