@@ -448,4 +448,4 @@ class TUMSynInferer(Inferer):
                                            **self.settings)
             prediction = _mirrored(prediction, axes, 1)
             total = prediction if total is None else total.add_(prediction)
-        return total / len(self.mirror_axes)
+        return total.div_(len(self.mirror_axes))  # in place: no second output-sized tensor

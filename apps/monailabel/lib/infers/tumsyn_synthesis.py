@@ -60,18 +60,13 @@ def requested_spacing(value: Any) -> Any:
     return numbers[0] if len(numbers) == 1 else numbers
 
 
-def requested_flip_averaging(value: Any) -> Any:
-    """The request's optional ``flip_averaging`` (true/false, checked by the engine); None when absent or blank:
-    the bundle config's setting."""
-    return None if _blank(value) else value
-
-
 class TUMSynSynthesis(BundleInferTask):
-    """Text-guided synthesis / super-resolution of the picked image; request params ``prompt`` and ``target_spacing``.
+    """Text-guided synthesis / super-resolution of the picked image; request params ``prompt``, ``target_spacing``
+    and ``flip_averaging``.
 
     ``prompt``: the official template, or a modality optionally followed by fields ("FLAIR", "FLAIR; Age: 70"),
     the rest then filled from the image's metadata; ``target_spacing``: output voxel size in mm (default: the
-    prompt's Voxel size, else the input's).
+    prompt's Voxel size, else the input's); ``flip_averaging``: true/false (default: the bundle config's).
     """
 
     def __init__(self, bundle_path: str, conf: dict[str, str], default_prompt: str = "T2w"):
@@ -114,8 +109,8 @@ class TUMSynSynthesis(BundleInferTask):
             try:
                 prompt = requested_prompt(data.get("prompt"), self.default_prompt)
                 spacing = requested_spacing(data.get("target_spacing"))
-                flip_averaging = requested_flip_averaging(data.get("flip_averaging"))
-                inferer = (self.bundle_inferer if flip_averaging is None
+                flip_averaging = data.get("flip_averaging")  # true/false, checked by the engine; blank: the config's
+                inferer = (self.bundle_inferer if _blank(flip_averaging)
                            else self.bundle_inferer.with_flip_averaging(flip_averaging))
                 paths = self.engine.run_inference(data["image"], prompt, work_dir, network, spacing,
                                                   inferer=inferer, preview=False)
