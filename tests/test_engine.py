@@ -329,3 +329,44 @@ def test_flip_averaging_is_the_mean_of_the_eight_mirror_predictions(network, out
 def test_flip_averaging_takes_only_a_yes_or_no():
     with pytest.raises(ValueError, match="flip_averaging: expected true or false"):
         TUMSynInferer(flip_averaging="eight")
+
+
+def test_intensity_scales_average_the_predictions_on_the_rescaled_input(network):
+    image = head_like((20, 18, 16), seed=5)  # 0.5-1.5 inside: x 1.4 reaches the normalisation's clip at 1.5
+    out_shape = (20, 18, 16)
+    settings = dict(roi_size=(12, 12, 12), progress=False)
+
+    def prediction(volume, **averaging):
+        return TUMSynInferer(T2W, **settings, **averaging)(volume[None], network, out_shape=out_shape)[0, 0]
+
+    for flips in (False, True):
+        averaged = TUMSynInferer(T2W, **settings, flip_averaging=flips, intensity_scales=[0.7, 1.4])
+        assert averaged.predictions_averaged == (16 if flips else 2)
+        expected = (prediction(image * 0.7, flip_averaging=flips)
+                    + prediction((image * 1.4).clamp(max=1.5), flip_averaging=flips)) / 2
+        torch.testing.assert_close(averaged(image[None], network, out_shape=out_shape)[0, 0], expected,
+                                   atol=1e-5, rtol=0)
+    # The network's output depends on the input's scale, so the average is not the single prediction.
+    assert (expected - prediction(image, flip_averaging=True)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("[0.6, 0.8, 1, 1.4, 2]", (0.6, 0.8, 1.0, 1.4, 2.0)),
+    ("0.8, 1.25", (0.8, 1.25)),  # a MONAI Label request's text
+    (2, (2.0,)),
+    ([1.0], (1.0,)),
+])
+def test_intensity_scales_are_read_from_lists_text_and_numbers(given, expected):
+    inferer = TUMSynInferer(intensity_scales=given)
+    assert inferer.intensity_scales == expected
+    # A per-request copy changes only what it is given.
+    copy = inferer.with_averaging(flip_averaging=True)
+    assert copy.intensity_scales == expected and copy.predictions_averaged == 8 * len(expected)
+    assert inferer.with_averaging(intensity_scales="1").intensity_scales == (1.0,)
+    assert inferer.predictions_averaged == len(expected)
+
+
+@pytest.mark.parametrize("bad", ["[0.8, -1]", "[]", "0", "bright", "[1, \"x\"]", [0.5, float("inf")], True])
+def test_intensity_scales_refuse_what_is_not_a_list_of_positive_numbers(bad):
+    with pytest.raises(ValueError, match=r"^intensity_scales: expected a list of positive numbers such as"):
+        TUMSynInferer(intensity_scales=bad)

@@ -206,18 +206,23 @@ def test_modality_prompt_target_spacing_and_a_bad_prompt(served):
     assert "Banana" in json.loads(error.value.read())["detail"]
 
 
-def test_flip_averaging_per_request(served):
+def test_test_time_averaging_per_request(served):
     request = {"prompt": "PD", "target_spacing": "4, 4, 5"}
     single, params = infer(served.url, "sim01_T1w", request)
-    assert params["mirror_images_averaged"] == 1  # the bundle's default
+    assert params["mirror_images_averaged"] == 1 and params["intensity_scales_averaged"] == [1.0]  # the bundle's
     averaged, params = infer(served.url, "sim01_T1w", {**request, "flip_averaging": "true"})
     assert params["mirror_images_averaged"] == 8 and averaged.shape == single.shape
     assert not np.allclose(np.asarray(averaged.dataobj), np.asarray(single.dataobj))
+    scaled, params = infer(served.url, "sim01_T1w", {**request, "intensity_scales": "0.8, 1.25"})
+    assert params["intensity_scales_averaged"] == [0.8, 1.25] and params["mirror_images_averaged"] == 1
+    assert not np.allclose(np.asarray(scaled.dataobj), np.asarray(single.dataobj))
     _, params = infer(served.url, "sim01_T1w", request)
-    assert params["mirror_images_averaged"] == 1  # one request's choice does not stick to the served inferer
-    with pytest.raises(urllib.error.HTTPError) as error:
-        infer(served.url, "sim01_T1w", {**request, "flip_averaging": "often"})
-    assert error.value.code == 422 and "flip_averaging" in json.loads(error.value.read())["detail"]
+    # one request's choice does not stick to the served inferer
+    assert params["mirror_images_averaged"] == 1 and params["intensity_scales_averaged"] == [1.0]
+    for option, bad in (("flip_averaging", "often"), ("intensity_scales", "0.8, -1")):
+        with pytest.raises(urllib.error.HTTPError) as error:
+            infer(served.url, "sim01_T1w", {**request, option: bad})
+        assert error.value.code == 422 and option in json.loads(error.value.read())["detail"]
 
 
 def test_served_on_loopback_only(served):

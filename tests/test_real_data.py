@@ -57,6 +57,17 @@ def real_evaluation_flip_averaged(tmp_path_factory):
     return _evaluate_real_case(tmp_path_factory.mktemp("real_flip"), flip_averaging=True)
 
 
+# The intensity scales of docs/real_data.md's test-time averaging (chosen on this case: that section's grid).
+TEST_TIME_SCALES = [0.6, 0.8, 1.0, 1.4, 2.0]
+
+
+@pytest.fixture(scope="module")
+def real_evaluation_scales_averaged(tmp_path_factory):
+    """The text model only, averaged over 5 intensity scales x 8 mirror images (40 network runs per task)."""
+    return _evaluate_real_case(tmp_path_factory.mktemp("real_scales"), flip_averaging=True,
+                               intensity_scales=TEST_TIME_SCALES, onehot_ckpt_path=None, task_models=None)
+
+
 @needs_real
 def test_real_case_has_every_task_baseline_and_stated_normalisation(real_evaluation):
     out, r = real_evaluation
@@ -141,6 +152,28 @@ def test_issue_bar_on_real_data_with_flip_averaging(real_evaluation_flip_average
     assert model >= abs(given) + 0.05 and model >= lookup - 0.05
     model, given, lookup = (r[("T1w->FLAIR", method)] for method in ("tumsyn", "identity", "oracle-lut"))
     assert model >= lookup - 0.05 and model > given
+
+
+# Measured at 4 mm with flip averaging and TEST_TIME_SCALES: tumsyn.
+SCALES_AVERAGED_R = {"T1w->T2w": 0.461, "T1w->FLAIR": 0.892, "T1w->T1CE": 0.863, "T2w->FLAIR": 0.699,
+                     "FLAIR->T1w": 0.793}
+
+
+@needs_real
+def test_issue_bar_on_real_data_with_intensity_scale_averaging(real_evaluation_scales_averaged):
+    """With the predictions averaged over intensity scales and mirror images, T1w->T2w and T1w->FLAIR meet the
+    issue's bar: at least 0.05 above the input's |r| and within 0.05 of the oracle lookup table (docs/real_data.md:
+    by 0.02 and 0.007). T1w->T1CE and FLAIR->T1w stay below the input's r."""
+    out, r = real_evaluation_scales_averaged
+    assert "intensity scales 0.6, 0.8, 1, 1.4, 2 (intensity_scales)" in (out / "metrics.md").read_text()
+    assert {method for _, method in r} == {"tumsyn", "identity", "oracle-lut"}
+    for task, measured in SCALES_AVERAGED_R.items():
+        assert r[(task, "tumsyn")] == pytest.approx(measured, abs=R_MARGIN), task
+    for task in ("T1w->T2w", "T1w->FLAIR"):
+        model, given, lookup = (r[(task, method)] for method in ("tumsyn", "identity", "oracle-lut"))
+        assert model >= abs(given) + 0.05 and model >= lookup - 0.05, task
+    for task in ("T1w->T1CE", "FLAIR->T1w"):
+        assert r[(task, "tumsyn")] < r[(task, "identity")], task
 
 
 @needs_real

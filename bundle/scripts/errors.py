@@ -16,6 +16,8 @@ in is guarded the same way.
 from __future__ import annotations
 
 import functools
+import json
+import math
 import sys
 from typing import Any
 
@@ -44,6 +46,27 @@ def config_flag(value: Any, key: str) -> bool:
     if word not in _FLAG_WORDS:
         raise UserInputError(f"{key}: expected true or false, got {str(value)[:_QUOTE_CHARS]!r}")
     return _FLAG_WORDS[word]
+
+
+def config_positive_numbers(value: Any, key: str) -> tuple[float, ...]:
+    """A config list of positive numbers as floats. A list comes from YAML, a string from the command line or a
+    MONAI Label request (``"[0.6, 1, 2]"`` or ``"0.6, 1, 2"``), a single number stands for a list of one; anything
+    else (empty, not a number, zero, negative, infinite) is one error line naming ``key``."""
+    numbers = value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            numbers = json.loads(text if text.startswith("[") else f"[{text}]")
+        except json.JSONDecodeError:
+            numbers = None
+    elif isinstance(value, (int, float)):
+        numbers = [value]
+    valid = isinstance(numbers, (list, tuple)) and len(numbers) > 0 and all(
+        isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) and n > 0 for n in numbers)
+    if not valid:
+        raise UserInputError(f"{key}: expected a list of positive numbers such as [0.6, 1, 2], got "
+                             f"{str(value)[:_QUOTE_CHARS]!r}")
+    return tuple(float(n) for n in numbers)
 
 
 def config_null(value: Any) -> Any:

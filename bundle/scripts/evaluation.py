@@ -478,8 +478,10 @@ NORMALISATION_NOTE = (
 
 def _engine_note(inferer: TUMSynInferer) -> str:
     averaged = len(inferer.mirror_axes)
+    scales = ", ".join(f"{scale:g}" for scale in inferer.intensity_scales)
     return (f"Networks' input normalisation: {inferer.input_normalisation}; predictions averaged over "
-            f"{averaged} mirror image{'s' if averaged > 1 else ''} of the input (flip_averaging).\n\n")
+            f"{averaged} mirror image{'s' if averaged > 1 else ''} of the input (flip_averaging) at intensity "
+            f"scale{'s' if len(inferer.intensity_scales) > 1 else ''} {scales} (intensity_scales).\n\n")
 
 
 def run_evaluation(dataset_dir: str | None, output_dir: str, methods: Sequence[Method], inferer: TUMSynInferer,

@@ -39,8 +39,9 @@ logger = logging.getLogger(__name__)
 
 # Bytes per output voxel held at once: the float32 prediction, its resampled mask and a copy on write.
 OUTPUT_BYTES_PER_VOXEL = 12
-# flip averaging holds two more: the running sum and one prediction's flipped copy
-MIRROR_BYTES_PER_VOXEL = 8
+# averaging several predictions (flip_averaging, intensity_scales) holds two more: the running sum and the next
+# prediction (or its flipped copy)
+AVERAGING_BYTES_PER_VOXEL = 8
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 
@@ -215,7 +216,7 @@ def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, i
                              f"metadata (BIDS name or sidecar, DICOM header) does not give it")
     spacing = target.voxel_size if spacing is None else spacing
     out_shape, out_affine = output_grid(volume.array.shape, volume.affine, spacing)
-    per_voxel = OUTPUT_BYTES_PER_VOXEL + (MIRROR_BYTES_PER_VOXEL if len(inferer.mirror_axes) > 1 else 0)
+    per_voxel = OUTPUT_BYTES_PER_VOXEL + (AVERAGING_BYTES_PER_VOXEL if inferer.predictions_averaged > 1 else 0)
     check_memory(per_voxel * float(np.prod(out_shape)), f"output grid {out_shape} for {volume.path}")
     orientation = _canonical_orientation(volume.affine)
     canonical = nib.orientations.apply_orientation(volume.array, orientation)
@@ -276,6 +277,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "model_version": bundle_version(),
         "intensity": INTENSITY_NOTES[inferer.input_normalisation],
         "mirror_images_averaged": len(inferer.mirror_axes),
+        "intensity_scales_averaged": list(inferer.intensity_scales),
         "warnings": volume.warnings,
         "ood_warnings": out_of_distribution,
     }

@@ -28,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-NORMALISATION = "divide by the 99th percentile of the brain (non-zero voxels), clip to [0, 1.5]"
+CLIP_MAX = 1.5  # normalised intensities above this are clipped
+NORMALISATION = f"divide by the 99th percentile of the brain (non-zero voxels), clip to [0, {CLIP_MAX}]"
 METHODS = ("percentile", "wm_peak", "landmarks")
 WM_PEAK_LEVEL = 0.8  # where a clean simulated T1w's WM peak sits after percentile scaling would be ~0.98; 0.8 leaves
 # headroom below the 1.5 clip for the bright tail of real scans
@@ -91,7 +92,7 @@ def _without_constant_background(array: np.ndarray) -> np.ndarray:
 
 
 def normalize_intensity(volume: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None,
-                        percentile: float = 99.0, clip_max: float = 1.5,
+                        percentile: float = 99.0, clip_max: float = CLIP_MAX,
                         method: str = "percentile", modality: str | None = None) -> np.ndarray | torch.Tensor:
     """``volume`` scaled so the ``percentile`` of the voxels in ``mask`` is 1 (or, with ``method="wm_peak"``, so its
     white-matter peak is ``WM_PEAK_LEVEL``; with ``method="landmarks"``, then mapped so its landmarks are the

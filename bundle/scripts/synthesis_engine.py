@@ -12,7 +12,7 @@ channels-last, the layout the decoder gathers codes from fastest.
 
 ``TUMSynInferer``: the MONAI ``Inferer`` that holds the engine's settings (``configs/inference.yaml``'s
 ``inferer``) and runs it on a batch of normalised volumes, optionally averaging the predictions of its 8 mirror
-images (``flip_averaging``).
+images (``flip_averaging``) and of copies of the input at several intensity scales (``intensity_scales``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from tqdm import tqdm
 
-from .errors import UserInputError, config_flag, config_null
+from .errors import UserInputError, config_flag, config_null, config_positive_numbers
+from .intensity import CLIP_MAX
 from .intensity import METHODS as INTENSITY_METHODS
 from .liif import make_coord
 from .prompt import MODALITIES, Prompt, tokenize
@@ -365,6 +366,11 @@ def _mirror_axes(flip_averaging: bool | str) -> tuple[tuple[int, ...], ...]:
     return MIRROR_AXES if config_flag(flip_averaging, "flip_averaging") else ((),)
 
 
+def _scaled(image: torch.Tensor, scale: float) -> torch.Tensor:
+    """The normalised ``image`` multiplied by ``scale`` and clipped as the normalisation clips."""
+    return image if scale == 1.0 else (image * scale).clamp_(max=CLIP_MAX)
+
+
 def _mirrored(volume: torch.Tensor, axes: Sequence[int], first_axis: int = 0) -> torch.Tensor:
     """``volume`` flipped along the spatial ``axes`` (0-2), counted from dimension ``first_axis``."""
     return volume.flip([first_axis + axis for axis in axes]) if axes else volume
@@ -387,13 +393,18 @@ class TUMSynInferer(Inferer):
     ``flip_averaging``: the prediction is the mean of the network's predictions on the volume's 8 mirror images
     (``MIRROR_AXES``), each flipped back: 8x the time; on real scans every task's correlation with the real
     target rose (docs/real_data.md).
+    ``intensity_scales``: the prediction is the mean of the network's predictions on the normalised input multiplied
+    by each of these factors (clipped as the normalisation clips): a real scan's intensity scale relative to the
+    training images is unknown (a bright tail or a tumour moves its 99th percentile), and the network's output
+    depends on it, so this averages over the plausible scales; (1.0,): the input as normalised. With
+    ``flip_averaging``, every scale of every mirror image: len(scales) x 8 network runs.
     """
 
     def __init__(self, prompt: str | None = None, roi_size: Sequence[int] = (64, 64, 64), overlap: float = 0.25,
                  sigma_scale: float = 0.125, sw_batch_size: int = 1, query_chunk: int = 4096, amp: bool = True,
                  progress: bool = True, skip_background: bool = True, crop_margin: int | None = None,
                  fit_windows: bool = True, channels_last: bool = True, input_normalisation: str = "percentile",
-                 flip_averaging: bool = False):
+                 flip_averaging: bool = False, intensity_scales: Sequence[float] | str = (1.0,)):
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
         crop_margin = config_null(crop_margin)  # --crop_margin null: whole windows
@@ -415,11 +426,21 @@ class TUMSynInferer(Inferer):
                                  f"{input_normalisation!r}")
         self.input_normalisation = input_normalisation
         self.mirror_axes = _mirror_axes(flip_averaging)
+        self.intensity_scales = config_positive_numbers(intensity_scales, "intensity_scales")
 
-    def with_flip_averaging(self, flip_averaging: bool | str) -> TUMSynInferer:
-        """A copy of these settings that does (or does not) average the predictions on the 8 mirror images."""
+    @property
+    def predictions_averaged(self) -> int:
+        """Network runs averaged into each prediction."""
+        return len(self.mirror_axes) * len(self.intensity_scales)
+
+    def with_averaging(self, flip_averaging: bool | str | None = None,
+                       intensity_scales: Sequence[float] | str | None = None) -> TUMSynInferer:
+        """A copy of these settings with the test-time averaging given here (None: as these settings have it)."""
         inferer = copy.copy(self)
-        inferer.mirror_axes = _mirror_axes(flip_averaging)
+        if flip_averaging is not None:
+            inferer.mirror_axes = _mirror_axes(flip_averaging)
+        if intensity_scales is not None:
+            inferer.intensity_scales = config_positive_numbers(intensity_scales, "intensity_scales")
         return inferer
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, prompt: str | Prompt | None = None,
@@ -433,19 +454,19 @@ class TUMSynInferer(Inferer):
         out_shape = tuple(inputs.shape[2:]) if out_shape is None else tuple(out_shape)
         if self.channels_last:
             channels_last_convolutions(network)
-        return torch.stack([self._mirror_mean(network, item, tokens, modality, out_shape) for item in inputs])
+        return torch.stack([self._averaged_prediction(network, item, tokens, modality, out_shape) for item in inputs])
 
-    def _mirror_mean(self, network: torch.nn.Module, image: torch.Tensor, tokens: torch.Tensor | None,
-                     modality: torch.Tensor | None, out_shape: tuple[int, ...]) -> torch.Tensor:
-        """``synthesize_volume`` of ``image [1, D, H, W]``, averaged over ``self.mirror_axes``. The output grid's
-        voxels sit symmetrically in the field of view, so flipping the input and the prediction along an axis
-        keeps every voxel's position."""
+    def _averaged_prediction(self, network: torch.nn.Module, image: torch.Tensor, tokens: torch.Tensor | None,
+                             modality: torch.Tensor | None, out_shape: tuple[int, ...]) -> torch.Tensor:
+        """``synthesize_volume`` of ``image [1, D, H, W]``, averaged over ``self.intensity_scales`` and
+        ``self.mirror_axes``. The output grid's voxels sit symmetrically in the field of view, so flipping the input
+        and the prediction along an axis keeps every voxel's position."""
         decode_mask = foreground_mask(image, out_shape) if self.skip_background else None
         total = None
-        for axes in self.mirror_axes:
-            prediction = synthesize_volume(network, _mirrored(image, axes, 1), tokens, out_shape, modality=modality,
-                                           decode_mask=None if decode_mask is None else _mirrored(decode_mask, axes),
-                                           **self.settings)
+        for scale, axes in itertools.product(self.intensity_scales, self.mirror_axes):
+            prediction = synthesize_volume(network, _mirrored(_scaled(image, scale), axes, 1), tokens, out_shape,
+                                           modality=modality, **self.settings,
+                                           decode_mask=None if decode_mask is None else _mirrored(decode_mask, axes))
             prediction = _mirrored(prediction, axes, 1)
             total = prediction if total is None else total.add_(prediction)
-        return total.div_(len(self.mirror_axes))  # in place: no second output-sized tensor
+        return total.div_(self.predictions_averaged)  # in place: no second output-sized tensor

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 # What of the bundle's JSON sidecar goes back to the client as the result's params.
 RESULT_FIELDS = ("prompt_given", "target_prompt", "source_prompt", "input_spacing", "target_spacing",
-                 "output_spacing", "output_shape", "model_version", "intensity", "mirror_images_averaged", "warnings")
+                 "output_spacing", "output_shape", "model_version", "intensity", "mirror_images_averaged",
+                 "intensity_scales_averaged", "warnings")
 
 
 def _blank(value: Any) -> bool:
@@ -61,12 +62,13 @@ def requested_spacing(value: Any) -> Any:
 
 
 class TUMSynSynthesis(BundleInferTask):
-    """Text-guided synthesis / super-resolution of the picked image; request params ``prompt``, ``target_spacing``
-    and ``flip_averaging``.
+    """Text-guided synthesis / super-resolution of the picked image; request params ``prompt``, ``target_spacing``,
+    ``flip_averaging`` and ``intensity_scales``.
 
     ``prompt``: the official template, or a modality optionally followed by fields ("FLAIR", "FLAIR; Age: 70"),
     the rest then filled from the image's metadata; ``target_spacing``: output voxel size in mm (default: the
-    prompt's Voxel size, else the input's); ``flip_averaging``: true/false (default: the bundle config's).
+    prompt's Voxel size, else the input's); ``flip_averaging``: true/false; ``intensity_scales``: factors such as
+    "0.6, 0.8, 1, 1.4, 2" (both default to the bundle config's).
     """
 
     def __init__(self, bundle_path: str, conf: dict[str, str], default_prompt: str = "T2w"):
@@ -78,7 +80,7 @@ class TUMSynSynthesis(BundleInferTask):
             pre_filter=None,
             post_filter=None,
             load_strict=True,
-            config={"prompt": default_prompt, "target_spacing": "", "flip_averaging": ""},
+            config={"prompt": default_prompt, "target_spacing": "", "flip_averaging": "", "intensity_scales": ""},
         )
         if not self.is_valid():
             raise ValueError(f"{bundle_path}: not a TUMSyn bundle (expected configs/inference.yaml, "
@@ -109,9 +111,10 @@ class TUMSynSynthesis(BundleInferTask):
             try:
                 prompt = requested_prompt(data.get("prompt"), self.default_prompt)
                 spacing = requested_spacing(data.get("target_spacing"))
-                flip_averaging = data.get("flip_averaging")  # true/false, checked by the engine; blank: the config's
-                inferer = (self.bundle_inferer if _blank(flip_averaging)
-                           else self.bundle_inferer.with_flip_averaging(flip_averaging))
+                # checked by the engine; blank: the config's
+                averaging = {key: None if _blank(data.get(key)) else data[key]
+                             for key in ("flip_averaging", "intensity_scales")}
+                inferer = self.bundle_inferer.with_averaging(**averaging)
                 paths = self.engine.run_inference(data["image"], prompt, work_dir, network, spacing,
                                                   inferer=inferer, preview=False)
             except ValueError as error:  # bad input: the client gets the one-line reason, not a bare 500
