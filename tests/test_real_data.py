@@ -162,8 +162,9 @@ SCALES_AVERAGED_R = {"T1w->T2w": 0.461, "T1w->FLAIR": 0.892, "T1w->T1CE": 0.863,
 @needs_real
 def test_issue_bar_on_real_data_with_intensity_scale_averaging(real_evaluation_scales_averaged):
     """With the predictions averaged over intensity scales and mirror images, T1w->T2w and T1w->FLAIR meet the
-    issue's bar: at least 0.05 above the input's |r| and within 0.05 of the oracle lookup table (docs/real_data.md:
-    by 0.02 and 0.007). T1w->T1CE and FLAIR->T1w stay below the input's r."""
+    issue's bar at 4 mm: at least 0.05 above the input's |r| and within 0.05 of the oracle lookup table
+    (docs/real_data.md: by 0.02 and 0.007, with factors chosen on this case; at 2 mm they cost T1w->T2w its bar).
+    T1w->T1CE and FLAIR->T1w stay below the input's r."""
     out, r = real_evaluation_scales_averaged
     assert "intensity scales 0.6, 0.8, 1, 1.4, 2 (intensity_scales)" in (out / "metrics.md").read_text()
     assert {method for _, method in r} == {"tumsyn", "identity", "oracle-lut"}
