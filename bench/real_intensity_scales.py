@@ -62,8 +62,9 @@ def main() -> None:
     inferer = config.get_parsed_content("inferer").with_averaging(flip_averaging=args.flip_averaging)
     network = load_network_weights(build_tumsyn_net("small"), os.path.join(BUNDLE, "models", "model.pt")).eval()
     with tempfile.TemporaryDirectory() as small:
-        dataset_dir = downsample_bids(args.dataset_dir, small, args.downsample) if args.downsample > 1 else \
-            args.dataset_dir
+        dataset_dir = args.dataset_dir
+        if args.downsample > 1:
+            dataset_dir = downsample_bids(args.dataset_dir, small, args.downsample)
         runs = {f"{factor:g}": correlations(dataset_dir, network, inferer.with_averaging(intensity_scales=[factor]))
                 for factor in args.factors}
         runs["mean"] = correlations(dataset_dir, network, inferer.with_averaging(intensity_scales=args.factors))

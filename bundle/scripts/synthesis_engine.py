@@ -463,10 +463,12 @@ class TUMSynInferer(Inferer):
         and the prediction along an axis keeps every voxel's position."""
         decode_mask = foreground_mask(image, out_shape) if self.skip_background else None
         total = None
-        for scale, axes in itertools.product(self.intensity_scales, self.mirror_axes):
-            prediction = synthesize_volume(network, _mirrored(_scaled(image, scale), axes, 1), tokens, out_shape,
-                                           modality=modality, **self.settings,
-                                           decode_mask=None if decode_mask is None else _mirrored(decode_mask, axes))
-            prediction = _mirrored(prediction, axes, 1)
-            total = prediction if total is None else total.add_(prediction)
+        for scale in self.intensity_scales:
+            scaled = _scaled(image, scale)  # once per scale, not per mirror image
+            for axes in self.mirror_axes:
+                mask = None if decode_mask is None else _mirrored(decode_mask, axes)
+                prediction = synthesize_volume(network, _mirrored(scaled, axes, 1), tokens, out_shape,
+                                               modality=modality, decode_mask=mask, **self.settings)
+                prediction = _mirrored(prediction, axes, 1)
+                total = prediction if total is None else total.add_(prediction)
         return total.div_(self.predictions_averaged)  # in place: no second output-sized tensor
