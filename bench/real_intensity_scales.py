@@ -25,16 +25,19 @@ sys.path.insert(0, BUNDLE)
 
 
 def correlations(dataset_dir: str, network, inferer) -> dict[str, dict[str, float]]:
-    """r of the text model, the input and the lookup table per task: ``{task: {method: r}}``."""
+    """r of the text model, the input and the lookup table per task: ``{task: {method: r}}`` (the task prefixed by
+    the subject when the dataset has several)."""
     from scripts.evaluation import Method, run_evaluation
 
     methods = [Method("tumsyn", network), Method("identity", None, "identity"),
                Method("oracle-lut", None, "oracle_lut")]
     with tempfile.TemporaryDirectory() as output_dir:
         rows = run_evaluation(dataset_dir, output_dir, methods, inferer)
+    several = len({row["subject"] for row in rows}) > 1
     table: dict[str, dict[str, float]] = {}
     for row in rows:
-        table.setdefault(row["task"], {})[row["method"]] = row["pearson"]
+        task = f"{row['subject']} {row['task']}" if several else row["task"]
+        table.setdefault(task, {})[row["method"]] = row["pearson"]
     return table
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from scripts.intensity import TISSUE_ORDER
 from scripts.liif import LIIFDecoder, make_coord
 from scripts.prompt import tokenize
 from scripts.synthesis_engine import (
@@ -366,7 +367,50 @@ def test_intensity_scales_are_read_from_lists_text_and_numbers(given, expected):
     assert inferer.predictions_averaged == len(expected)
 
 
-@pytest.mark.parametrize("bad", ["[0.8, -1]", "[]", "0", "bright", "[1, \"x\"]", [0.5, float("inf")], True])
+@pytest.mark.parametrize("bad", ["[0.8, -1]", "[]", "0", "bright", "[1, \"x\"]", [0.5, float("inf")], True, "autox"])
 def test_intensity_scales_refuse_what_is_not_a_list_of_positive_numbers(bad):
-    with pytest.raises(ValueError, match=r"^intensity_scales: expected a list of positive numbers such as"):
+    with pytest.raises(ValueError, match=r"^intensity_scales: expected a list of positive numbers such as "
+                                         r"\[0.6, 1, 2\] or 'auto', got"):
         TUMSynInferer(intensity_scales=bad)
+
+
+@pytest.mark.parametrize("source, target, expected", [
+    ("T1w", "T2w", (0.6, 0.8)), ("T2w", "FLAIR", (0.6, 0.8)), ("T2w", "T1CE", (0.6, 0.8)),  # tissue order inverted
+    ("T1w", "FLAIR", (1.8, 2.0)), ("FLAIR", "T1w", (1.8, 2.0)), ("T1w", "T1CE", (1.8, 2.0)),  # kept
+    ("T1w", "T1w", (1.0,)), ("PD", "T1w", (1.0,)), ("T1w", "SWI", (1.0,)), (None, "T2w", (1.0,)),  # not measured
+])
+def test_auto_intensity_scales_are_picked_by_the_contrast_pair(source, target, expected):
+    inferer = TUMSynInferer(intensity_scales=" Auto ", flip_averaging=True)
+    assert inferer.intensity_scales == "auto" and inferer.predictions_averaged == 16  # at most, before resolving
+    resolved = inferer.resolved(source, target)
+    assert resolved.intensity_scales == expected and resolved.predictions_averaged == 8 * len(expected)
+    assert inferer.intensity_scales == "auto"  # resolving makes a copy
+    assert TUMSynInferer(intensity_scales=[1.4]).resolved(source, target).intensity_scales == (1.4,)  # given: kept
+
+
+def test_auto_intensity_scales_run_the_pairs_factors(network):
+    image = head_like((16, 14, 12), seed=3)
+    settings = dict(roi_size=(12, 12, 12), progress=False)
+    auto = TUMSynInferer(T2W, **settings, intensity_scales="auto")
+    for source, factors in (("T1w", [0.6, 0.8]), ("T2w", [1.0]), (None, [1.0])):
+        expected = TUMSynInferer(T2W, **settings, intensity_scales=factors)(image[None], network)
+        torch.testing.assert_close(auto(image[None], network, source_modality=source), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="intensity_scales 'auto': expected a prompt"):
+        TUMSynInferer(**settings, intensity_scales="auto")(image[None], network)
+
+
+@pytest.mark.parametrize("field_strength", [1.5, 3.0])
+def test_auto_scales_tissue_order_is_the_simulators(field_strength):
+    """The contrasts ``auto`` sorts by tissue order have that order at the simulator's protocols (mid-range)."""
+    from scripts.simulator.presets import _BASE_3T, _BASE_15T
+    from scripts.simulator.sequences import Sequence, tissue_signal
+    from scripts.simulator.tissue import tissue_properties
+
+    properties = tissue_properties(field_strength)
+    for modality, order in TISSUE_ORDER.items():
+        protocol = (_BASE_3T if field_strength == 3.0 else _BASE_15T)[modality]
+        middle = [None if bounds is None else sum(bounds) / 2 for bounds in
+                  (protocol.tr, protocol.te, protocol.ti, protocol.fa)]
+        sequence = Sequence(protocol.kind, *middle)
+        csf, grey, white = (tissue_signal(sequence, properties[t]) for t in ("CSF", "cGM", "WM"))
+        assert (csf < min(grey, white)) if order == "CSF darkest" else (csf > max(grey, white)), modality

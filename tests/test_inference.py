@@ -385,3 +385,20 @@ def test_flip_averaging_keeps_every_voxel_in_place_on_an_oblique_grid(tmp_path):
         assert sidecar["intensity_scales_averaged"] == [1.0]
     assert results[True].std() > 0.1
     np.testing.assert_allclose(results[True], results[False], atol=1e-5)
+
+
+def test_auto_intensity_scales_follow_the_inputs_contrast(tmp_path):
+    """``intensity_scales: auto`` picks the factors from the input's modality (its BIDS name here) and the prompt's,
+    and the sidecar records the factors used; an input of unknown contrast keeps its scale."""
+    from scripts.synthesis_engine import TUMSynInferer
+
+    data = (300 * blob_volume((12, 12, 10), np.eye(4), (5.0, 6.0, 4.0))).astype(np.float32)
+    inferer = TUMSynInferer(roi_size=(8, 8, 8), progress=False, intensity_scales="auto")
+    cases = {("sub-01_T1w.nii.gz", "T2w"): [0.6, 0.8], ("sub-01_T1w.nii.gz", "FLAIR"): [1.8, 2.0],
+             ("sub-01_T1w.nii.gz", "T1w"): [1.0], ("plain.nii.gz", "T2w"): [1.0]}
+    for (name, prompt), factors in cases.items():
+        image = write_nifti(tmp_path / name, data, np.eye(4))
+        written = run_inference(image, prompt, str(tmp_path / f"out_{prompt}_{name[:5]}"), SamplingNet(),
+                                inferer=inferer, preview=False)
+        sidecar = json.load(open(written["sidecar"]))
+        assert sidecar["intensity_scales_averaged"] == factors and sidecar["intensity_scales_auto"], (name, prompt)

@@ -216,6 +216,8 @@ def test_test_time_averaging_per_request(served):
     scaled, params = infer(served.url, "sim01_T1w", {**request, "intensity_scales": "0.8, 1.25"})
     assert params["intensity_scales_averaged"] == [0.8, 1.25] and params["mirror_images_averaged"] == 1
     assert not np.allclose(np.asarray(scaled.dataobj), np.asarray(single.dataobj))
+    _, params = infer(served.url, "sim01_T1w", {**request, "prompt": "T2w", "intensity_scales": "auto"})
+    assert params["intensity_scales_averaged"] == [0.6, 0.8]  # picked by the pair: the T1w's tissue order inverts
     _, params = infer(served.url, "sim01_T1w", request)
     # one request's choice does not stick to the served inferer
     assert params["mirror_images_averaged"] == 1 and params["intensity_scales_averaged"] == [1.0]

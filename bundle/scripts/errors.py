@@ -48,10 +48,11 @@ def config_flag(value: Any, key: str) -> bool:
     return _FLAG_WORDS[word]
 
 
-def config_positive_numbers(value: Any, key: str) -> tuple[float, ...]:
+def config_positive_numbers(value: Any, key: str, alternative: str = "") -> tuple[float, ...]:
     """A config list of positive numbers as floats. A list comes from YAML, a string from the command line or a
     MONAI Label request (``"[0.6, 1, 2]"`` or ``"0.6, 1, 2"``), a single number stands for a list of one; anything
-    else (empty, not a number, zero, negative, infinite) is one error line naming ``key``."""
+    else (empty, not a number, zero, negative, infinite) is one error line naming ``key`` (and the ``alternative``
+    value the caller also accepts)."""
     numbers = value
     if isinstance(value, str):
         text = value.strip()
@@ -64,7 +65,8 @@ def config_positive_numbers(value: Any, key: str) -> tuple[float, ...]:
     valid = isinstance(numbers, (list, tuple)) and len(numbers) > 0 and all(
         isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) and n > 0 for n in numbers)
     if not valid:
-        raise UserInputError(f"{key}: expected a list of positive numbers such as [0.6, 1, 2], got "
+        raise UserInputError(f"{key}: expected a list of positive numbers such as [0.6, 1, 2]"
+                             f"{f' or {alternative!r}' if alternative else ''}, got "
                              f"{str(value)[:_QUOTE_CHARS]!r}")
     return tuple(float(n) for n in numbers)
 

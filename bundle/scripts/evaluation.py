@@ -31,10 +31,10 @@ from scipy.ndimage import map_coordinates
 from .bids_data import parse_tasks
 from .errors import UserInputError, config_null
 from .inference_engine import load_network_weights, read_datalist_rows, synthesize_image, target_prompt
-from .intensity import normalize_intensity
+from .intensity import AUTO_SCALES, normalize_intensity
 from .metrics import compare, oracle_lookup_table, tissue_volumes
 from .prompt import BIDS_SUFFIX, MODALITIES, Prompt, PromptError, bids_modality, prompt_from_bids, prompt_from_image
-from .synthesis_engine import TUMSynInferer
+from .synthesis_engine import AUTO, TUMSynInferer
 from .volume_io import atomic_path, load_volume, save_nifti
 
 logger = logging.getLogger(__name__)
@@ -478,10 +478,16 @@ NORMALISATION_NOTE = (
 
 def _engine_note(inferer: TUMSynInferer) -> str:
     averaged = len(inferer.mirror_axes)
-    scales = ", ".join(f"{scale:g}" for scale in inferer.intensity_scales)
+    if inferer.intensity_scales == AUTO:
+        scales = ("scales picked per task (intensity_scales auto: "
+                  + "; ".join(f"{', '.join(f'{s:g}' for s in factors)} where the task {kind} the tissue order"
+                              for kind, factors in AUTO_SCALES.items()) + "; 1 otherwise)")
+    else:
+        scales = (f"scale{'s' if len(inferer.intensity_scales) > 1 else ''} "
+                  + ", ".join(f"{scale:g}" for scale in inferer.intensity_scales) + " (intensity_scales)")
     return (f"Networks' input normalisation: {inferer.input_normalisation}; predictions averaged over "
             f"{averaged} mirror image{'s' if averaged > 1 else ''} of the input (flip_averaging) at intensity "
-            f"scale{'s' if len(inferer.intensity_scales) > 1 else ''} {scales} (intensity_scales).\n\n")
+            f"{scales}.\n\n")
 
 
 def run_evaluation(dataset_dir: str | None, output_dir: str, methods: Sequence[Method], inferer: TUMSynInferer,

@@ -32,7 +32,7 @@ from .intensity import normalize_intensity
 from .ood import ood_warnings
 from .preview import save_preview
 from .prompt import Prompt, PromptError, canonical_modality, prompt_from_image, tokenize
-from .synthesis_engine import TUMSynInferer, foreground_mask
+from .synthesis_engine import AUTO, TUMSynInferer, foreground_mask
 from .volume_io import Volume, atomic_path, check_memory, load_volume, save_nifti
 
 logger = logging.getLogger(__name__)
@@ -210,10 +210,12 @@ def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, i
                      source_modality: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The synthesized image (float32, the input's voxel order) and its affine on the grid tiling the input's FOV at
     ``spacing`` (default: the target prompt's voxel size); the background (the input's zeros) stays 0.
-    ``source_modality`` (the input's contrast) is needed by the ``landmarks`` input normalisation only."""
+    ``source_modality`` (the input's contrast) is needed by the ``landmarks`` input normalisation and picks the
+    factors of ``"auto"`` intensity scales (1.0 when unknown)."""
     if inferer.input_normalisation == "landmarks" and source_modality is None:
         raise UserInputError(f"{volume.path}: input_normalisation 'landmarks' needs the input's modality, and its "
                              f"metadata (BIDS name or sidecar, DICOM header) does not give it")
+    inferer = inferer.resolved(source_modality, target.modality)
     spacing = target.voxel_size if spacing is None else spacing
     out_shape, out_affine = output_grid(volume.array.shape, volume.affine, spacing)
     per_voxel = OUTPUT_BYTES_PER_VOXEL + (AVERAGING_BYTES_PER_VOXEL if inferer.predictions_averaged > 1 else 0)
@@ -253,6 +255,8 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
     _refuse_overwriting_inputs(paths, [str(input_image), reference])
     # warnings, not refusals (scripts/ood.py)
     out_of_distribution = ood_warnings(volume, target, None if source is None else source.modality)
+    auto_scales = inferer.intensity_scales == AUTO
+    inferer = inferer.resolved(None if source is None else source.modality, target.modality)
 
     # The grid follows the requested numbers, not the prompt's rounding of them (which may round tiny sizes to 0).
     grid_spacing = spacing if spacing is not None else _checked_spacing(target.voxel_size, "prompt 'Voxel size'")
@@ -278,6 +282,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "intensity": INTENSITY_NOTES[inferer.input_normalisation],
         "mirror_images_averaged": len(inferer.mirror_axes),
         "intensity_scales_averaged": list(inferer.intensity_scales),
+        "intensity_scales_auto": auto_scales,
         "warnings": volume.warnings,
         "ood_warnings": out_of_distribution,
     }

@@ -30,8 +30,9 @@ from monai.inferers import Inferer
 from tqdm import tqdm
 
 from .errors import UserInputError, config_flag, config_null, config_positive_numbers
-from .intensity import CLIP_MAX
+from .intensity import AUTO_SCALES, CLIP_MAX
 from .intensity import METHODS as INTENSITY_METHODS
+from .intensity import auto_intensity_scales
 from .liif import make_coord
 from .prompt import MODALITIES, Prompt, tokenize
 
@@ -366,6 +367,16 @@ def _mirror_axes(flip_averaging: bool | str) -> tuple[tuple[int, ...], ...]:
     return MIRROR_AXES if config_flag(flip_averaging, "flip_averaging") else ((),)
 
 
+AUTO = "auto"
+
+
+def _intensity_scales(value: Sequence[float] | str) -> tuple[float, ...] | str:
+    """``intensity_scales`` as factors, or ``AUTO`` for the word auto (any case)."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    return config_positive_numbers(value, "intensity_scales", alternative=AUTO)
+
+
 def _scaled(image: torch.Tensor, scale: float) -> torch.Tensor:
     """The normalised ``image`` multiplied by ``scale`` and clipped as the normalisation clips."""
     return image if scale == 1.0 else (image * scale).clamp_(max=CLIP_MAX)
@@ -396,8 +407,10 @@ class TUMSynInferer(Inferer):
     ``intensity_scales``: the prediction is the mean of the network's predictions on the normalised input multiplied
     by each of these factors (clipped as the normalisation clips): a real scan's intensity scale relative to the
     training images is unknown (a bright tail or a tumour moves its 99th percentile), and the network's output
-    depends on it, so this averages over the plausible scales; (1.0,): the input as normalised. With
-    ``flip_averaging``, every scale of every mirror image: len(scales) x 8 network runs.
+    depends on it, so this averages over the plausible scales; (1.0,): the input as normalised; ``"auto"``: the
+    factors ``scripts.intensity.auto_intensity_scales`` gives the call's (input modality, prompt modality) pair,
+    measured on real scans (``resolved``). With ``flip_averaging``, every scale of every mirror image:
+    len(scales) x 8 network runs.
     """
 
     def __init__(self, prompt: str | None = None, roi_size: Sequence[int] = (64, 64, 64), overlap: float = 0.25,
@@ -426,12 +439,20 @@ class TUMSynInferer(Inferer):
                                  f"{input_normalisation!r}")
         self.input_normalisation = input_normalisation
         self.mirror_axes = _mirror_axes(flip_averaging)
-        self.intensity_scales = config_positive_numbers(intensity_scales, "intensity_scales")
+        self.intensity_scales = _intensity_scales(intensity_scales)
 
     @property
     def predictions_averaged(self) -> int:
-        """Network runs averaged into each prediction."""
-        return len(self.mirror_axes) * len(self.intensity_scales)
+        """Network runs averaged into each prediction (with ``"auto"`` scales: at most, before ``resolved``)."""
+        scales = max(map(len, AUTO_SCALES.values())) if self.intensity_scales == AUTO else len(self.intensity_scales)
+        return len(self.mirror_axes) * scales
+
+    def resolved(self, source_modality: str | None, target_modality: str) -> TUMSynInferer:
+        """These settings with ``"auto"`` intensity scales replaced by this contrast pair's factors (itself when the
+        scales are given)."""
+        if self.intensity_scales != AUTO:
+            return self
+        return self.with_averaging(intensity_scales=auto_intensity_scales(source_modality, target_modality))
 
     def with_averaging(self, flip_averaging: bool | str | None = None,
                        intensity_scales: Sequence[float] | str | None = None) -> TUMSynInferer:
@@ -440,17 +461,22 @@ class TUMSynInferer(Inferer):
         if flip_averaging is not None:
             inferer.mirror_axes = _mirror_axes(flip_averaging)
         if intensity_scales is not None:
-            inferer.intensity_scales = config_positive_numbers(intensity_scales, "intensity_scales")
+            inferer.intensity_scales = _intensity_scales(intensity_scales)
         return inferer
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, prompt: str | Prompt | None = None,
-                 out_shape: Sequence[int] | None = None) -> torch.Tensor:
+                 out_shape: Sequence[int] | None = None, source_modality: str | None = None) -> torch.Tensor:
+        """``source_modality``: the input's contrast, which ``"auto"`` intensity scales need (None: unknown)."""
         prompt = prompt if prompt is not None else self.prompt
         tokens = modality = None
         if prompt is not None:
             prompt = prompt if isinstance(prompt, Prompt) else Prompt.parse(prompt)
             tokens = tokenize(prompt.render())
             modality = torch.tensor([MODALITIES.index(prompt.modality)])
+        if self.intensity_scales == AUTO:
+            if prompt is None:
+                raise UserInputError("intensity_scales 'auto': expected a prompt, whose modality picks the factors")
+            return self.resolved(source_modality, prompt.modality)(inputs, network, prompt, out_shape)
         out_shape = tuple(inputs.shape[2:]) if out_shape is None else tuple(out_shape)
         if self.channels_last:
             channels_last_convolutions(network)
