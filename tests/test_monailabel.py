@@ -209,7 +209,7 @@ def test_modality_prompt_target_spacing_and_a_bad_prompt(served):
 def test_test_time_averaging_per_request(served):
     request = {"prompt": "PD", "target_spacing": "4, 4, 5"}
     single, params = infer(served.url, "sim01_T1w", request)
-    assert params["mirror_images_averaged"] == 1 and params["intensity_scales_averaged"] == [1.0]  # the bundle's
+    assert params["mirror_images_averaged"] == 1 and params["intensity_scales_averaged"] == [1.0]  # auto: T1w -> PD
     averaged, params = infer(served.url, "sim01_T1w", {**request, "flip_averaging": "true"})
     assert params["mirror_images_averaged"] == 8 and averaged.shape == single.shape
     assert not np.allclose(np.asarray(averaged.dataobj), np.asarray(single.dataobj))
@@ -217,7 +217,7 @@ def test_test_time_averaging_per_request(served):
     assert params["intensity_scales_averaged"] == [0.8, 1.25] and params["mirror_images_averaged"] == 1
     assert not np.allclose(np.asarray(scaled.dataobj), np.asarray(single.dataobj))
     _, params = infer(served.url, "sim01_T1w", {**request, "prompt": "T2w", "intensity_scales": "auto"})
-    assert params["intensity_scales_averaged"] == [0.6, 0.8]  # picked by the pair: the T1w's tissue order inverts
+    assert params["intensity_scales_averaged"] == [0.6, 0.8] and params["intensity_scales_auto"]  # T1w -> T2w inverts
     _, params = infer(served.url, "sim01_T1w", request)
     # one request's choice does not stick to the served inferer
     assert params["mirror_images_averaged"] == 1 and params["intensity_scales_averaged"] == [1.0]

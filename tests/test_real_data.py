@@ -24,13 +24,23 @@ REAL = os.path.normpath(os.path.join(BUNDLE_ROOT, "..", "..", "shared", "data", 
 needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="the real case (../shared/data/real) is absent")
 CONFIG = os.path.join(BUNDLE_ROOT, "configs", "evaluate.yaml")
 DOWNSAMPLE = 4
-# Measured with the shipped weights at 4 mm (Pearson r inside the brain): tumsyn, identity, oracle-lut.
+# Measured with the shipped weights at 4 mm (Pearson r inside the brain), the evaluate config's defaults
+# (intensity_scales auto): tumsyn, identity, oracle-lut.
 MEASURED_R = {
-    "T1w->T2w": (0.437, 0.096, 0.490),
-    "T1w->FLAIR": (0.858, 0.835, 0.907),
-    "T1w->T1CE": (0.803, 0.966, 0.968),
-    "T2w->FLAIR": (0.696, 0.255, 0.788),
-    "FLAIR->T1w": (0.740, 0.835, 0.886),
+    "T1w->T2w": (0.488, 0.096, 0.490),
+    "T1w->FLAIR": (0.886, 0.835, 0.907),
+    "T1w->T1CE": (0.930, 0.966, 0.968),
+    "T2w->FLAIR": (0.755, 0.255, 0.788),
+    "FLAIR->T1w": (0.836, 0.835, 0.886),
+}
+# The same with the input at its normalised scale (intensity_scales [1.0], the default before version 0.3.0):
+# tumsyn, one-hot.
+UNSCALED_R = {
+    "T1w->T2w": (0.437, 0.361),
+    "T1w->FLAIR": (0.858, 0.857),
+    "T1w->T1CE": (0.803, 0.824),
+    "T2w->FLAIR": (0.696, 0.717),
+    "FLAIR->T1w": (0.740, 0.814),
 }
 R_MARGIN = 0.05
 
@@ -53,15 +63,13 @@ def real_evaluation(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def real_evaluation_flip_averaged(tmp_path_factory):
-    return _evaluate_real_case(tmp_path_factory.mktemp("real_flip"), flip_averaging=True)
+def real_evaluation_unscaled(tmp_path_factory):
+    return _evaluate_real_case(tmp_path_factory.mktemp("real_unscaled"), intensity_scales=[1.0])
 
 
 @pytest.fixture(scope="module")
-def real_evaluation_auto_scales(tmp_path_factory):
-    """The text model only, with flip averaging and ``intensity_scales: auto`` (2 factors x 8 mirror images)."""
-    return _evaluate_real_case(tmp_path_factory.mktemp("real_auto"), flip_averaging=True, intensity_scales="auto",
-                               onehot_ckpt_path=None, task_models=None)
+def real_evaluation_flip_averaged(tmp_path_factory):
+    return _evaluate_real_case(tmp_path_factory.mktemp("real_flip"), flip_averaging=True)
 
 
 @needs_real
@@ -86,39 +94,64 @@ def test_real_case_matches_measured_correlations(real_evaluation, task):
 
 
 @needs_real
-def test_where_the_shipped_model_beats_the_input_on_real_data(real_evaluation):
-    """Written down honestly (bundle/docs/real_data.md): the model beats the input's |r| only where the contrast
-    must be inverted or remapped (T1w->T2w, T2w->FLAIR); on T1w->T1CE and FLAIR->T1w the input itself is closer."""
+def test_auto_intensity_scales_raise_the_multi_task_networks_on_every_real_task(
+        real_evaluation, real_evaluation_unscaled):
+    """The default ``intensity_scales: auto`` against the input at its normalised scale: every task of the text model
+    and of the one-hot ablation rises (docs/real_data.md; the factors were chosen on this case for the text model)."""
+    out, auto = real_evaluation
+    assert "intensity scales picked per task (intensity_scales auto: 0.6, 0.8 where" in (out / "metrics.md").read_text()
+    _, unscaled = real_evaluation_unscaled
+    for task, measured in UNSCALED_R.items():
+        for method, value in zip(("tumsyn", "onehot"), measured):
+            assert unscaled[(task, method)] == pytest.approx(value, abs=R_MARGIN), (task, method)
+            assert auto[(task, method)] > unscaled[(task, method)], (task, method)
+
+
+@needs_real
+def test_where_the_shipped_model_beats_the_input_on_real_data(real_evaluation, real_evaluation_unscaled):
+    """Written down honestly (bundle/docs/real_data.md): with the defaults the text model beats the input's |r| on four
+    tasks, by a hair on FLAIR->T1w (0.836 vs 0.835), and not on T1w->T1CE (0.930 vs 0.966: T1CE differs from T1w
+    only by enhancement; the lookup table fitted on the answer reaches 0.968). At the input's own scale it beat the
+    input only where the contrast must be inverted or remapped (T1w->T2w, T2w->FLAIR)."""
     _, r = real_evaluation
+    for task in ("T1w->T2w", "T1w->FLAIR", "T2w->FLAIR", "FLAIR->T1w"):
+        assert r[(task, "tumsyn")] > abs(r[(task, "identity")]), task
+    assert r[("T1w->T1CE", "tumsyn")] < r[("T1w->T1CE", "identity")]
+    _, unscaled = real_evaluation_unscaled
     for task in ("T1w->T2w", "T2w->FLAIR"):
-        assert r[(task, "tumsyn")] > abs(r[(task, "identity")]) + 0.05, task
+        assert unscaled[(task, "tumsyn")] > abs(unscaled[(task, "identity")]) + 0.05, task
     for task in ("T1w->T1CE", "FLAIR->T1w"):
-        assert r[(task, "tumsyn")] < r[(task, "identity")], task
+        assert unscaled[(task, "tumsyn")] < unscaled[(task, "identity")], task
 
 
-# The shipped task-specific baselines (models/model_task_*.pt) on their own pairs, measured at 4 mm.
-TASK_SPECIFIC_MEASURED_R = {"T1w->T2w": 0.499, "T2w->FLAIR": 0.800}
+# The shipped task-specific baselines (models/model_task_*.pt) on their own pairs, measured at 4 mm with the input at
+# its normalised scale, and with the default auto scales.
+TASK_SPECIFIC_MEASURED_R = {"T1w->T2w": (0.499, 0.456), "T2w->FLAIR": (0.800, 0.801)}
 
 
 @needs_real
 @pytest.mark.parametrize("task", list(TASK_SPECIFIC_MEASURED_R))
-def test_task_specific_baselines_beat_the_lookup_table_on_real_data(real_evaluation, task):
-    """Each one-pair model synthesizes beyond any grey-level remapping on the real patient: above the oracle lookup
-    table and more than 0.05 above the input's |r| (the issue's bar, met by these baselines, not the text model)."""
-    _, r = real_evaluation
-    assert r[(task, "task-specific")] == pytest.approx(TASK_SPECIFIC_MEASURED_R[task], abs=R_MARGIN)
+def test_task_specific_baselines_beat_the_lookup_table_on_real_data(real_evaluation_unscaled, real_evaluation, task):
+    """Each one-pair model synthesizes beyond any grey-level remapping on the real patient at its input's own scale:
+    above the oracle lookup table and more than 0.05 above the input's |r|. The auto factors were chosen for the
+    multi-task text model: they leave the T2w -> FLAIR model where it was and lower the T1w -> T2w one below the
+    lookup table (0.456 vs 0.490)."""
+    _, r = real_evaluation_unscaled
+    unscaled, auto = TASK_SPECIFIC_MEASURED_R[task]
+    assert r[(task, "task-specific")] == pytest.approx(unscaled, abs=R_MARGIN)
     assert r[(task, "task-specific")] > r[(task, "oracle-lut")]
     assert r[(task, "task-specific")] > abs(r[(task, "identity")]) + 0.05
+    assert real_evaluation[1][(task, "task-specific")] == pytest.approx(auto, abs=R_MARGIN)
 
 
-# The same evaluation with flip_averaging (each network's prediction averaged over the input's 8 mirror images),
-# measured at 4 mm: tumsyn, one-hot.
+# The default evaluation with flip_averaging (each network's prediction averaged over the input's 8 mirror images at
+# each auto factor), measured at 4 mm: tumsyn, one-hot.
 FLIP_AVERAGED_R = {
-    "T1w->T2w": (0.491, 0.411),
-    "T1w->FLAIR": (0.872, 0.866),
-    "T1w->T1CE": (0.818, 0.834),
-    "T2w->FLAIR": (0.708, 0.721),
-    "FLAIR->T1w": (0.754, 0.824),
+    "T1w->T2w": (0.522, 0.410),
+    "T1w->FLAIR": (0.887, 0.894),
+    "T1w->T1CE": (0.934, 0.928),
+    "T2w->FLAIR": (0.761, 0.755),
+    "FLAIR->T1w": (0.839, 0.862),
 }
 
 
@@ -139,43 +172,18 @@ def test_flip_averaging_raises_every_network_on_every_real_task(real_evaluation,
 
 
 @needs_real
-def test_issue_bar_on_real_data_with_flip_averaging(real_evaluation_flip_averaged):
-    """The issue's bar, as far as it is met (bundle/docs/real_data.md): T1w->T2w at least 0.05 above the input's |r|
-    and within 0.05 of the oracle lookup table (0.491 against 0.146 and 0.440); T1w->FLAIR within 0.05 of the
-    lookup table and above the input, but 0.013 short of the input's r + 0.05 (0.872 vs 0.885)."""
-    _, r = real_evaluation_flip_averaged
-    model, given, lookup = (r[("T1w->T2w", method)] for method in ("tumsyn", "identity", "oracle-lut"))
-    assert model >= abs(given) + 0.05 and model >= lookup - 0.05
-    model, given, lookup = (r[("T1w->FLAIR", method)] for method in ("tumsyn", "identity", "oracle-lut"))
-    assert model >= lookup - 0.05 and model > given
-
-
-# Measured at 4 mm with flip averaging and intensity_scales auto: tumsyn.
-AUTO_SCALES_R = {"T1w->T2w": 0.522, "T1w->FLAIR": 0.887, "T1w->T1CE": 0.934, "T2w->FLAIR": 0.761,
-                 "FLAIR->T1w": 0.839}
-
-
-@needs_real
-def test_issue_bar_on_real_data_with_auto_intensity_scales(real_evaluation_auto_scales, real_evaluation_flip_averaged):
-    """With the input scaled by the factors ``auto`` picks for each pair (0.6 and 0.8 where the tissue order
-    inverts, 1.8 and 2.0 where it is kept) and flip averaging, at 4 mm: T1w->T2w and T1w->FLAIR meet the issue's bar
-    (at least 0.05 above the input's |r|, within 0.05 of the oracle lookup table) and four of the five tasks beat the
-    input; T1w->T1CE stays below it (its lookup table, fitted on the answer, is only 0.002 above the input).
-    Every task is above flip averaging alone (docs/real_data.md; factors chosen on this case, checked on two
-    held-out ones there)."""
-    out, r = real_evaluation_auto_scales
-    assert "intensity scales picked per task (intensity_scales auto: 0.6, 0.8 where" in (out / "metrics.md").read_text()
-    assert {method for _, method in r} == {"tumsyn", "identity", "oracle-lut"}
-    _, flip_alone = real_evaluation_flip_averaged
-    for task, measured in AUTO_SCALES_R.items():
-        assert r[(task, "tumsyn")] == pytest.approx(measured, abs=R_MARGIN), task
-        assert r[(task, "tumsyn")] > flip_alone[(task, "tumsyn")], task
+@pytest.mark.parametrize("fixture", ["real_evaluation", "real_evaluation_flip_averaged"])
+def test_issue_bar_on_real_data(fixture, request):
+    """The issue's bar, as far as it is met (bundle/docs/real_data.md), by the shipped text model with the default
+    intensity scales, with and without flip averaging: T1w->T2w and T1w->FLAIR at least 0.05 above the input's |r|
+    and within 0.05 of the oracle lookup table (the margins are thin: 0.048 / 0.001 single, 0.082 / 0.002
+    flip-averaged); every task but T1w->T1CE above the input."""
+    _, r = request.getfixturevalue(fixture)
     for task in ("T1w->T2w", "T1w->FLAIR"):
         model, given, lookup = (r[(task, method)] for method in ("tumsyn", "identity", "oracle-lut"))
         assert model >= abs(given) + 0.05 and model >= lookup - 0.05, task
-    for task in ("T1w->T2w", "T1w->FLAIR", "T2w->FLAIR", "FLAIR->T1w"):
+    for task in ("T2w->FLAIR", "FLAIR->T1w"):
         assert r[(task, "tumsyn")] > abs(r[(task, "identity")]), task
-    assert r[("T1w->T1CE", "tumsyn")] < r[("T1w->T1CE", "identity")]
 
 
 @needs_real

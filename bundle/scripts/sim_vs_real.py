@@ -133,7 +133,11 @@ def subject_statistics(subject_dir: str) -> dict[str, dict[str, float]]:
 def dataset_statistics(dataset_dir: str, label: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """One row per (subject, contrast): ``source`` (``label``, else the subject's site) and the statistics, for the
     first ``limit`` subjects."""
-    with open(os.path.join(dataset_dir, "participants.tsv"), newline="") as handle:
+    participants_tsv = os.path.join(dataset_dir, "participants.tsv")
+    if not os.path.isfile(participants_tsv):
+        raise UserInputError(f"{dataset_dir}: no participants.tsv (expected a BIDS dataset: configs/simulate.yaml "
+                             f"writes one, bench/real_cases.py another)")
+    with open(participants_tsv, newline="") as handle:
         participants = list(csv.DictReader(handle, delimiter="\t"))[:limit]
     rows = []
     for participant in participants:
@@ -241,8 +245,8 @@ def heldout_section(heldout_dir: str, calibrated: list[dict[str, Any]]) -> str:
     heldout = dataset_statistics(heldout_dir, label="held-out")
     subjects = ", ".join(dict.fromkeys(row["subject"] for row in heldout))
     missed = uncovered(heldout, calibrated)
-    return (f"\n\n{HELDOUT_HEADING}\n\nThe same statistics on {subjects} (`bench/real_cases.py`: co-registered to "
-            "SRI24 and brain-extracted by other pipelines and scanners than the calibration case), against the "
+    return (f"\n\n{HELDOUT_HEADING}\n\nThe same statistics on {subjects} (`bench/real_cases.py`: other patients "
+            "and scanners than the calibration case, the metastasis case from another pipeline), against the "
             f"`+realism` subjects of the 1 mm table: {len(missed)} of "
             f"{sum(np.isfinite(row[s]) for row in heldout for s in STATISTICS)} values lie outside their row's range. "
             "`real` lists the cases in that order; `share below real` is of the first.\n\n"

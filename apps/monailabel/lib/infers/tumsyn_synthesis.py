@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # What of the bundle's JSON sidecar goes back to the client as the result's params.
 RESULT_FIELDS = ("prompt_given", "target_prompt", "source_prompt", "input_spacing", "target_spacing",
                  "output_spacing", "output_shape", "model_version", "intensity", "mirror_images_averaged",
-                 "intensity_scales_averaged", "warnings")
+                 "intensity_scales_averaged", "intensity_scales_auto", "warnings")
 
 
 def _blank(value: Any) -> bool:
