@@ -300,13 +300,15 @@ def test_command_line_contract(tmp_path, bundle_root):
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
                os.path.join(bundle_root, "configs", "inference.yaml"), "--input_image", path, "--prompt",
                "FLAIR; Age: 70", "--target_spacing", "[2, 2, 2]", "--output_dir", str(tmp_path / "out"),
-               "--ckpt_path", str(tmp_path / "model.pt")]
+               "--ckpt_path", str(tmp_path / "model.pt"), "--input_modality", "T1w"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(bundle_root), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.load(open(tmp_path / "out" / "scan_FLAIR.json"))
     assert record["target_prompt"].startswith("Age: 70; Gender: None; Scanner: None; Modality: FLAIR; "
                                               "Voxel size: (2.0, 2.0, 2.0)")
     assert nib.load(str(tmp_path / "out" / "scan_FLAIR.nii.gz")).shape == (8, 8, 8)
+    # a plain file name says no contrast: --input_modality does, and picks the default auto intensity scales
+    assert record["input_modality"] == "T1w" and record["intensity_scales_averaged"] == [1.8, 2.0]
 
 
 def test_no_argument_run_writes_image_and_preview(bundle_root):
@@ -394,11 +396,19 @@ def test_auto_intensity_scales_follow_the_inputs_contrast(tmp_path):
 
     data = (300 * blob_volume((12, 12, 10), np.eye(4), (5.0, 6.0, 4.0))).astype(np.float32)
     inferer = TUMSynInferer(roi_size=(8, 8, 8), progress=False, intensity_scales="auto")
-    cases = {("sub-01_T1w.nii.gz", "T2w"): [0.6, 0.8], ("sub-01_T1w.nii.gz", "FLAIR"): [1.8, 2.0],
-             ("sub-01_T1w.nii.gz", "T1w"): [1.0], ("plain.nii.gz", "T2w"): [1.0]}
-    for (name, prompt), factors in cases.items():
+    cases = {("sub-01_T1w.nii.gz", "T2w", None): [0.6, 0.8], ("sub-01_T1w.nii.gz", "FLAIR", None): [1.8, 2.0],
+             ("sub-01_T1w.nii.gz", "T1w", None): [1.0], ("plain.nii.gz", "T2w", None): [1.0],
+             ("plain.nii.gz", "T2w", "t1gd"): [0.6, 0.8],  # the user names the contrast the metadata does not give
+             ("sub-01_T1w.nii.gz", "FLAIR", "T2w"): [0.6, 0.8]}  # ... or overrides it
+    for number, ((name, prompt, given), factors) in enumerate(cases.items()):
         image = write_nifti(tmp_path / name, data, np.eye(4))
-        written = run_inference(image, prompt, str(tmp_path / f"out_{prompt}_{name[:5]}"), SamplingNet(),
-                                inferer=inferer, preview=False)
+        written = run_inference(image, prompt, str(tmp_path / f"out{number}"), SamplingNet(), inferer=inferer,
+                                preview=False, input_modality=given)
         sidecar = json.load(open(written["sidecar"]))
         assert sidecar["intensity_scales_averaged"] == factors and sidecar["intensity_scales_auto"], (name, prompt)
+        assert sidecar["input_modality"] == {"t1gd": "T1CE"}.get(given, given or ("T1w" if "T1w" in name else None))
+        unknown = [warning for warning in sidecar["warnings"] if warning.startswith("intensity_scales auto: the")]
+        assert bool(unknown) == (sidecar["input_modality"] is None), sidecar["warnings"]
+    with pytest.raises(ValueError, match=r"^input_modality: expected one of T1w, .*got 'T3w'$"):
+        run_inference(image, "T2w", str(tmp_path / "refused"), SamplingNet(), inferer=inferer, input_modality="T3w")
+    assert not os.path.exists(tmp_path / "refused")

@@ -325,14 +325,15 @@ def test_batch_resumes_redoing_only_unfinished_cases(tmp_path, state):
     datalist = tmp_path / "cases.csv"
     with open(datalist, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["input_image", "prompt", "target_spacing"])
-        writer.writerow(["case0.nii.gz", "T2w", "[2, 2, 2]"])
-        writer.writerow(["case1.nii.gz", T2W_TEMPLATE, ""])
+        writer.writerow(["input_image", "prompt", "target_spacing", "input_modality"])
+        writer.writerow(["case0.nii.gz", "T2w", "[2, 2, 2]", "FLAIR"])
+        writer.writerow(["case1.nii.gz", T2W_TEMPLATE, "", ""])
     cases = load_datalist(str(datalist))
     assert cases[0]["input_image"] == paths[0] and cases[0]["target_spacing"] == [2, 2, 2]
     out = tmp_path / "out"
     first = run_batch(cases, str(out), SamplingNet(), inferer=FAST, preview=False)
     assert [nib.load(p["image"]).shape for p in first] == [(6, 6, 6), (12, 12, 12)]
+    assert [json.load(open(p["sidecar"]))["input_modality"] for p in first] == ["FLAIR", None]  # the row's column
     os.utime(first[0]["image"], (1, 1))
     _interrupt(first[1], state)
 

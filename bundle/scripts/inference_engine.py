@@ -27,11 +27,11 @@ import torch
 
 import scripts
 
-from .errors import UserInputError, guard_text_fields, one_line
+from .errors import UserInputError, config_null, guard_text_fields, one_line
 from .intensity import normalize_intensity
 from .ood import ood_warnings
 from .preview import save_preview
-from .prompt import Prompt, PromptError, canonical_modality, prompt_from_image, tokenize
+from .prompt import MODALITIES, Prompt, PromptError, canonical_modality, prompt_from_image, tokenize
 from .synthesis_engine import AUTO, TUMSynInferer, foreground_mask
 from .volume_io import Volume, atomic_path, check_memory, load_volume, save_nifti
 
@@ -231,12 +231,26 @@ def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, i
     return np.ascontiguousarray(_from_canonical(prediction, orientation), dtype=np.float32), out_affine
 
 
+def _input_modality(name: str | None) -> str | None:
+    """``input_modality`` as a canonical modality (None when not given), or one error line naming the key."""
+    if config_null(name) is None or not str(name).strip():
+        return None
+    try:
+        return canonical_modality(str(name))
+    except PromptError:
+        raise UserInputError(f"input_modality: expected one of {', '.join(MODALITIES)} (or an alias such as "
+                             f"'T1Gd'), got {str(name)[:40]!r}") from None
+
+
 def run_inference(input_image: str, prompt: str, output_dir: str, network: torch.nn.Module,
                   target_spacing: Sequence[float] | float | None = None, reference: str | None = None, *,
                   inferer: TUMSynInferer | None = None, volume_index: int | None = None,
-                  nan_policy: str = "refuse", preview: bool = True) -> dict[str, str]:
+                  nan_policy: str = "refuse", preview: bool = True,
+                  input_modality: str | None = None) -> dict[str, str]:
     """Synthesise one case and write its image, preview and sidecar; returns their paths.
 
+    ``input_modality``: the input's contrast, for inputs whose metadata (BIDS name or sidecar, DICOM header) does not
+    say it, or says it wrong; it picks the ``auto`` intensity scales and the ``landmarks`` normalisation.
     Everything that can be wrong with the input (file, prompt, spacing, memory) is checked before anything is
     written, so a refused case leaves no file behind.
     """
@@ -249,19 +263,23 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
     volume = load_volume(str(input_image), volume_index=volume_index, nan_policy=nan_policy)
     reference_volume = None if reference is None else load_volume(str(reference))
     source = source_prompt(volume)
+    source_modality = _input_modality(input_modality) or (None if source is None else source.modality)
     target = target_prompt(prompt, source, volume.spacing, spacing)
     tokenize(target.render())  # checks the token limit before any work
     paths = output_paths(input_image, target.modality, output_dir)
     _refuse_overwriting_inputs(paths, [str(input_image), reference])
     # warnings, not refusals (scripts/ood.py)
-    out_of_distribution = ood_warnings(volume, target, None if source is None else source.modality)
+    out_of_distribution = ood_warnings(volume, target, source_modality)
     auto_scales = inferer.intensity_scales == AUTO
-    inferer = inferer.resolved(None if source is None else source.modality, target.modality)
+    if auto_scales and source_modality is None:
+        volume.warnings.append("intensity_scales auto: the input's contrast is unknown (no BIDS name, sidecar or DICOM "
+                               "header gives it), so its intensity scale is kept; --input_modality sets it")
+        logger.warning("%s: %s", input_image, volume.warnings[-1])
+    inferer = inferer.resolved(source_modality, target.modality)
 
     # The grid follows the requested numbers, not the prompt's rounding of them (which may round tiny sizes to 0).
     grid_spacing = spacing if spacing is not None else _checked_spacing(target.voxel_size, "prompt 'Voxel size'")
-    synthesized, out_affine = synthesize_image(volume, target, network, inferer, grid_spacing,
-                                               None if source is None else source.modality)
+    synthesized, out_affine = synthesize_image(volume, target, network, inferer, grid_spacing, source_modality)
     save_nifti(synthesized, out_affine, paths["image"])
     if preview:
         save_preview(paths["preview"], volume, synthesized, out_affine, reference_volume)
@@ -273,6 +291,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "prompt_given": prompt,
         "target_prompt": target.render(),
         "source_prompt": None if source is None else source.render(),
+        "input_modality": source_modality,
         "input_spacing": list(volume.spacing),
         "target_spacing": list(target.voxel_size),
         "output_spacing": [float(s) for s in np.linalg.norm(out_affine[:3, :3], axis=0)],
@@ -295,7 +314,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
 # Many cases
 
 
-CASE_KEYS = ("input_image", "prompt", "target_spacing", "reference")
+CASE_KEYS = ("input_image", "prompt", "target_spacing", "reference", "input_modality")
 
 
 def read_datalist_rows(path: str) -> list:
@@ -369,7 +388,7 @@ def _glob_bids(root: str, suffix: str) -> list[str]:
 
 
 def inference_cases(input_image: str | None, prompt: str, target_spacing: Any, reference: str | None,
-                    datalist: str | None, dataset_dir: str) -> list[dict[str, Any]]:
+                    datalist: str | None, dataset_dir: str, input_modality: str | None = None) -> list[dict[str, Any]]:
     """The cases one config run handles: a datalist's rows, else the one given input (or the embedded default)."""
     if datalist:
         return load_datalist(datalist)
@@ -384,7 +403,8 @@ def inference_cases(input_image: str | None, prompt: str, target_spacing: Any, r
     if prompt is None:
         raise UserInputError("prompt: expected the official template or a target modality (--prompt), got none")
     image = input_image or default_input_image(dataset_dir)
-    return [{"input_image": image, "prompt": prompt, "target_spacing": target_spacing, "reference": reference}]
+    return [{"input_image": image, "prompt": prompt, "target_spacing": target_spacing, "reference": reference,
+             "input_modality": input_modality}]
 
 
 def run_batch(cases: Sequence[dict[str, Any]], output_dir: str, network: torch.nn.Module, *, overwrite: bool = False,
@@ -405,7 +425,8 @@ def run_batch(cases: Sequence[dict[str, Any]], output_dir: str, network: torch.n
                     done.append(paths)
                     continue
             done.append(run_inference(case["input_image"], case["prompt"], output_dir, network,
-                                      case.get("target_spacing"), case.get("reference"), **options))
+                                      case.get("target_spacing"), case.get("reference"),
+                                      input_modality=case.get("input_modality"), **options))
         except (UserInputError, OSError) as error:
             if len(cases) > 1:  # a single case's error is the run's error, shown once
                 logger.error("%s", error)

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # What of the bundle's JSON sidecar goes back to the client as the result's params.
 RESULT_FIELDS = ("prompt_given", "target_prompt", "source_prompt", "input_spacing", "target_spacing",
                  "output_spacing", "output_shape", "model_version", "intensity", "mirror_images_averaged",
-                 "intensity_scales_averaged", "intensity_scales_auto", "warnings")
+                 "intensity_scales_averaged", "intensity_scales_auto", "input_modality", "warnings")
 
 
 def _blank(value: Any) -> bool:
@@ -63,12 +63,13 @@ def requested_spacing(value: Any) -> Any:
 
 class TUMSynSynthesis(BundleInferTask):
     """Text-guided synthesis / super-resolution of the picked image; request params ``prompt``, ``target_spacing``,
-    ``flip_averaging`` and ``intensity_scales``.
+    ``input_modality``, ``flip_averaging`` and ``intensity_scales``.
 
     ``prompt``: the official template, or a modality optionally followed by fields ("FLAIR", "FLAIR; Age: 70"),
     the rest then filled from the image's metadata; ``target_spacing``: output voxel size in mm (default: the
-    prompt's Voxel size, else the input's); ``flip_averaging``: true/false; ``intensity_scales``: factors such as
-    "0.6, 0.8, 1, 1.4, 2" (both default to the bundle config's).
+    prompt's Voxel size, else the input's); ``input_modality``: the image's contrast where its name or sidecar do not
+    give it; ``flip_averaging``: true/false; ``intensity_scales``: "auto" or factors such as "0.6, 0.8, 1, 1.4, 2"
+    (both default to the bundle config's).
     """
 
     def __init__(self, bundle_path: str, conf: dict[str, str], default_prompt: str = "T2w"):
@@ -80,7 +81,8 @@ class TUMSynSynthesis(BundleInferTask):
             pre_filter=None,
             post_filter=None,
             load_strict=True,
-            config={"prompt": default_prompt, "target_spacing": "", "flip_averaging": "", "intensity_scales": ""},
+            config={"prompt": default_prompt, "target_spacing": "", "input_modality": "", "flip_averaging": "",
+                    "intensity_scales": ""},
         )
         if not self.is_valid():
             raise ValueError(f"{bundle_path}: not a TUMSyn bundle (expected configs/inference.yaml, "
@@ -115,8 +117,9 @@ class TUMSynSynthesis(BundleInferTask):
                 averaging = {key: None if _blank(data.get(key)) else data[key]
                              for key in ("flip_averaging", "intensity_scales")}
                 inferer = self.bundle_inferer.with_averaging(**averaging)
+                modality = None if _blank(data.get("input_modality")) else data["input_modality"]
                 paths = self.engine.run_inference(data["image"], prompt, work_dir, network, spacing,
-                                                  inferer=inferer, preview=False)
+                                                  inferer=inferer, preview=False, input_modality=modality)
             except ValueError as error:  # bad input: the client gets the one-line reason, not a bare 500
                 raise HTTPException(status_code=422, detail=str(error)) from None
             with open(paths["sidecar"]) as handle:
