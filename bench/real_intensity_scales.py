@@ -2,7 +2,7 @@
 
     python bench/real_intensity_scales.py [--dataset_dir ../shared/data/real/bids] [--downsample 4]
                                           [--factors 0.6 0.8 1 1.4 2] [--flip_averaging] [--threads 2]
-                                          [--output FILE.json]
+                                          [--ckpt_path bundle/models/model.pt] [--output FILE.json]
 
 For each factor, the evaluate config's engine with ``intensity_scales=[factor]`` (the normalised input multiplied by
 it) on the real-case tasks; then once with all factors averaged. Prints Pearson r per task and factor (the input's
@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--downsample", type=int, default=4, help="block-average factor (evaluate's eval_downsample)")
     parser.add_argument("--factors", type=float, nargs="+", default=[0.6, 0.8, 1.0, 1.4, 2.0])
     parser.add_argument("--flip_averaging", action="store_true")
+    parser.add_argument("--ckpt_path", default=os.path.join(BUNDLE, "models", "model.pt"),
+                        help="text-model weights (small scale) to measure")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=os.path.join(HERE, "results", "real_intensity_scales.json"))
     args = parser.parse_args()
@@ -63,7 +65,7 @@ def main() -> None:
     config.read_config(os.path.join(BUNDLE, "configs", "evaluate.yaml"))
     config["bundle_root"] = BUNDLE
     inferer = config.get_parsed_content("inferer").with_averaging(flip_averaging=args.flip_averaging)
-    network = load_network_weights(build_tumsyn_net("small"), os.path.join(BUNDLE, "models", "model.pt")).eval()
+    network = load_network_weights(build_tumsyn_net("small"), args.ckpt_path).eval()
     with tempfile.TemporaryDirectory() as small:
         dataset_dir = args.dataset_dir
         if args.downsample > 1:
