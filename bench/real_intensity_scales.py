@@ -64,15 +64,15 @@ def main() -> None:
     config = ConfigParser()
     config.read_config(os.path.join(BUNDLE, "configs", "evaluate.yaml"))
     config["bundle_root"] = BUNDLE
-    inferer = config.get_parsed_content("inferer").with_averaging(flip_averaging=args.flip_averaging)
+    inferer = config.get_parsed_content("inferer").with_options(flip_averaging=args.flip_averaging)
     network = load_network_weights(build_tumsyn_net("small"), args.ckpt_path).eval()
     with tempfile.TemporaryDirectory() as small:
         dataset_dir = args.dataset_dir
         if args.downsample > 1:
             dataset_dir = downsample_bids(args.dataset_dir, small, args.downsample)
-        runs = {f"{factor:g}": correlations(dataset_dir, network, inferer.with_averaging(intensity_scales=[factor]))
+        runs = {f"{factor:g}": correlations(dataset_dir, network, inferer.with_options(intensity_scales=[factor]))
                 for factor in args.factors}
-        runs["mean"] = correlations(dataset_dir, network, inferer.with_averaging(intensity_scales=args.factors))
+        runs["mean"] = correlations(dataset_dir, network, inferer.with_options(intensity_scales=args.factors))
     tasks = list(runs["mean"])
     print(f"Pearson r, text model, {args.downsample} mm, flip averaging {args.flip_averaging}")
     print("| task | input | oracle LUT | " + " | ".join(runs) + " |")

@@ -361,9 +361,9 @@ def test_intensity_scales_are_read_from_lists_text_and_numbers(given, expected):
     inferer = TUMSynInferer(intensity_scales=given)
     assert inferer.intensity_scales == expected
     # A per-request copy changes only what it is given.
-    copy = inferer.with_averaging(flip_averaging=True)
+    copy = inferer.with_options(flip_averaging=True)
     assert copy.intensity_scales == expected and copy.predictions_averaged == 8 * len(expected)
-    assert inferer.with_averaging(intensity_scales="1").intensity_scales == (1.0,)
+    assert inferer.with_options(intensity_scales="1").intensity_scales == (1.0,)
     assert inferer.predictions_averaged == len(expected)
 
 

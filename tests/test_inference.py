@@ -309,6 +309,12 @@ def test_command_line_contract(tmp_path, bundle_root):
     assert nib.load(str(tmp_path / "out" / "scan_FLAIR.nii.gz")).shape == (8, 8, 8)
     # a plain file name says no contrast: --input_modality does, and picks the default auto intensity scales
     assert record["input_modality"] == "T1w" and record["intensity_scales_averaged"] == [1.8, 2.0]
+    # the default guided filter: a 2 mm grid from a 1 x 1 x 2 mm input is guided by it; 1 mm from 2 mm slices is not
+    assert record["guided_filter_radius"] == 1
+    command[command.index("--target_spacing") + 1] = "[1, 1, 1]"
+    done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(bundle_root), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.load(open(tmp_path / "out" / "scan_FLAIR.json"))["guided_filter_radius"] == 0
 
 
 def test_no_argument_run_writes_image_and_preview(bundle_root):

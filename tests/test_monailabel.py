@@ -220,10 +220,15 @@ def test_test_time_averaging_per_request(served):
     assert params["intensity_scales_averaged"] == [0.6, 0.8] and params["intensity_scales_auto"]  # T1w -> T2w inverts
     _, params = infer(served.url, "sim01_T1w", {**request, "prompt": "T2w", "input_modality": "FLAIR"})
     assert params["input_modality"] == "FLAIR" and params["intensity_scales_averaged"] == [0.6, 0.8]
+    unguided, params = infer(served.url, "sim01_T1w", {**request, "guided_filter_radius": "0"})
+    assert params["guided_filter_radius"] == 0 and not np.allclose(np.asarray(unguided.dataobj),
+                                                                   np.asarray(single.dataobj))
     _, params = infer(served.url, "sim01_T1w", request)
     # one request's choice does not stick to the served inferer
     assert params["mirror_images_averaged"] == 1 and params["intensity_scales_averaged"] == [1.0]
-    for option, bad in (("flip_averaging", "often"), ("intensity_scales", "0.8, -1"), ("input_modality", "T3w")):
+    assert params["guided_filter_radius"] == 1
+    for option, bad in (("flip_averaging", "often"), ("intensity_scales", "0.8, -1"), ("input_modality", "T3w"),
+                        ("guided_filter_radius", "-2")):
         with pytest.raises(urllib.error.HTTPError) as error:
             infer(served.url, "sim01_T1w", {**request, option: bad})
         assert error.value.code == 422 and option in json.loads(error.value.read())["detail"]

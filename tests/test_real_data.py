@@ -25,22 +25,23 @@ needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="the real case (
 CONFIG = os.path.join(BUNDLE_ROOT, "configs", "evaluate.yaml")
 DOWNSAMPLE = 4
 # Measured with the shipped weights at 4 mm (Pearson r inside the brain), the evaluate config's defaults
-# (intensity_scales auto): tumsyn, identity, oracle-lut.
+# (intensity_scales auto, guided_filter_radius 1): tumsyn, identity, oracle-lut.
 MEASURED_R = {
-    "T1w->T2w": (0.488, 0.096, 0.490),
-    "T1w->FLAIR": (0.886, 0.835, 0.907),
-    "T1w->T1CE": (0.930, 0.966, 0.968),
-    "T2w->FLAIR": (0.755, 0.255, 0.788),
-    "FLAIR->T1w": (0.836, 0.835, 0.886),
+    "T1w->T2w": (0.489, 0.096, 0.490),
+    "T1w->FLAIR": (0.889, 0.835, 0.907),
+    "T1w->T1CE": (0.934, 0.966, 0.968),
+    "T2w->FLAIR": (0.740, 0.255, 0.788),
+    "FLAIR->T1w": (0.849, 0.835, 0.886),
 }
-# The same with the input at its normalised scale (intensity_scales [1.0], the default before version 0.3.0):
-# tumsyn, one-hot.
+# Without the guided filter (guided_filter_radius 0, the default before version 0.4.0): tumsyn.
+UNGUIDED_R = {"T1w->T2w": 0.488, "T1w->FLAIR": 0.886, "T1w->T1CE": 0.930, "T2w->FLAIR": 0.755, "FLAIR->T1w": 0.836}
+# With the input at its normalised scale (intensity_scales [1.0], the default before version 0.3.0): tumsyn, one-hot.
 UNSCALED_R = {
-    "T1w->T2w": (0.437, 0.361),
-    "T1w->FLAIR": (0.858, 0.857),
-    "T1w->T1CE": (0.803, 0.824),
-    "T2w->FLAIR": (0.696, 0.717),
-    "FLAIR->T1w": (0.740, 0.814),
+    "T1w->T2w": (0.448, 0.353),
+    "T1w->FLAIR": (0.877, 0.873),
+    "T1w->T1CE": (0.834, 0.854),
+    "T2w->FLAIR": (0.689, 0.705),
+    "FLAIR->T1w": (0.767, 0.834),
 }
 R_MARGIN = 0.05
 
@@ -65,6 +66,11 @@ def real_evaluation(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_evaluation_unscaled(tmp_path_factory):
     return _evaluate_real_case(tmp_path_factory.mktemp("real_unscaled"), intensity_scales=[1.0])
+
+
+@pytest.fixture(scope="module")
+def real_evaluation_unguided(tmp_path_factory):
+    return _evaluate_real_case(tmp_path_factory.mktemp("real_unguided"), guided_filter_radius=0)
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +114,27 @@ def test_auto_intensity_scales_raise_the_multi_task_networks_on_every_real_task(
 
 
 @needs_real
+def test_guided_filter_raises_the_text_model_on_four_of_five_real_tasks(real_evaluation, real_evaluation_unguided):
+    """The default guided filter against the network's prediction as it is (docs/real_data.md): r rises on every task
+    but T2w -> FLAIR, whose map is not monotonic (CSF inverted, lesions bright in both), so no window's affine
+    function of the input fits it, and which falls by 0.015."""
+    out, guided = real_evaluation
+    assert "then guided by the input (guided_filter_radius 1" in (out / "metrics.md").read_text()
+    _, unguided = real_evaluation_unguided
+    for task, measured in UNGUIDED_R.items():
+        assert unguided[(task, "tumsyn")] == pytest.approx(measured, abs=R_MARGIN), task
+        if task == "T2w->FLAIR":
+            assert unguided[(task, "tumsyn")] - 0.03 < guided[(task, "tumsyn")] < unguided[(task, "tumsyn")], task
+        else:
+            assert guided[(task, "tumsyn")] > unguided[(task, "tumsyn")], task
+    for key in set(guided) - {key for key in guided if key[1] in ("tumsyn", "onehot", "task-specific")}:
+        assert guided[key] == pytest.approx(unguided[key], abs=1e-6), key  # the baselines run no network
+
+
+@needs_real
 def test_where_the_shipped_model_beats_the_input_on_real_data(real_evaluation, real_evaluation_unscaled):
     """Written down honestly (bundle/docs/real_data.md): with the defaults the text model beats the input's |r| on four
-    tasks, by a hair on FLAIR->T1w (0.836 vs 0.835), and not on T1w->T1CE (0.930 vs 0.966: T1CE differs from T1w
+    tasks, FLAIR->T1w by 0.014 (0.849 vs 0.835), and not T1w->T1CE (0.934 vs 0.966: T1CE differs from T1w
     only by enhancement; the lookup table fitted on the answer reaches 0.968). At the input's own scale it beat the
     input only where the contrast must be inverted or remapped (T1w->T2w, T2w->FLAIR)."""
     _, r = real_evaluation
@@ -125,8 +149,8 @@ def test_where_the_shipped_model_beats_the_input_on_real_data(real_evaluation, r
 
 
 # The shipped task-specific baselines (models/model_task_*.pt) on their own pairs, measured at 4 mm with the input at
-# its normalised scale, and with the default auto scales.
-TASK_SPECIFIC_MEASURED_R = {"T1w->T2w": (0.499, 0.456), "T2w->FLAIR": (0.800, 0.801)}
+# its normalised scale, and with the default auto scales (both guided by the input).
+TASK_SPECIFIC_MEASURED_R = {"T1w->T2w": (0.519, 0.463), "T2w->FLAIR": (0.796, 0.783)}
 
 
 @needs_real
@@ -135,7 +159,7 @@ def test_task_specific_baselines_beat_the_lookup_table_on_real_data(real_evaluat
     """Each one-pair model synthesizes beyond any grey-level remapping on the real patient at its input's own scale:
     above the oracle lookup table and more than 0.05 above the input's |r|. The auto factors were chosen for the
     multi-task text model: they leave the T2w -> FLAIR model where it was and lower the T1w -> T2w one below the
-    lookup table (0.456 vs 0.490)."""
+    lookup table (0.463 vs 0.490)."""
     _, r = real_evaluation_unscaled
     unscaled, auto = TASK_SPECIFIC_MEASURED_R[task]
     assert r[(task, "task-specific")] == pytest.approx(unscaled, abs=R_MARGIN)
@@ -145,25 +169,29 @@ def test_task_specific_baselines_beat_the_lookup_table_on_real_data(real_evaluat
 
 
 # The default evaluation with flip_averaging (each network's prediction averaged over the input's 8 mirror images at
-# each auto factor), measured at 4 mm: tumsyn, one-hot.
+# each auto factor, then guided by the input), measured at 4 mm: tumsyn, one-hot.
 FLIP_AVERAGED_R = {
-    "T1w->T2w": (0.522, 0.410),
-    "T1w->FLAIR": (0.887, 0.894),
-    "T1w->T1CE": (0.934, 0.928),
-    "T2w->FLAIR": (0.761, 0.755),
-    "FLAIR->T1w": (0.839, 0.862),
+    "T1w->T2w": (0.532, 0.400),
+    "T1w->FLAIR": (0.888, 0.896),
+    "T1w->T1CE": (0.936, 0.933),
+    "T2w->FLAIR": (0.744, 0.737),
+    "FLAIR->T1w": (0.851, 0.872),
 }
 
 
 @needs_real
-def test_flip_averaging_raises_every_network_on_every_real_task(real_evaluation, real_evaluation_flip_averaged):
+def test_flip_averaging_raises_the_networks_on_the_real_tasks(real_evaluation, real_evaluation_flip_averaged):
     _, single = real_evaluation
     out, averaged = real_evaluation_flip_averaged
     assert "averaged over 8 mirror images" in (out / "metrics.md").read_text()
     networks = [key for key in single if key[1] in ("tumsyn", "onehot", "task-specific")]
     assert len(networks) == 2 * len(MEASURED_R) + len(TASK_SPECIFIC_MEASURED_R)
+    # every network on every task rises but the text model's T1w->FLAIR, level (0.888 vs 0.889: the guided filter
+    # had already given it the input's edges that averaging sharpens)
+    rises = [key for key in networks if averaged[key] > single[key]]
+    assert len(rises) >= len(networks) - 1, sorted(set(networks) - set(rises))
     for key in networks:
-        assert averaged[key] > single[key], key
+        assert averaged[key] > single[key] - 0.005, key
     for key in set(single) - set(networks):  # the baselines do not run a network
         assert averaged[key] == pytest.approx(single[key], abs=1e-6), key
     for task, measured in FLIP_AVERAGED_R.items():
@@ -176,7 +204,7 @@ def test_flip_averaging_raises_every_network_on_every_real_task(real_evaluation,
 def test_issue_bar_on_real_data(fixture, request):
     """The issue's bar, as far as it is met (bundle/docs/real_data.md), by the shipped text model with the default
     intensity scales, with and without flip averaging: T1w->T2w and T1w->FLAIR at least 0.05 above the input's |r|
-    and within 0.05 of the oracle lookup table (the margins are thin: 0.048 / 0.001 single, 0.082 / 0.002
+    and within 0.05 of the oracle lookup table (the margins are thin: 0.049 / 0.004 single, 0.092 / 0.003
     flip-averaged); every task but T1w->T1CE above the input."""
     _, r = request.getfixturevalue(fixture)
     for task in ("T1w->T2w", "T1w->FLAIR"):

@@ -191,7 +191,7 @@ def test_flip_averaging_counts_its_extra_memory_before_any_work(tmp_path, monkey
                   preview=False)
     with pytest.raises(UserInputError) as raised:
         run_inference(image, "T2w", str(tmp_path / "averaged"), SamplingNet(), target_spacing=0.5,
-                      inferer=FAST.with_averaging(flip_averaging=True), preview=False)
+                      inferer=FAST.with_options(flip_averaging=True), preview=False)
     assert "output grid (10, 10, 10) for" in one_line(raised) and "needs about 19.5 KiB" in one_line(raised)
     assert not os.path.exists(tmp_path / "averaged") or os.listdir(tmp_path / "averaged") == []
 

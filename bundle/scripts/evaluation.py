@@ -30,6 +30,7 @@ from scipy.ndimage import map_coordinates
 
 from .bids_data import parse_tasks
 from .errors import UserInputError, config_null
+from .guided_filter import MAX_UPSAMPLING
 from .inference_engine import load_network_weights, read_datalist_rows, synthesize_image, target_prompt
 from .intensity import AUTO_SCALES, normalize_intensity
 from .metrics import compare, oracle_lookup_table, tissue_volumes
@@ -485,9 +486,14 @@ def _engine_note(inferer: TUMSynInferer) -> str:
     else:
         scales = (f"scale{'s' if len(inferer.intensity_scales) > 1 else ''} "
                   + ", ".join(f"{scale:g}" for scale in inferer.intensity_scales) + " (intensity_scales)")
+    radius = inferer.guided_filter_radius
+    guidance = (f"then guided by the input (guided_filter_radius {radius}: a guided filter of {radius} output "
+                f"voxel{'s' if radius > 1 else ''} radius, the prediction's intensities kept; not where the output "
+                f"is over {MAX_UPSAMPLING:g}x finer than the input along an axis)" if radius else
+                "not guided by the input (guided_filter_radius 0)")
     return (f"Networks' input normalisation: {inferer.input_normalisation}; predictions averaged over "
             f"{averaged} mirror image{'s' if averaged > 1 else ''} of the input (flip_averaging) at intensity "
-            f"{scales}.\n\n")
+            f"{scales}, {guidance}.\n\n")
 
 
 def run_evaluation(dataset_dir: str | None, output_dir: str, methods: Sequence[Method], inferer: TUMSynInferer,

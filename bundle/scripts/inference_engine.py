@@ -28,6 +28,7 @@ import torch
 import scripts
 
 from .errors import UserInputError, config_null, guard_text_fields, one_line
+from .guided_filter import GUIDED_FILTER_VOLUMES, guides
 from .intensity import normalize_intensity
 from .ood import ood_warnings
 from .preview import save_preview
@@ -218,7 +219,8 @@ def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, i
     inferer = inferer.resolved(source_modality, target.modality)
     spacing = target.voxel_size if spacing is None else spacing
     out_shape, out_affine = output_grid(volume.array.shape, volume.affine, spacing)
-    per_voxel = OUTPUT_BYTES_PER_VOXEL + (AVERAGING_BYTES_PER_VOXEL if inferer.predictions_averaged > 1 else 0)
+    per_voxel = (OUTPUT_BYTES_PER_VOXEL + (AVERAGING_BYTES_PER_VOXEL if inferer.predictions_averaged > 1 else 0)
+                 + (4 * GUIDED_FILTER_VOLUMES if inferer.guided_filter_radius else 0))
     check_memory(per_voxel * float(np.prod(out_shape)), f"output grid {out_shape} for {volume.path}")
     orientation = _canonical_orientation(volume.affine)
     canonical = nib.orientations.apply_orientation(volume.array, orientation)
@@ -302,6 +304,8 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "mirror_images_averaged": len(inferer.mirror_axes),
         "intensity_scales_averaged": list(inferer.intensity_scales),
         "intensity_scales_auto": auto_scales,
+        # 0 where the output is too much finer than the input to be guided by it (scripts/guided_filter.py)
+        "guided_filter_radius": inferer.guided_filter_radius if guides(volume.array.shape, synthesized.shape) else 0,
         "warnings": volume.warnings,
         "ood_warnings": out_of_distribution,
     }

@@ -30,6 +30,7 @@ from monai.inferers import Inferer
 from tqdm import tqdm
 
 from .errors import UserInputError, config_flag, config_null, config_positive_numbers
+from .guided_filter import guides, input_guided
 from .intensity import AUTO_SCALES, CLIP_MAX
 from .intensity import METHODS as INTENSITY_METHODS
 from .intensity import auto_intensity_scales
@@ -377,6 +378,14 @@ def _intensity_scales(value: Sequence[float] | str) -> tuple[float, ...] | str:
     return config_positive_numbers(value, "intensity_scales", alternative=AUTO)
 
 
+def _guided_filter_radius(value: int | str) -> int:
+    text = str(value).strip()
+    if not text.isdigit():
+        raise UserInputError(f"guided_filter_radius: expected a whole number of output voxels >= 0 (0: off), got "
+                             f"{value!r}")
+    return int(text)
+
+
 def _scaled(image: torch.Tensor, scale: float) -> torch.Tensor:
     """The normalised ``image`` multiplied by ``scale`` and clipped as the normalisation clips."""
     return image if scale == 1.0 else (image * scale).clamp_(max=CLIP_MAX)
@@ -411,13 +420,17 @@ class TUMSynInferer(Inferer):
     factors ``scripts.intensity.auto_intensity_scales`` gives the call's (input modality, prompt modality) pair,
     measured on real scans (``resolved``). With ``flip_averaging``, every scale of every mirror image:
     len(scales) x 8 network runs.
+    ``guided_filter_radius``: the (averaged) prediction re-drawn with the input's fine structure by a guided filter
+    of this radius in output voxels, keeping the prediction's intensities (``scripts.guided_filter``; skipped where
+    the output is over 1.5x finer than the input along an axis); 0: the network's prediction as it is.
     """
 
     def __init__(self, prompt: str | None = None, roi_size: Sequence[int] = (64, 64, 64), overlap: float = 0.25,
                  sigma_scale: float = 0.125, sw_batch_size: int = 1, query_chunk: int = 4096, amp: bool = True,
                  progress: bool = True, skip_background: bool = True, crop_margin: int | None = None,
                  fit_windows: bool = True, channels_last: bool = True, input_normalisation: str = "percentile",
-                 flip_averaging: bool = False, intensity_scales: Sequence[float] | str = (1.0,)):
+                 flip_averaging: bool = False, intensity_scales: Sequence[float] | str = (1.0,),
+                 guided_filter_radius: int = 0):
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
         crop_margin = config_null(crop_margin)  # --crop_margin null: whole windows
@@ -440,6 +453,7 @@ class TUMSynInferer(Inferer):
         self.input_normalisation = input_normalisation
         self.mirror_axes = _mirror_axes(flip_averaging)
         self.intensity_scales = _intensity_scales(intensity_scales)
+        self.guided_filter_radius = _guided_filter_radius(guided_filter_radius)
 
     @property
     def predictions_averaged(self) -> int:
@@ -452,16 +466,19 @@ class TUMSynInferer(Inferer):
         scales are given)."""
         if self.intensity_scales != AUTO:
             return self
-        return self.with_averaging(intensity_scales=auto_intensity_scales(source_modality, target_modality))
+        return self.with_options(intensity_scales=auto_intensity_scales(source_modality, target_modality))
 
-    def with_averaging(self, flip_averaging: bool | str | None = None,
-                       intensity_scales: Sequence[float] | str | None = None) -> TUMSynInferer:
-        """A copy of these settings with the test-time averaging given here (None: as these settings have it)."""
+    def with_options(self, flip_averaging: bool | str | None = None,
+                     intensity_scales: Sequence[float] | str | None = None,
+                     guided_filter_radius: int | str | None = None) -> TUMSynInferer:
+        """A copy of these settings with the test-time options given here (None: as these settings have them)."""
         inferer = copy.copy(self)
         if flip_averaging is not None:
             inferer.mirror_axes = _mirror_axes(flip_averaging)
         if intensity_scales is not None:
             inferer.intensity_scales = _intensity_scales(intensity_scales)
+        if guided_filter_radius is not None:
+            inferer.guided_filter_radius = _guided_filter_radius(guided_filter_radius)
         return inferer
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, prompt: str | Prompt | None = None,
@@ -485,9 +502,11 @@ class TUMSynInferer(Inferer):
     def _averaged_prediction(self, network: torch.nn.Module, image: torch.Tensor, tokens: torch.Tensor | None,
                              modality: torch.Tensor | None, out_shape: tuple[int, ...]) -> torch.Tensor:
         """``synthesize_volume`` of ``image [1, D, H, W]``, averaged over ``self.intensity_scales`` and
-        ``self.mirror_axes``. The output grid's voxels sit symmetrically in the field of view, so flipping the input
-        and the prediction along an axis keeps every voxel's position."""
-        decode_mask = foreground_mask(image, out_shape) if self.skip_background else None
+        ``self.mirror_axes``, then guided by the input (``guided_filter_radius``). The output grid's voxels sit
+        symmetrically in the field of view, so flipping the input and the prediction along an axis keeps every
+        voxel's position."""
+        foreground = foreground_mask(image, out_shape)
+        decode_mask = foreground if self.skip_background else None
         total = None
         for scale in self.intensity_scales:
             scaled = _scaled(image, scale)  # once per scale, not per mirror image
@@ -497,4 +516,7 @@ class TUMSynInferer(Inferer):
                                                modality=modality, decode_mask=mask, **self.settings)
                 prediction = _mirrored(prediction, axes, 1)
                 total = prediction if total is None else total.add_(prediction)
-        return total.div_(self.predictions_averaged)  # in place: no second output-sized tensor
+        prediction = total.div_(self.predictions_averaged)  # in place: no second output-sized tensor
+        if self.guided_filter_radius and guides(image.shape[1:], out_shape):
+            prediction = input_guided(image, prediction, foreground, self.guided_filter_radius)
+        return prediction
