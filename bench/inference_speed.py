@@ -178,7 +178,8 @@ def load_case(source: str, input_name: str, fov_scale: float):
 def config_inferer(scale: str, precision: str, overrides: dict):
     """The ``inferer`` of ``configs/inference.yaml`` at ``scale`` (no progress bar), its autocast on for ``bf16``,
     one network run per volume (intensity scale 1: the loop runs once too; ``auto`` runs a rule pair twice), not
-    guided by the input (the loop is not either), with the given values of its top-level keys (``query_chunk``, ``sw_batch_size``, ``crop_margin``)."""
+    guided by the input (the loop is not either), with the given values of its top-level keys (``query_chunk``,
+    ``sw_batch_size``, ``crop_margin``)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
