@@ -57,6 +57,15 @@ def test_detail_transfer_restores_the_inputs_edges_in_the_predictions_contrast()
     torch.testing.assert_close(guided[~foreground], prediction[0][~foreground])
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1), (6, 5, 1), (2, 7, 3)])
+def test_thin_and_tiny_grids_are_guided(shape):
+    """A single slice or voxel, thinner than the filter's window: filtered all the same, its values kept."""
+    generator = torch.Generator().manual_seed(0)
+    image, prediction = torch.rand(1, *shape, generator=generator), torch.rand(1, *shape, generator=generator)
+    guided = input_guided(image, prediction, torch.ones(shape, dtype=torch.bool), radius=1)
+    torch.testing.assert_close(torch.sort(guided.flatten()).values, torch.sort(prediction.flatten()).values)
+
+
 def test_rank_matching_reorders_values_by_the_given_order():
     mask = torch.tensor([True, True, False, True])
     matched = rank_matched(torch.tensor([3.0, 1.0, 9.0, 2.0]), torch.tensor([10.0, 20.0, 5.0, 30.0]), mask)

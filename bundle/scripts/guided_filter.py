@@ -38,8 +38,9 @@ def guides(input_shape: Sequence[int], output_shape: Sequence[int]) -> bool:
 
 
 def _window_sum(volume: torch.Tensor, radius: int) -> torch.Tensor:
-    """Sum over the (2 radius + 1)^3 window around every voxel (zeros beyond the edge), up to a constant factor."""
-    return F.avg_pool3d(volume[None, None], 2 * radius + 1, stride=1, padding=radius)[0, 0]
+    """Sum over the (2 radius + 1)^3 window around every voxel (zeros beyond the edge), up to a constant factor.
+    Padded first: pooling refuses an axis shorter than its window (a single slice) even with its own padding."""
+    return F.avg_pool3d(F.pad(volume[None, None], [radius] * 6), 2 * radius + 1, stride=1)[0, 0]
 
 
 def guided_filter(guide: torch.Tensor, signal: torch.Tensor, weight: torch.Tensor, radius: int,
