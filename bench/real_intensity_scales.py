@@ -2,12 +2,14 @@
 
     python bench/real_intensity_scales.py [--dataset_dir ../shared/data/real/bids] [--downsample 4]
                                           [--factors 0.6 0.8 1 1.4 2] [--flip_averaging] [--threads 2]
-                                          [--ckpt_path bundle/models/model.pt] [--output FILE.json]
+                                          [--ckpt_path bundle/models/model.pt] [--guided_filter_radius 0]
+                                          [--output FILE.json]
 
 For each factor, the evaluate config's engine with ``intensity_scales=[factor]`` (the normalised input multiplied by
-it) on the real-case tasks; then once with all factors averaged. Prints Pearson r per task and factor (the input's
-and the oracle lookup table's r beside) and writes it as JSON: the grid of bundle/docs/real_data.md's section on
-intensity scales.
+it) on the real-case tasks; then once with all factors averaged. The network's own predictions by default
+(``--guided_filter_radius 0``, as the committed grids were measured); 1 guides them by the input as inference does.
+Prints Pearson r per task and factor (the input's and the oracle lookup table's r beside) and writes it as JSON: the
+grid of bundle/docs/real_data.md's section on intensity scales.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--flip_averaging", action="store_true")
     parser.add_argument("--ckpt_path", default=os.path.join(BUNDLE, "models", "model.pt"),
                         help="text-model weights (small scale) to measure")
+    parser.add_argument("--guided_filter_radius", type=int, default=0, help="0: the network's predictions as they are")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=os.path.join(HERE, "results", "real_intensity_scales.json"))
     args = parser.parse_args()
@@ -64,7 +67,8 @@ def main() -> None:
     config = ConfigParser()
     config.read_config(os.path.join(BUNDLE, "configs", "evaluate.yaml"))
     config["bundle_root"] = BUNDLE
-    inferer = config.get_parsed_content("inferer").with_options(flip_averaging=args.flip_averaging)
+    inferer = config.get_parsed_content("inferer").with_options(
+        flip_averaging=args.flip_averaging, guided_filter_radius=args.guided_filter_radius)
     network = load_network_weights(build_tumsyn_net("small"), args.ckpt_path).eval()
     with tempfile.TemporaryDirectory() as small:
         dataset_dir = args.dataset_dir
