@@ -63,10 +63,10 @@ def rank_matched(order: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) 
     """``values`` with its voxels inside ``mask`` re-assigned so that their ranks follow ``order``'s there: the
     result has exactly ``values``' intensities inside the mask (and its voxels outside), arranged as ``order``."""
     result = values.clone()
-    ranks = torch.argsort(order[mask])
+    by_order = torch.argsort(order[mask])  # the k-th entry: the voxel whose order value is the k-th smallest
     sorted_values = torch.sort(values[mask]).values
     inside = torch.empty_like(sorted_values)
-    inside[ranks] = sorted_values
+    inside[by_order] = sorted_values
     result[mask] = inside
     return result
 
