@@ -121,3 +121,21 @@ def write_raw_nifti(path, shape, data: bytes, sform=None):
 
 def files_in(folder):
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+T2W = "Modality: T2w; Voxel size: (1.0, 1.0, 1.0)"
+
+
+def phantom(shape=(28, 28, 28), seed=0):
+    """A T1w-like sphere (CSF rim 0.3, grey shell 0.6, white core 0.9, fine dark 'sulci'), its foreground and a
+    T2w-like target of the same anatomy (the tissue order inverted)."""
+    generator = torch.Generator().manual_seed(seed)
+    axes = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in shape], indexing="ij")
+    radius = torch.sqrt(sum(a**2 for a in axes))
+    foreground = radius < 0.9
+    sulci = (torch.sin(9 * axes[0]) * torch.sin(9 * axes[1]) > 0.6) & (radius > 0.55)
+    tissue = torch.where(radius < 0.5, 0.9, torch.where(radius < 0.75, 0.6, 0.3))
+    tissue = torch.where(sulci, torch.tensor(0.3), tissue)
+    t1w = (tissue + 0.01 * torch.randn(shape, generator=generator)) * foreground
+    t2w = (1.2 - tissue) * foreground
+    return t1w, t2w, foreground

@@ -314,7 +314,13 @@ def test_command_line_contract(tmp_path, bundle_root):
     command[command.index("--target_spacing") + 1] = "[1, 1, 1]"
     done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(bundle_root), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.load(open(tmp_path / "out" / "scan_FLAIR.json"))["guided_filter_radius"] == 0
+    record = json.load(open(tmp_path / "out" / "scan_FLAIR.json"))
+    assert record["guided_filter_radius"] == 0 and not record["coarse_pass"]  # the coarse pass is opt-in
+    # 1 x 1 x 2 mm block-averaged is 2 x 2 x 4 mm, within the trained voxel sizes: the sidecar says it ran
+    done = subprocess.run(command + ["--coarse_pass", "true"], capture_output=True, text=True,
+                          cwd=os.path.dirname(bundle_root), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.load(open(tmp_path / "out" / "scan_FLAIR.json"))["coarse_pass"] is True
 
 
 def test_no_argument_run_writes_image_and_preview(bundle_root):

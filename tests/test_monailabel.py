@@ -120,12 +120,15 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Both servers over a studies folder holding one small simulated scan, started together (start-up is mostly
+    """Both servers over a studies folder holding two small simulated scans, started together (start-up is mostly
     imports, ~30 s on a busy machine, so in parallel they cost about one)."""
     root = tmp_path_factory.mktemp("monailabel")
     studies = os.path.join(root, "studies")
     os.makedirs(studies)
     nib.save(nib.Nifti1Image(simulated_scan(), scan_affine()), os.path.join(studies, "sim01_T1w.nii.gz"))
+    # 1.5 mm voxels: 3 mm block-averaged, within the trained sizes, so the coarse pass runs on it
+    nib.save(nib.Nifti1Image(simulated_scan(), np.diag([1.5, 1.5, 1.5, 1.0])),
+             os.path.join(studies, "sim02_T1w.nii.gz"))
     port, default_host_port = free_port(), free_port()
     log_path, default_host_log = os.path.join(root, "loopback.log"), os.path.join(root, "default_host.log")
     server = start_server(copy_app(root / "loopback"), studies, port, ["--host", "127.0.0.1"], log_path)
@@ -223,12 +226,19 @@ def test_test_time_averaging_per_request(served):
     unguided, params = infer(served.url, "sim01_T1w", {**request, "guided_filter_radius": "0"})
     assert params["guided_filter_radius"] == 0 and not np.allclose(np.asarray(unguided.dataobj),
                                                                    np.asarray(single.dataobj))
+    # 2.5 mm slices would be 5 mm when block-averaged: no coarse pass however asked; 1.5 mm voxels get one
+    _, params = infer(served.url, "sim01_T1w", {**request, "coarse_pass": "true"})
+    assert not params["coarse_pass"]
+    fine, params = infer(served.url, "sim02_T1w", request)
+    coarse, coarse_params = infer(served.url, "sim02_T1w", {**request, "coarse_pass": "true"})
+    assert coarse_params["coarse_pass"] and not params["coarse_pass"]
+    assert not np.allclose(np.asarray(coarse.dataobj), np.asarray(fine.dataobj))
     _, params = infer(served.url, "sim01_T1w", request)
     # one request's choice does not stick to the served inferer
     assert params["mirror_images_averaged"] == 1 and params["intensity_scales_averaged"] == [1.0]
-    assert params["guided_filter_radius"] == 1
+    assert params["guided_filter_radius"] == 1 and not params["coarse_pass"]
     for option, bad in (("flip_averaging", "often"), ("intensity_scales", "0.8, -1"), ("input_modality", "T3w"),
-                        ("guided_filter_radius", "-2")):
+                        ("guided_filter_radius", "-2"), ("coarse_pass", "sometimes")):
         with pytest.raises(urllib.error.HTTPError) as error:
             infer(served.url, "sim01_T1w", {**request, option: bad})
         assert error.value.code == 422 and option in json.loads(error.value.read())["detail"]

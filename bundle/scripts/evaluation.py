@@ -29,6 +29,7 @@ import torch
 from scipy.ndimage import map_coordinates
 
 from .bids_data import parse_tasks
+from .coarse_pass import COARSE_FACTOR, MAX_COARSE_VOXEL_MM
 from .errors import UserInputError, config_null
 from .guided_filter import MAX_UPSAMPLING
 from .inference_engine import load_network_weights, read_datalist_rows, synthesize_image, target_prompt
@@ -491,9 +492,12 @@ def _engine_note(inferer: TUMSynInferer) -> str:
                 f"voxel{'s' if radius > 1 else ''} radius, the prediction's intensities kept; not where the output "
                 f"is over {MAX_UPSAMPLING:g}x finer than the input along an axis)" if radius else
                 "not guided by the input (guided_filter_radius 0)")
+    coarse = (f"with the low frequencies of the same prediction on the input block-averaged {COARSE_FACTOR}x "
+              f"(coarse_pass: where those voxels stay within {MAX_COARSE_VOXEL_MM:g} mm)" if inferer.coarse_pass else
+              "without a coarse pass (coarse_pass false)")
     return (f"Networks' input normalisation: {inferer.input_normalisation}; predictions averaged over "
             f"{averaged} mirror image{'s' if averaged > 1 else ''} of the input (flip_averaging) at intensity "
-            f"{scales}, {guidance}.\n\n")
+            f"{scales}, {coarse}, {guidance}.\n\n")
 
 
 def run_evaluation(dataset_dir: str | None, output_dir: str, methods: Sequence[Method], inferer: TUMSynInferer,

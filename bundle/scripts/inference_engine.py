@@ -27,6 +27,7 @@ import torch
 
 import scripts
 
+from .coarse_pass import COARSE_PASS_VOLUMES, coarse_pass_applies
 from .errors import UserInputError, config_null, guard_text_fields, one_line
 from .guided_filter import GUIDED_FILTER_VOLUMES, guides
 from .intensity import normalize_intensity
@@ -75,10 +76,11 @@ def _canonical_orientation(affine: np.ndarray) -> np.ndarray:
     return nib.orientations.io_orientation(affine)
 
 
-def _reorder_shape(shape: Sequence[int], orientation: np.ndarray) -> tuple[int, ...]:
-    reordered = [0, 0, 0]
+def _reordered(values: Sequence, orientation: np.ndarray) -> tuple:
+    """Per-axis ``values`` of the file's voxel order (a shape, voxel sizes) in the canonical order."""
+    reordered = [None] * 3
     for axis, (target_axis, _) in enumerate(orientation):
-        reordered[int(target_axis)] = int(shape[axis])
+        reordered[int(target_axis)] = values[axis]
     return tuple(reordered)
 
 
@@ -220,14 +222,16 @@ def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, i
     spacing = target.voxel_size if spacing is None else spacing
     out_shape, out_affine = output_grid(volume.array.shape, volume.affine, spacing)
     per_voxel = (OUTPUT_BYTES_PER_VOXEL + (AVERAGING_BYTES_PER_VOXEL if inferer.predictions_averaged > 1 else 0)
-                 + (4 * GUIDED_FILTER_VOLUMES if inferer.guided_filter_radius else 0))
+                 + (4 * GUIDED_FILTER_VOLUMES if inferer.guided_filter_radius else 0)
+                 + (4 * COARSE_PASS_VOLUMES if inferer.coarse_pass and coarse_pass_applies(volume.spacing) else 0))
     check_memory(per_voxel * float(np.prod(out_shape)), f"output grid {out_shape} for {volume.path}")
     orientation = _canonical_orientation(volume.affine)
     canonical = nib.orientations.apply_orientation(volume.array, orientation)
     normalised = normalize_intensity(canonical, method=inferer.input_normalisation, modality=source_modality)
     image = torch.from_numpy(np.ascontiguousarray(normalised))[None]
     logger.info("%s -> %s grid %s", volume.path, target.render(), out_shape)
-    prediction = inferer(image[None], network, prompt=target, out_shape=_reorder_shape(out_shape, orientation))[0, 0]
+    prediction = inferer(image[None], network, prompt=target, out_shape=_reordered(out_shape, orientation),
+                         input_spacing=_reordered(volume.spacing, orientation))[0, 0]
     # Background stays background: zero where the input's non-zero mask, resampled to the output grid, is off.
     prediction = (prediction.clamp_(min=0) * foreground_mask(image, prediction.shape)).numpy()
     return np.ascontiguousarray(_from_canonical(prediction, orientation), dtype=np.float32), out_affine
@@ -306,6 +310,8 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "intensity_scales_auto": auto_scales,
         # 0 where the output is too much finer than the input to be guided by it (scripts/guided_filter.py)
         "guided_filter_radius": inferer.guided_filter_radius if guides(volume.array.shape, synthesized.shape) else 0,
+        # false where the input's voxels are too coarse to be block-averaged within the trained sizes
+        "coarse_pass": inferer.coarse_pass and coarse_pass_applies(volume.spacing),
         "warnings": volume.warnings,
         "ood_warnings": out_of_distribution,
     }

@@ -12,7 +12,9 @@ channels-last, the layout the decoder gathers codes from fastest.
 
 ``TUMSynInferer``: the MONAI ``Inferer`` that holds the engine's settings (``configs/inference.yaml``'s
 ``inferer``) and runs it on a batch of normalised volumes, optionally averaging the predictions of its 8 mirror
-images (``flip_averaging``) and of copies of the input at several intensity scales (``intensity_scales``).
+images (``flip_averaging``) and of copies of the input at several intensity scales (``intensity_scales``), with
+the low frequencies of a pass on the input block-averaged 2x (``coarse_pass``), re-drawn with the input's fine
+structure (``guided_filter_radius``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from tqdm import tqdm
 
+from .coarse_pass import block_averaged, coarse_pass_applies, with_coarse_low_frequencies
 from .errors import UserInputError, config_flag, config_null, config_positive_numbers
 from .guided_filter import guides, input_guided
 from .intensity import AUTO_SCALES, CLIP_MAX
@@ -423,6 +426,9 @@ class TUMSynInferer(Inferer):
     ``guided_filter_radius``: the (averaged) prediction re-drawn with the input's fine structure by a guided filter
     of this radius in output voxels, keeping the prediction's intensities (``scripts.guided_filter``; skipped where
     the output is over 1.5x finer than the input along an axis); 0: the network's prediction as it is.
+    ``coarse_pass``: the (averaged) prediction's low frequencies taken from the same averaged prediction on the
+    input block-averaged 2x, where that copy's voxels stay within the trained sizes (``scripts.coarse_pass``; the
+    call's ``input_spacing`` says the input's voxel sizes; unknown: no coarse pass). Before the guided filter.
     """
 
     def __init__(self, prompt: str | None = None, roi_size: Sequence[int] = (64, 64, 64), overlap: float = 0.25,
@@ -430,7 +436,7 @@ class TUMSynInferer(Inferer):
                  progress: bool = True, skip_background: bool = True, crop_margin: int | None = None,
                  fit_windows: bool = True, channels_last: bool = True, input_normalisation: str = "percentile",
                  flip_averaging: bool = False, intensity_scales: Sequence[float] | str = (1.0,),
-                 guided_filter_radius: int = 0):
+                 guided_filter_radius: int = 0, coarse_pass: bool = False):
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
         crop_margin = config_null(crop_margin)  # --crop_margin null: whole windows
@@ -454,6 +460,7 @@ class TUMSynInferer(Inferer):
         self.mirror_axes = _mirror_axes(flip_averaging)
         self.intensity_scales = _intensity_scales(intensity_scales)
         self.guided_filter_radius = _guided_filter_radius(guided_filter_radius)
+        self.coarse_pass = config_flag(coarse_pass, "coarse_pass")
 
     @property
     def predictions_averaged(self) -> int:
@@ -470,7 +477,8 @@ class TUMSynInferer(Inferer):
 
     def with_options(self, flip_averaging: bool | str | None = None,
                      intensity_scales: Sequence[float] | str | None = None,
-                     guided_filter_radius: int | str | None = None) -> TUMSynInferer:
+                     guided_filter_radius: int | str | None = None,
+                     coarse_pass: bool | str | None = None) -> TUMSynInferer:
         """A copy of these settings with the test-time options given here (None: as these settings have them)."""
         inferer = copy.copy(self)
         if flip_averaging is not None:
@@ -479,11 +487,15 @@ class TUMSynInferer(Inferer):
             inferer.intensity_scales = _intensity_scales(intensity_scales)
         if guided_filter_radius is not None:
             inferer.guided_filter_radius = _guided_filter_radius(guided_filter_radius)
+        if coarse_pass is not None:
+            inferer.coarse_pass = config_flag(coarse_pass, "coarse_pass")
         return inferer
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, prompt: str | Prompt | None = None,
-                 out_shape: Sequence[int] | None = None, source_modality: str | None = None) -> torch.Tensor:
-        """``source_modality``: the input's contrast, which ``"auto"`` intensity scales need (None: unknown)."""
+                 out_shape: Sequence[int] | None = None, source_modality: str | None = None,
+                 input_spacing: Sequence[float] | None = None) -> torch.Tensor:
+        """``source_modality``: the input's contrast, which ``"auto"`` intensity scales need (None: unknown);
+        ``input_spacing``: its voxel sizes in mm along the tensor's axes, which ``coarse_pass`` needs."""
         prompt = prompt if prompt is not None else self.prompt
         tokens = modality = None
         if prompt is not None:
@@ -493,20 +505,35 @@ class TUMSynInferer(Inferer):
         if self.intensity_scales == AUTO:
             if prompt is None:
                 raise UserInputError("intensity_scales 'auto': expected a prompt, whose modality picks the factors")
-            return self.resolved(source_modality, prompt.modality)(inputs, network, prompt, out_shape)
+            return self.resolved(source_modality, prompt.modality)(inputs, network, prompt, out_shape,
+                                                                   input_spacing=input_spacing)
         out_shape = tuple(inputs.shape[2:]) if out_shape is None else tuple(out_shape)
         if self.channels_last:
             channels_last_convolutions(network)
-        return torch.stack([self._averaged_prediction(network, item, tokens, modality, out_shape) for item in inputs])
+        coarse = self.coarse_pass and coarse_pass_applies(input_spacing)
+        return torch.stack([self._prediction(network, item, tokens, modality, out_shape, coarse) for item in inputs])
 
-    def _averaged_prediction(self, network: torch.nn.Module, image: torch.Tensor, tokens: torch.Tensor | None,
-                             modality: torch.Tensor | None, out_shape: tuple[int, ...]) -> torch.Tensor:
-        """``synthesize_volume`` of ``image [1, D, H, W]``, averaged over ``self.intensity_scales`` and
-        ``self.mirror_axes``, then guided by the input (``guided_filter_radius``). The output grid's voxels sit
-        symmetrically in the field of view, so flipping the input and the prediction along an axis keeps every
-        voxel's position."""
+    def _prediction(self, network: torch.nn.Module, image: torch.Tensor, tokens: torch.Tensor | None,
+                    modality: torch.Tensor | None, out_shape: tuple[int, ...], coarse: bool) -> torch.Tensor:
+        """The averaged prediction of ``image [1, D, H, W]``, with the coarse pass's low frequencies when ``coarse``,
+        then guided by the input (``guided_filter_radius``)."""
         foreground = foreground_mask(image, out_shape)
         decode_mask = foreground if self.skip_background else None
+        prediction = self._averaged_prediction(network, image, tokens, modality, out_shape, decode_mask)
+        if coarse:
+            coarse_prediction = self._averaged_prediction(network, block_averaged(image), tokens, modality, out_shape,
+                                                          decode_mask)
+            prediction = with_coarse_low_frequencies(prediction, coarse_prediction, foreground, image.shape[1:])
+        if self.guided_filter_radius and guides(image.shape[1:], out_shape):
+            prediction = input_guided(image, prediction, foreground, self.guided_filter_radius)
+        return prediction
+
+    def _averaged_prediction(self, network: torch.nn.Module, image: torch.Tensor, tokens: torch.Tensor | None,
+                             modality: torch.Tensor | None, out_shape: tuple[int, ...],
+                             decode_mask: torch.Tensor | None) -> torch.Tensor:
+        """``synthesize_volume`` of ``image [1, D, H, W]``, averaged over ``self.intensity_scales`` and
+        ``self.mirror_axes``. The output grid's voxels sit symmetrically in the field of view, so flipping the input
+        and the prediction along an axis keeps every voxel's position."""
         total = None
         for scale in self.intensity_scales:
             scaled = _scaled(image, scale)  # once per scale, not per mirror image
@@ -516,7 +543,4 @@ class TUMSynInferer(Inferer):
                                                modality=modality, decode_mask=mask, **self.settings)
                 prediction = _mirrored(prediction, axes, 1)
                 total = prediction if total is None else total.add_(prediction)
-        prediction = total.div_(self.predictions_averaged)  # in place: no second output-sized tensor
-        if self.guided_filter_radius and guides(image.shape[1:], out_shape):
-            prediction = input_guided(image, prediction, foreground, self.guided_filter_radius)
-        return prediction
+        return total.div_(self.predictions_averaged)  # in place: no second output-sized tensor

@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 # What of the bundle's JSON sidecar goes back to the client as the result's params.
 RESULT_FIELDS = ("prompt_given", "target_prompt", "source_prompt", "input_spacing", "target_spacing",
                  "output_spacing", "output_shape", "model_version", "intensity", "mirror_images_averaged",
-                 "intensity_scales_averaged", "intensity_scales_auto", "guided_filter_radius", "input_modality",
-                 "warnings")
+                 "intensity_scales_averaged", "intensity_scales_auto", "guided_filter_radius", "coarse_pass",
+                 "input_modality", "warnings")
 
 
 def _blank(value: Any) -> bool:
@@ -64,14 +64,14 @@ def requested_spacing(value: Any) -> Any:
 
 class TUMSynSynthesis(BundleInferTask):
     """Text-guided synthesis / super-resolution of the picked image; request params ``prompt``, ``target_spacing``,
-    ``input_modality``, ``flip_averaging``, ``intensity_scales`` and ``guided_filter_radius``.
+    ``input_modality``, ``flip_averaging``, ``intensity_scales``, ``guided_filter_radius`` and ``coarse_pass``.
 
     ``prompt``: the official template, or a modality optionally followed by fields ("FLAIR", "FLAIR; Age: 70"),
     the rest then filled from the image's metadata; ``target_spacing``: output voxel size in mm (default: the
     prompt's Voxel size, else the input's); ``input_modality``: the image's contrast where its name or sidecar do not
     give it; ``flip_averaging``: true/false; ``intensity_scales``: "auto" or factors such as "0.6, 0.8, 1, 1.4, 2";
-    ``guided_filter_radius``: output voxels, 0 for the network's prediction as it is (the three default to the
-    bundle config's).
+    ``guided_filter_radius``: output voxels, 0 for the network's prediction as it is; ``coarse_pass``: true/false
+    (the four default to the bundle config's).
     """
 
     def __init__(self, bundle_path: str, conf: dict[str, str], default_prompt: str = "T2w"):
@@ -84,7 +84,7 @@ class TUMSynSynthesis(BundleInferTask):
             post_filter=None,
             load_strict=True,
             config={"prompt": default_prompt, "target_spacing": "", "input_modality": "", "flip_averaging": "",
-                    "intensity_scales": "", "guided_filter_radius": ""},
+                    "intensity_scales": "", "guided_filter_radius": "", "coarse_pass": ""},
         )
         if not self.is_valid():
             raise ValueError(f"{bundle_path}: not a TUMSyn bundle (expected configs/inference.yaml, "
@@ -117,7 +117,7 @@ class TUMSynSynthesis(BundleInferTask):
                 spacing = requested_spacing(data.get("target_spacing"))
                 # checked by the engine; blank: the config's
                 options = {key: None if _blank(data.get(key)) else data[key]
-                           for key in ("flip_averaging", "intensity_scales", "guided_filter_radius")}
+                           for key in ("flip_averaging", "intensity_scales", "guided_filter_radius", "coarse_pass")}
                 inferer = self.bundle_inferer.with_options(**options)
                 modality = None if _blank(data.get("input_modality")) else data["input_modality"]
                 paths = self.engine.run_inference(data["image"], prompt, work_dir, network, spacing,
