@@ -1,13 +1,14 @@
 """The figures of bundle/docs/real_data.md's held-out sections: r per real patient and task, engine settings.
 
-    python bench/real_cases_figure.py --single OUT1 [OUT2 ...] --auto OUT1 [OUT2 ...] --flip_auto OUT1 [OUT2 ...]
-                                      [--guided OUT1 [OUT2 ...]] [--output bundle/docs/real_data_auto_scales.png]
+    python bench/real_cases_figure.py [--single OUT1 [OUT2 ...]] [--auto ...] [--flip_auto ...] [--guided ...]
+                                      [--coarse ...] [--output bundle/docs/real_data_auto_scales.png]
 
 Each OUT is the output folder of one ``configs/evaluate.yaml`` run on real BIDS data (its ``metrics.csv``; several
 folders per setting when the patients were evaluated apart): ``--single`` with ``--intensity_scales "[1.0]"
 --guided_filter_radius 0``, ``--auto`` with ``--guided_filter_radius 0``, ``--flip_auto`` with that and
-``--flip_averaging true``, ``--guided`` (optional) with the defaults of version 0.4.0. One panel per patient: the
-input's |r|, the oracle lookup table's r and the text model's r under each setting, per task.
+``--flip_averaging true``, ``--guided`` with the defaults of version 0.4.0, ``--coarse`` with those and
+``--coarse_pass true``; any of them, at least one. One panel per patient: the input's |r|, the oracle lookup table's r
+(from the first setting given) and the text model's r under each setting, per task.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("T1w->T2w", "T1w->FLAIR", "T1w->T1CE", "T2w->FLAIR", "FLAIR->T1w")
 BASELINES = (("input (identity)", "tab:red"), ("oracle LUT", "tab:purple"))
 SETTINGS = (("single", "input scale 1 (before 0.3.0)", "tab:gray"), ("auto", "auto (0.3.0)", "tab:blue"),
-            ("flip_auto", "auto + flip averaging", "tab:cyan"), ("guided", "auto, guided (0.4.0 default)", "tab:green"))
+            ("flip_auto", "auto + flip averaging", "tab:cyan"), ("guided", "auto, guided (0.4.0 default)", "tab:green"),
+            ("coarse", "+ coarse pass (0.5.0 opt-in)", "tab:orange"))
 
 
 def pearson(folders: list[str]) -> dict[tuple[str, str, str], float]:
@@ -36,10 +38,12 @@ def pearson(folders: list[str]) -> dict[tuple[str, str, str], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for setting, _, _ in SETTINGS:
-        parser.add_argument(f"--{setting}", nargs="+", required=setting != "guided", help="evaluate output folders")
+        parser.add_argument(f"--{setting}", nargs="+", help="evaluate output folders")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(HERE), "bundle", "docs",
                                                          "real_data_auto_scales.png"))
     args = parser.parse_args()
+    if not any(getattr(args, name) for name, _, _ in SETTINGS):
+        parser.error("expected the output folders of at least one setting")
 
     import matplotlib
 
