@@ -27,7 +27,7 @@ import torch
 
 import scripts
 
-from .coarse_pass import COARSE_PASS_VOLUMES, coarse_pass_applies
+from .coarse_pass import COARSE_PASS_VOLUMES
 from .errors import UserInputError, config_null, guard_text_fields, one_line
 from .guided_filter import GUIDED_FILTER_VOLUMES, guides
 from .intensity import normalize_intensity
@@ -223,7 +223,7 @@ def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, i
     out_shape, out_affine = output_grid(volume.array.shape, volume.affine, spacing)
     per_voxel = (OUTPUT_BYTES_PER_VOXEL + (AVERAGING_BYTES_PER_VOXEL if inferer.predictions_averaged > 1 else 0)
                  + (4 * GUIDED_FILTER_VOLUMES if inferer.guided_filter_radius else 0)
-                 + (4 * COARSE_PASS_VOLUMES if inferer.coarse_pass and coarse_pass_applies(volume.spacing) else 0))
+                 + (4 * COARSE_PASS_VOLUMES if inferer.runs_coarse_pass(volume.spacing) else 0))
     check_memory(per_voxel * float(np.prod(out_shape)), f"output grid {out_shape} for {volume.path}")
     orientation = _canonical_orientation(volume.affine)
     canonical = nib.orientations.apply_orientation(volume.array, orientation)
@@ -311,7 +311,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         # 0 where the output is too much finer than the input to be guided by it (scripts/guided_filter.py)
         "guided_filter_radius": inferer.guided_filter_radius if guides(volume.array.shape, synthesized.shape) else 0,
         # false where the input's voxels are too coarse to be block-averaged within the trained sizes
-        "coarse_pass": inferer.coarse_pass and coarse_pass_applies(volume.spacing),
+        "coarse_pass": inferer.runs_coarse_pass(volume.spacing),
         "warnings": volume.warnings,
         "ood_warnings": out_of_distribution,
     }

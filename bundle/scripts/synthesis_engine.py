@@ -468,6 +468,10 @@ class TUMSynInferer(Inferer):
         scales = max(map(len, AUTO_SCALES.values())) if self.intensity_scales == AUTO else len(self.intensity_scales)
         return len(self.mirror_axes) * scales
 
+    def runs_coarse_pass(self, input_spacing: Sequence[float] | None) -> bool:
+        """Whether a call on an input of these voxel sizes (mm; None: unknown) runs the coarse pass."""
+        return self.coarse_pass and coarse_pass_applies(input_spacing)
+
     def resolved(self, source_modality: str | None, target_modality: str) -> TUMSynInferer:
         """These settings with ``"auto"`` intensity scales replaced by this contrast pair's factors (itself when the
         scales are given)."""
@@ -510,7 +514,7 @@ class TUMSynInferer(Inferer):
         out_shape = tuple(inputs.shape[2:]) if out_shape is None else tuple(out_shape)
         if self.channels_last:
             channels_last_convolutions(network)
-        coarse = self.coarse_pass and coarse_pass_applies(input_spacing)
+        coarse = self.runs_coarse_pass(input_spacing)
         return torch.stack([self._prediction(network, item, tokens, modality, out_shape, coarse) for item in inputs])
 
     def _prediction(self, network: torch.nn.Module, image: torch.Tensor, tokens: torch.Tensor | None,
