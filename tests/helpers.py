@@ -12,7 +12,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from conftest import BUNDLE_ROOT
 from scripts.synthesis_engine import TUMSynInferer
+
+
+def python_environment(**extra: str) -> dict[str, str]:
+    """This process's environment for a child Python that imports the bundle's ``scripts``: the bundle folder goes in
+    front of PYTHONPATH rather than replacing it, so an install whose packages come from PYTHONPATH still imports."""
+    search_path = os.pathsep.join(path for path in (BUNDLE_ROOT, os.environ.get("PYTHONPATH")) if path)
+    return {**os.environ, "PYTHONPATH": search_path, **extra}
 
 
 def write_dicom_series(folder: str, volume: np.ndarray, spacing=(1.0, 1.0, 2.0), **header) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import BUNDLE_ROOT, REPO_ROOT
-from helpers import write_bids_image
+from helpers import python_environment, write_bids_image
 
 CONFIGS = os.path.join(BUNDLE_ROOT, "configs")
 OVERLAY = os.path.join(CONFIGS, "multi_gpu_train.yaml")
@@ -51,7 +51,7 @@ def _torchrun(stage_config, tmp_path, name, *overrides):
     extra = tmp_path / "rank_dump.yaml"
     extra.write_text(RANK_DUMP)
     (tmp_path / f"{name}-dumps").mkdir()
-    environment = {**os.environ, "PYTHONPATH": BUNDLE_ROOT, "OMP_NUM_THREADS": "1"}
+    environment = python_environment(OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "--log-dir", str(tmp_path / f"{name}-logs"), "--redirects", "3",
                "-m", "monai.bundle", "run", "training",

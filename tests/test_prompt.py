@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers import write_bids_image, write_dicom_series
+from helpers import python_environment, write_bids_image, write_dicom_series
 from scripts.prompt import (
     CONTEXT_LENGTH,
     MODALITIES,
@@ -221,8 +221,8 @@ def test_dicom_builder_errors(tmp_path):
 
 def _cli(*args):
     code = "from scripts.cli import main; main()"
-    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.dirname(__file__)), "bundle")}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=python_environment(), timeout=120)
 
 
 def test_cli_prints_the_prompt_as_last_line(tmp_path):

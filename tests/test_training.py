@@ -15,6 +15,7 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
+from helpers import python_environment
 from scripts import bids_data, bids_datalist, sr_patches, text_embedding_checks, trainers
 from scripts.prompt import MODALITIES, Prompt, tokenize
 from scripts.prompt_dropout import RandPromptDropoutd
@@ -622,7 +623,7 @@ def test_onehot_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(da
     """SIGKILL in epoch 2 of a real subprocess; the bundle's own command resumes it from the epoch-1 checkpoint; the
     final weights equal those of an uninterrupted run with the same seed."""
     repo = os.path.dirname(CONFIGS.rstrip("/").rsplit("/", 1)[0])
-    environment = {**os.environ, "PYTHONPATH": os.path.join(repo, "bundle"), "OMP_NUM_THREADS": "1"}
+    environment = python_environment(OMP_NUM_THREADS="1")
     overrides = dict(STAGE2_TINY, max_epochs=2, conditioning="onehot", device="cpu", val_pairs=1)
     epoch_length = 3  # 5 training subjects, batches of 2
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, STAGE2, dataset, str(tmp_path / "killed"),
@@ -713,12 +714,12 @@ def test_checkpoint_saving_killed_midway_keeps_the_previous_checkpoint(tmp_path,
 
 def test_multi_gpu_overlay_runs_two_processes_on_cpu(dataset, tmp_path):
     repo = os.path.dirname(CONFIGS.rstrip("/").rsplit("/", 1)[0])
-    environment = {**os.environ, "PYTHONPATH": os.path.join(repo, "bundle"), "OMP_NUM_THREADS": "1"}
+    environment = python_environment(OMP_NUM_THREADS="1")
     overrides = [text for k, v in STAGE2_TINY.items() for text in (f"--{k}", json.dumps(v).replace(" ", ""))]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                "monai.bundle", "run", "training", "--config_file", f"['{STAGE2}','{MULTI_GPU}']",
                "--dataset_dir", dataset, "--output_dir", str(tmp_path), "--max_epochs", "1",
-               "--conditioning", "onehot", *overrides]
+               "--conditioning", "onehot", "--device", "cpu", *overrides]
     result = subprocess.run(command, cwd=repo, env=environment, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint_epoch=1.pt", "checkpoint_final.pt",
