@@ -221,6 +221,9 @@ def test_test_time_averaging_per_request(served):
     assert not np.allclose(np.asarray(scaled.dataobj), np.asarray(single.dataobj))
     _, params = infer(served.url, "sim01_T1w", {**request, "prompt": "T2w", "intensity_scales": "auto"})
     assert params["intensity_scales_averaged"] == [0.6, 0.8] and params["intensity_scales_auto"]  # T1w -> T2w inverts
+    assert not any(warning.startswith("target T1CE") for warning in params["ood_warnings"])
+    _, params = infer(served.url, "sim01_T1w", {**request, "prompt": "T1CE"})  # the caveat reaches the client
+    assert any(warning.startswith("target T1CE from a pre-contrast T1w") for warning in params["ood_warnings"])
     _, params = infer(served.url, "sim01_T1w", {**request, "prompt": "T2w", "input_modality": "FLAIR"})
     assert params["input_modality"] == "FLAIR" and params["intensity_scales_averaged"] == [0.6, 0.8]
     unguided, params = infer(served.url, "sim01_T1w", {**request, "guided_filter_radius": "0"})

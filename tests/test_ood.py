@@ -76,6 +76,16 @@ def test_same_contrast_target_warning():
     assert ood_warnings(brain(), T2W) == []  # the input's contrast unknown: nothing to compare
 
 
+def test_post_contrast_target_from_a_pre_contrast_input_warning():
+    t1ce = Prompt("T1CE", voxel_size=(1.0, 1.0, 1.0))  # unknown parameters, as on the real cases
+    for source in ("T1w", "FLAIR"):
+        found = ood_warnings(brain(), t1ce, source_modality=source)
+        assert len(found) == 1 and found[0].startswith(f"target T1CE from a pre-contrast {source}:"), found
+    assert len(ood_warnings(brain(), t1ce, source_modality="T1CE")) == 1  # the own-contrast warning instead
+    assert "own contrast" in ood_warnings(brain(), t1ce, source_modality="T1CE")[0]
+    assert ood_warnings(brain(), t1ce) == []  # unknown input: it may be post-contrast itself
+
+
 def test_end_to_end_prompt_with_none_fields_records_warnings(tmp_path):
     import torch
 

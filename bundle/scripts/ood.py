@@ -138,13 +138,22 @@ def _prompt_warnings(prompt: Prompt) -> list[str]:
 
 
 def _task_warnings(source_modality: str | None, prompt: Prompt) -> list[str]:
+    if source_modality is None:
+        return []
     # Stage 2 draws two different contrasts per sample unless trained with same_contrast_prob > 0 (the shipped weights
     # were not): a target of the input's own contrast is a task they never saw.
-    if source_modality != prompt.modality:
-        return []
-    return [f"target {prompt.modality} is the input's own contrast: the shipped weights were trained on pairs of "
-            f"different contrasts only and scored below trilinear interpolation of the input on most such "
-            f"super-resolution cases (bundle/docs/README.md)"]
+    if source_modality == prompt.modality:
+        return [f"target {prompt.modality} is the input's own contrast: the shipped weights were trained on pairs of "
+                f"different contrasts only and scored below trilinear interpolation of the input on most such "
+                f"super-resolution cases (bundle/docs/README.md)"]
+    # Where gadolinium enhances is not in a pre-contrast image, and the simulator's random vessels and rim lesions
+    # taught no real pattern: on real patients the synthesized T1CE's departure from the input did not follow the
+    # real enhancement (docs/real_data.md, "Why T1w -> T1CE stays below the input").
+    if prompt.modality == "T1CE":
+        return [f"target T1CE from a pre-contrast {source_modality}: this patient's enhancement (a tumour's included) "
+                f"cannot be read from the input, and the output's is not the patient's; on 2 of 3 real patients the "
+                f"synthesized T1CE correlated less with the real one than the input did (bundle/docs/real_data.md)"]
+    return []
 
 
 def ood_warnings(volume: Volume, prompt: Prompt | None = None, source_modality: str | None = None) -> list[str]:

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 RESULT_FIELDS = ("prompt_given", "target_prompt", "source_prompt", "input_spacing", "target_spacing",
                  "output_spacing", "output_shape", "model_version", "intensity", "mirror_images_averaged",
                  "intensity_scales_averaged", "intensity_scales_auto", "guided_filter_radius", "coarse_pass",
-                 "input_modality", "warnings")
+                 "input_modality", "warnings", "ood_warnings")
 
 
 def _blank(value: Any) -> bool:
