@@ -12,6 +12,7 @@ from conftest import BUNDLE_ROOT
 from scripts.evaluation import (
     TASK_SPECIFIC,
     TASKS,
+    baseline_table,
     bids_image,
     load_methods,
     resample_to,
@@ -74,6 +75,19 @@ def test_shipped_model_meets_its_measured_quality(evaluation, task):
     minimum_psnr, beats_identity_on = THRESHOLDS[task]
     assert float(scores["tumsyn"]["psnr"]) > minimum_psnr, scores
     assert float(scores["tumsyn"][beats_identity_on]) > float(scores["identity"][beats_identity_on]), scores
+
+
+def test_baseline_table_counts_cases_above_the_inputs_magnitude():
+    def row(subject, method, r):
+        return {"site": "", "subject": subject, "task": "T1w->T2w", "method": method, "pearson": r}
+
+    rows = [row("a", "tumsyn", 0.5), row("a", "identity", -0.4), row("a", "oracle-lut", 0.6),
+            row("b", "tumsyn", 0.3), row("b", "identity", -0.35), row("b", "oracle-lut", 0.5)]
+    # an inverted input counts by magnitude: case a is above (0.5 > 0.4), case b below (0.3 < 0.35)
+    assert "| T1w->T2w | tumsyn | 1 of 2 | +0.025 | -0.150 |" in baseline_table(rows)
+    without_lut = [r for r in rows if r["method"] != "oracle-lut"]
+    assert "| T1w->T2w | tumsyn | 1 of 2 | +0.025 | - |" in baseline_table(without_lut)
+    assert baseline_table([r for r in rows if r["method"] != "identity"]) == ""
 
 
 def test_task_names_and_errors():

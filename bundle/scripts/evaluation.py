@@ -500,6 +500,40 @@ def _engine_note(inferer: TUMSynInferer) -> str:
             f"{scales}, {coarse}, {guidance}.\n\n")
 
 
+BASELINES = ("identity", "oracle-lut")
+
+
+def baseline_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Each network against the two baselines, case by case (Pearson r), as Markdown; empty without the identity.
+
+    A scan already correlates with every other contrast of its patient, inverted ones by magnitude, so a synthesis is
+    worth having where it beats the input's |r|; the lookup table, fitted on the target, is the most any voxel-wise
+    remapping of the input can reach."""
+    by_case: dict[tuple[str, str, str], dict[str, float]] = {}
+    for row in rows:
+        by_case.setdefault((row["site"], row["subject"], row["task"]), {})[row["method"]] = row["pearson"]
+    counts: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
+    for (_, _, task), scores in by_case.items():
+        if "identity" not in scores:
+            continue
+        for method in (m for m in scores if m not in BASELINES):
+            lut = scores.get("oracle-lut")
+            counts.setdefault((task, method), []).append(
+                (scores[method] - abs(scores["identity"]), None if lut is None else scores[method] - lut))
+    if not counts:
+        return ""
+    lines = ["| task | method | above the input's \\|r\\| | mean r - input \\|r\\| | mean r - oracle LUT r |",
+             "|---|---|---|---|---|"]
+    for (task, method), gaps in counts.items():
+        above = sum(gap > 0 for gap, _ in gaps)
+        to_lut = [gap for _, gap in gaps if gap is not None]
+        lut_cell = f"{np.mean(to_lut):+.3f}" if to_lut else "-"
+        lines.append(f"| {task} | {method} | {above} of {len(gaps)} | {np.mean([g for g, _ in gaps]):+.3f} | "
+                     f"{lut_cell} |")
+    return ("\n\nAgainst the baselines, case by case (Pearson r): the input's own |r| with the target (inverted "
+            "contrasts count by magnitude) and the oracle lookup table's r.\n\n" + "\n".join(lines))
+
+
 def run_evaluation(dataset_dir: str | None, output_dir: str, methods: Sequence[Method], inferer: TUMSynInferer,
                    tasks: Sequence[Task] | None = None, subjects: Sequence[str] | None = None,
                    datalist: str | None = None) -> list[dict[str, Any]]:
@@ -521,7 +555,7 @@ def run_evaluation(dataset_dir: str | None, output_dir: str, methods: Sequence[M
     _write_csv(os.path.join(output_dir, "metrics.csv"), rows)
     _write_csv(os.path.join(output_dir, "summary.csv"), summary)
     with atomic_path(os.path.join(output_dir, "metrics.md")) as temporary, open(temporary, "w") as handle:
-        handle.write(NORMALISATION_NOTE + _engine_note(inferer) + markdown_table(summary) + volume_table(summary)
-                     + "\n")
+        handle.write(NORMALISATION_NOTE + _engine_note(inferer) + markdown_table(summary) + baseline_table(rows)
+                     + volume_table(summary) + "\n")
     _write_figure(os.path.join(output_dir, "metrics.png"), summary)
     return rows
