@@ -81,8 +81,8 @@ def test_post_contrast_target_from_a_pre_contrast_input_warning():
     for source in ("T1w", "FLAIR"):
         found = ood_warnings(brain(), t1ce, source_modality=source)
         assert len(found) == 1 and found[0].startswith(f"target T1CE from a pre-contrast {source}:"), found
-    assert len(ood_warnings(brain(), t1ce, source_modality="T1CE")) == 1  # the own-contrast warning instead
-    assert "own contrast" in ood_warnings(brain(), t1ce, source_modality="T1CE")[0]
+    found = ood_warnings(brain(), t1ce, source_modality="T1CE")
+    assert len(found) == 1 and "own contrast" in found[0]  # the own-contrast warning instead
     assert ood_warnings(brain(), t1ce) == []  # unknown input: it may be post-contrast itself
 
 
