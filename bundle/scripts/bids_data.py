@@ -205,11 +205,13 @@ def subsample_pairs(pairs: list[dict], max_pairs: int | None, seed: int) -> list
     return [pairs[i] for i in kept]
 
 
-def ensure_dataset(dataset_dir: str, simulate_if_missing: bool, num_subjects: int, seed: int) -> str:
+def ensure_dataset(dataset_dir: str, simulate_if_missing: bool, num_subjects: int, seed: int,
+                   realism: bool | float = False) -> str:
     """``dataset_dir``, simulated first when it is missing and is the embedded default.
 
     Under DDP only rank 0 simulates, the others wait at a barrier. A missing user-given folder is an error rather than
-    silently filled with simulated data.
+    silently filled with simulated data. ``realism``: the share of simulated subjects with the real-scan effects of
+    ``scripts.simulator.realism``.
     """
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not os.path.isdir(dataset_dir):
@@ -218,7 +220,7 @@ def ensure_dataset(dataset_dir: str, simulate_if_missing: bool, num_subjects: in
         if not distributed or torch.distributed.get_rank() == 0:
             from .simulator import simulate
 
-            simulate(dataset_dir, num_subjects, seed)
+            simulate(dataset_dir, num_subjects, seed, realism=realism)
     if distributed:
         torch.distributed.barrier()
     return dataset_dir

@@ -95,6 +95,16 @@ def tasks_for(dataset_dir: str, names: Sequence[str] | None = None) -> tuple[Tas
     return tasks_named(names, TASKS if is_simulated(dataset_dir) else REAL_TASKS)
 
 
+def evaluation_tasks(dataset_dir: str, names: Sequence[str] | None = None, thicken: int | str = 0
+                     ) -> tuple[Task, ...]:
+    """``tasks_for``, or with ``thicken`` (a number of slices) the super-resolution tasks of ``thicken_bids``."""
+    if str(thicken) in ("0", "None", "null", "false", "False"):
+        return tasks_for(dataset_dir, names)
+    if not str(thicken).isdigit() or int(thicken) < 2:
+        raise UserInputError(f"thicken: expected 0 or a whole number of slices >= 2, got {thicken!r}")
+    return tasks_named(names, thick_slice_tasks(int(thicken)))
+
+
 def tasks_named(names: Sequence[str] | None, catalogue: Sequence[Task] = TASKS) -> tuple[Task, ...]:
     """The tasks of ``catalogue`` called ``names`` (all when None); an unknown name is an error listing the known
     ones."""
@@ -436,37 +446,82 @@ def _write_figure(path: str, summary: Sequence[dict[str, Any]]) -> None:
     plt.close(figure)
 
 
+def block_averaged(image: nib.Nifti1Image, factors: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``image``'s array averaged over blocks of ``factors`` voxels per axis, and the affine of the block grid.
+
+    The blocks average (anti-alias) rather than subsample, as a thick slice or a coarse voxel records the signal, and
+    the affine keeps each block's centre, so co-registered images stay co-registered."""
+    array = image.get_fdata(dtype=np.float32)
+    factors = np.asarray(factors, dtype=int)
+    shape = [n // f for n, f in zip(array.shape[:3], factors)]
+    blocks = array[: shape[0] * factors[0], : shape[1] * factors[1], : shape[2] * factors[2]]
+    blocks = blocks.reshape(shape[0], factors[0], shape[1], factors[1], shape[2], factors[2]).mean(axis=(1, 3, 5))
+    affine = image.affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ ((factors - 1) / 2.0)  # the first block's centre
+    affine[:3, :3] *= factors
+    return blocks.astype(np.float32), affine
+
+
+def _bids_images(dataset_dir: str):
+    """(folder, file name) of every file of a BIDS dataset outside derivatives/."""
+    for folder, _, files in os.walk(dataset_dir):
+        if os.path.relpath(folder, dataset_dir).split(os.sep)[0] != "derivatives":
+            yield from ((folder, name) for name in sorted(files))
+
+
 def downsample_bids(dataset_dir: str, output_dir: str, factor: int) -> str:
     """A copy of a BIDS dataset with every image block-averaged by ``factor`` along each axis (sidecars copied).
 
-    A cheap way to evaluate large real scans on a CPU: the blocks average (anti-alias) rather than subsample, and
-    the affine keeps each block's centre, so co-registered images stay co-registered. Returns ``output_dir``.
+    A cheap way to evaluate large real scans on a CPU. Returns ``output_dir``.
     """
     import shutil
 
     if int(factor) < 1:
         raise UserInputError(f"eval_downsample: expected a positive integer factor, got {factor!r}")
-    factor = int(factor)
-    for folder, _, files in os.walk(dataset_dir):
-        if os.path.relpath(folder, dataset_dir).split(os.sep)[0] == "derivatives":
-            continue
+    for folder, name in _bids_images(dataset_dir):
         target_folder = os.path.join(output_dir, os.path.relpath(folder, dataset_dir))
         os.makedirs(target_folder, exist_ok=True)
-        for name in files:
-            source, target = os.path.join(folder, name), os.path.join(target_folder, name)
-            if not name.endswith((".nii", ".nii.gz")):
-                shutil.copyfile(source, target)
-                continue
-            image = nib.load(source)
-            array = image.get_fdata(dtype=np.float32)
-            shape = [n // factor for n in array.shape[:3]]
-            blocks = array[: shape[0] * factor, : shape[1] * factor, : shape[2] * factor]
-            blocks = blocks.reshape(shape[0], factor, shape[1], factor, shape[2], factor).mean(axis=(1, 3, 5))
-            affine = image.affine.copy()
-            affine[:3, 3] += affine[:3, :3] @ np.full(3, (factor - 1) / 2.0)  # the first block's centre
-            affine[:3, :3] *= factor
-            save_nifti(blocks.astype(np.float32), affine, target)
+        source, target = os.path.join(folder, name), os.path.join(target_folder, name)
+        if not name.endswith((".nii", ".nii.gz")):
+            shutil.copyfile(source, target)
+            continue
+        save_nifti(*block_averaged(nib.load(source), [int(factor)] * 3), target)
     return output_dir
+
+
+def thick_slice_acq(slices: int) -> str:
+    """The BIDS ``acq-`` label of the thick axial copies ``thicken_bids`` writes."""
+    return f"ax{int(slices)}mm"
+
+
+def thicken_bids(dataset_dir: str, output_dir: str, slices: int) -> str:
+    """A copy of a BIDS dataset in which every image also has a thick-slice version: ``slices`` axial slices averaged
+    into one, as a clinical 2D scan of the same patient records (``acq-ax<slices>mm``, beside the original).
+
+    The super-resolution check on real scans: restore each thick copy to the original grid in its own contrast
+    (``thick_slice_tasks``). Returns ``output_dir``."""
+    import shutil
+
+    for folder, name in _bids_images(dataset_dir):
+        target_folder = os.path.join(output_dir, os.path.relpath(folder, dataset_dir))
+        os.makedirs(target_folder, exist_ok=True)
+        source = os.path.join(folder, name)
+        shutil.copyfile(source, os.path.join(target_folder, name))
+        if not name.endswith((".nii", ".nii.gz")) or name.startswith("."):
+            continue
+        image = nib.load(source)
+        factors = [1, 1, 1]
+        factors[int(nib.orientations.io_orientation(image.affine)[:, 0].tolist().index(2))] = int(slices)
+        stem = name.split("_")
+        thick_name = "_".join(stem[:1] + [f"acq-{thick_slice_acq(slices)}"] + stem[1:])
+        save_nifti(*block_averaged(image, factors), os.path.join(target_folder, thick_name))
+    return output_dir
+
+
+def thick_slice_tasks(slices: int) -> tuple[Task, ...]:
+    """Super-resolution within each real contrast: the ``thicken_bids`` copy -> the original grid."""
+    return tuple(Task(f"ax{int(slices)}mm {m}->{m}", m, m, source_acq=thick_slice_acq(slices), group="real-sr")
+                 for m in ("T1w", "T1CE", "T2w", "FLAIR"))
 
 
 NORMALISATION_NOTE = (

@@ -20,7 +20,7 @@ SCALES = {
         "text": {"width": 512, "heads": 8, "layers": 8, "output_dim": 768},
         # Stage 2. Encoder: ResNet-34 block layout [3, 4, 6, 3] at a constant 64 channels (no downsampling, so the
         # channel doubling of the classification ResNet would not fit in memory at full resolution).
-        "encoder": {"channels": 64, "blocks": (3, 4, 6, 3)},
+        "encoder": {"type": "resnet", "channels": 64, "blocks": (3, 4, 6, 3)},
         # Fusion: the official code's gated depth-wise-conv MLP has ratio 4.
         "fusion": {"heads": 8, "mlp_ratio": 4},
         # LIIF decoder: the MLP of Chen et al. 2021 (4 hidden layers of 256). The official TUMSyn decoder used
@@ -34,7 +34,9 @@ SCALES = {
         # The token table alone is vocab x width = 49408 x 32 parameters (6.3 MB): width stays tiny so the
         # shipped stage-2 model (which embeds the frozen text encoder) stays a few MB.
         "text": {"width": 32, "heads": 4, "layers": 2, "output_dim": 64},
-        "encoder": {"channels": 16, "blocks": (1, 1, 1, 1)},
+        # A U-Net instead of the paper's full-resolution ResNet (scripts/unet_encoder.py): the receptive field a CPU
+        # budget affords at full resolution is too small for contrast inversions at 1 mm (bundle/docs/README.md).
+        "encoder": {"type": "unet", "channels": (16, 32, 64, 128)},
         "fusion": {"heads": 4, "mlp_ratio": 2},
         # Input skip (scripts/tumsyn_net.py): against the same recipe without it, +1.9 to +5.5 dB PSNR on every row
         # of the simulated benchmark (bundle/docs/README.md).

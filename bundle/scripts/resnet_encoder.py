@@ -8,7 +8,7 @@ CVPRW 2017), the standard for super-resolution encoders:
 - residual branches scaled by 0.1, which keeps a deep normalisation-free stack stable at initialisation.
 """
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -50,7 +50,8 @@ class ResNetEncoder3d(nn.Module):
         stages = [nn.Sequential(*[BasicBlock3d(channels) for _ in range(count)]) for count in blocks]
         self.body = nn.Sequential(*stages, Conv3d(channels, channels, kernel_size=3, padding=1))
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``condition`` is unused: the paper fuses the prompt after the encoder (``scripts.tumsyn_net``)."""
         stem = self.stem(image)
         if is_channels_last(self.body[-1].weight):  # a one-channel image gives the stem no layout to follow
             stem = stem.contiguous(memory_format=torch.channels_last_3d)

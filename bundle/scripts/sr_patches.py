@@ -141,16 +141,21 @@ class RandSRPatchesd(Randomizable, MapTransform):
     super-resolution of one contrast. Without them the network never sees a target of its input's contrast, and
     asked to upsample a scan in its own contrast it returned an image further from the truth than trilinear
     interpolation of the input (bundle/docs/README.md). 0 draws as before the option.
+
+    ``native_prob``: the share of samples whose input keeps the truth grid (scale 1 on every axis): the ~1 mm scans
+    users bring, which a draw from ``scale_range`` alone rarely gives. 0 draws as before the option.
     """
 
     def __init__(self, keys="images", lr_size=(20, 20, 20), num_samples: int = 1, num_queries: int = 4096,
                  scale_range=(1.0, 4.0), anisotropic_prob: float = 0.5, inplane_scale_range=(1.0, 1.5),
                  thickness_ratio_range=(0.8, 1.2), profile: str = "gaussian", foreground_prob: float = 0.9,
-                 tasks=None, same_contrast_prob: float = 0.0):
+                 tasks=None, same_contrast_prob: float = 0.0, native_prob: float = 0.0):
         MapTransform.__init__(self, keys)
-        if not 0.0 <= float(same_contrast_prob) <= 1.0:
-            raise ValueError(f"RandSRPatchesd: same_contrast_prob must lie in [0, 1], got {same_contrast_prob}")
+        for name, share in (("same_contrast_prob", same_contrast_prob), ("native_prob", native_prob)):
+            if not 0.0 <= float(share) <= 1.0:
+                raise ValueError(f"RandSRPatchesd: {name} must lie in [0, 1], got {share}")
         self.same_contrast_prob = float(same_contrast_prob)
+        self.native_prob = float(native_prob)
         self.tasks = None if tasks is None else {(int(s), int(t)) for s, t in tasks}
         self.lr_size = tuple(int(n) for n in lr_size)
         self.num_samples, self.num_queries = int(num_samples), int(num_queries)
@@ -194,7 +199,9 @@ class RandSRPatchesd(Randomizable, MapTransform):
         return pairs
 
     def randomize(self, volume_shape, centre=None) -> PatchGeometry:
-        if self.R.rand() < self.anisotropic_prob:
+        if self.native_prob and self.R.rand() < self.native_prob:
+            slice_axis, scale = None, [1.0] * 3
+        elif self.R.rand() < self.anisotropic_prob:
             slice_axis = self.R.randint(3)
             scale = [self.R.uniform(*self.inplane_scale_range) for _ in range(3)]
             scale[slice_axis] = self.R.uniform(*self.scale_range)

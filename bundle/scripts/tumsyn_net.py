@@ -22,8 +22,10 @@ from .network_scales import scale_config, text_encoder_config
 from .prompt import MODALITIES, Prompt, tokenize
 from .resnet_encoder import ResNetEncoder3d
 from .text_guidance import ModalityEmbedding, TextConditioner, TextGuidedFusion
+from .unet_encoder import UNetEncoder3d
 
 CONDITIONINGS = ("text", "onehot")
+ENCODERS = ("resnet", "unet")
 DEFAULT_MODALITY = "T1w"  # what forward(image) synthesises when no prompt is given
 # Points decoded at once: each decoder layer then holds 16384 x 8 corners x 256 x 4 bytes = 0.13 GB at paper scale.
 QUERY_CHUNK_SIZE = 16384
@@ -39,7 +41,10 @@ class TUMSynNet(nn.Module):
         conditioning: "text" (prompt tokens) or "onehot" (target modality index).
         cond_dim: size of the conditioning vector; for "text" it is (and may be left None for) the encoder's
             ``output_dim``.
-        channels, blocks: encoder width and BasicBlocks per stage.
+        channels, blocks: the ``resnet`` encoder's width and BasicBlocks per stage; for the ``unet`` encoder,
+            ``channels`` are its widths per level (finest first) and ``blocks`` is unused.
+        encoder: "resnet" (the paper's: full resolution throughout, ``scripts.resnet_encoder``) or "unet" (the small
+            scale's: a U-Net whose coarsest level the prompt also steers, ``scripts.unet_encoder``).
         fusion_heads, fusion_mlp_ratio: cross-attention heads and feed-forward expansion.
         decoder_hidden: LIIF MLP hidden sizes.
         input_skip: the decoder sees the input image beside the fused features and predicts a correction that is
@@ -55,15 +60,18 @@ class TUMSynNet(nn.Module):
         text_encoder: Optional[nn.Module],
         conditioning: str,
         cond_dim: Optional[int],
-        channels: int,
-        blocks: Sequence[int],
+        channels,
+        blocks: Optional[Sequence[int]],
         fusion_heads: int,
         fusion_mlp_ratio: int,
         decoder_hidden: Sequence[int],
         input_skip: bool = False,
         query_chunk_size: int = QUERY_CHUNK_SIZE,
+        encoder: str = "resnet",
     ):
         super().__init__()
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder: expected one of {ENCODERS}, got {encoder!r}")
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning: expected one of {CONDITIONINGS}, got {conditioning!r}")
         if conditioning == "text":
@@ -80,10 +88,18 @@ class TUMSynNet(nn.Module):
             self.conditioner = TextConditioner(text_encoder, cond_dim)
         else:
             self.conditioner = ModalityEmbedding(cond_dim)
-        self.encoder = ResNetEncoder3d(1, channels, blocks)
-        self.fusion = TextGuidedFusion(channels, cond_dim, fusion_heads, fusion_mlp_ratio)
+        # The prompt's fusion block: after the full-resolution ResNet (the paper), or at the U-Net's coarsest level,
+        # where it costs 1/512 of the voxels and its effect still reaches every output voxel on the way back up.
+        if encoder == "unet":
+            fusion = TextGuidedFusion(channels[-1], cond_dim, fusion_heads, fusion_mlp_ratio)
+            self.encoder = UNetEncoder3d(1, channels, bottleneck_fusion=fusion)
+            self.fusion = None
+        else:
+            self.encoder = ResNetEncoder3d(1, channels, blocks)
+            self.fusion = TextGuidedFusion(channels, cond_dim, fusion_heads, fusion_mlp_ratio)
+        width = self.encoder.out_channels
         self.input_skip = bool(input_skip)
-        self.decoder = LIIFDecoder(channels + int(self.input_skip), decoder_hidden, input_residual=self.input_skip)
+        self.decoder = LIIFDecoder(width + int(self.input_skip), decoder_hidden, input_residual=self.input_skip)
         # Defaults for forward(image): not persistent, so a changed default never invalidates a checkpoint.
         self.register_buffer("default_tokens", tokenize(Prompt(modality=DEFAULT_MODALITY).render()), persistent=False)
         self.register_buffer(
@@ -121,7 +137,9 @@ class TUMSynNet(nn.Module):
             condition = condition.expand(batch, condition.shape[1])
         elif condition.shape[0] != batch:
             raise ValueError(f"{self.conditioning} condition: batch {condition.shape[0]} != image batch {batch}")
-        features = self.fusion(self.encoder(image), condition)
+        features = self.encoder(image, condition)
+        if self.fusion is not None:
+            features = self.fusion(features, condition)
         if not self.input_skip:
             return self.decoder.project(features)
         image = image.to(features.dtype)
@@ -181,7 +199,8 @@ def build_tumsyn_net(
         conditioning=conditioning,
         cond_dim=text_encoder.output_dim if text_encoder is not None else numbers["text"]["output_dim"],
         channels=numbers["encoder"]["channels"],
-        blocks=numbers["encoder"]["blocks"],
+        blocks=numbers["encoder"].get("blocks"),
+        encoder=numbers["encoder"]["type"],
         fusion_heads=numbers["fusion"]["heads"],
         fusion_mlp_ratio=numbers["fusion"]["mlp_ratio"],
         decoder_hidden=numbers["decoder"]["hidden"],

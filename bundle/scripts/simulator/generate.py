@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import UserInputError
+from ..errors import UserInputError, config_flag
 from . import bids
 from .acquisition import (
     Geometry,
@@ -133,8 +134,30 @@ def simulate_subject(root: str, preset: SitePreset, subject: Subject, rng: np.ra
     return images
 
 
+def realism_subjects(num_subjects: int, realism: bool | float) -> list[bool]:
+    """Which subjects get the realism of ``realism.py``: all (True, 1.0), none (False, 0.0), or a share spread evenly
+    over the subject indices (0.5: every second subject), so each site preset gets both kinds in a large dataset."""
+    try:
+        share = float(realism)  # a bool, a number, or a number's text from the command line
+    except (TypeError, ValueError):
+        share = float(config_flag(realism, "realism"))  # "true" / "false" in any case, else one error line
+    if not 0.0 <= share <= 1.0:
+        raise UserInputError(f"realism: expected true, false or a share in [0, 1], got {realism!r}")
+    return [int((index + 1) * share) > int(index * share) for index in range(int(num_subjects))]
+
+
+def _simulate_index(root: str, preset: SitePreset, seed: int, index: int, voxel_mm: int, realism: bool
+                    ) -> tuple[Subject, list[SimulatedImage]]:
+    """Subject ``index`` of a dataset: its own generators, so it does not depend on the others (or their order)."""
+    rng = np.random.default_rng([int(seed), index])
+    subject = sample_subject(preset, f"{index + 1:03d}", rng)
+    artefacts = np.random.default_rng([int(seed), index, 1]) if realism else None
+    return subject, simulate_subject(root, preset, subject, rng, voxel_mm, artefacts)
+
+
 def simulate(output_dir: str, num_subjects: int = 20, seed: int = 0, sites: list[str] | str | None = None,
-             voxel_mm: int = 1, progress: bool = True, realism: bool = False) -> list[SimulatedImage]:
+             voxel_mm: int = 1, progress: bool = True, realism: bool | float = False, workers: int = 1
+             ) -> list[SimulatedImage]:
     """Simulate ``num_subjects`` subjects into a BIDS dataset at ``output_dir``; returns every image written.
 
     Subject ``i`` uses site ``sites[i % len(sites)]`` (default: every preset in turn) and its own random generator
@@ -142,23 +165,25 @@ def simulate(output_dir: str, num_subjects: int = 20, seed: int = 0, sites: list
     ``voxel_mm`` (integer) coarsens the truth grid, for tests and quick looks. ``realism`` varies each subject's tissue
     parameters and skull-strip depth and adds the real-scan effects of ``realism.py`` (magnetisation transfer, bright
     tail, thick-slice blur, 8-bit storage) to the truth-grid images, from a generator seeded ``(seed, i, 1)``: off
-    by default, so existing datasets (the seed-1000 evaluation subjects) are unchanged.
+    by default, so existing datasets (the seed-1000 evaluation subjects) are unchanged; a number in [0, 1] applies it
+    to that share of the subjects (``realism_subjects``). ``workers`` > 1 simulates that many subjects at once in
+    separate processes (the same dataset).
     """
     _check_arguments(output_dir, num_subjects, seed, voxel_mm)
+    with_realism = realism_subjects(num_subjects, realism)
     presets = [get_preset(name) for name in _site_names(sites)]
     root = os.path.abspath(str(output_dir))
     os.makedirs(root, exist_ok=True)
-    subjects, images = [], []
-    for index in tqdm(range(int(num_subjects)), desc="simulating subjects", unit="subject", disable=not progress):
-        rng = np.random.default_rng([int(seed), index])
-        preset = presets[index % len(presets)]
-        subject = sample_subject(preset, f"{index + 1:03d}", rng)
-        artefacts = np.random.default_rng([int(seed), index, 1]) if realism else None
-        images += simulate_subject(root, preset, subject, rng, voxel_mm, artefacts)
-        subjects.append(subject)
-    bids.write_participants(root, subjects)
+    jobs = [(root, presets[i % len(presets)], int(seed), i, voxel_mm, with_realism[i]) for i in range(num_subjects)]
+    bar = {"desc": "simulating subjects", "unit": "subject", "disable": not progress, "total": len(jobs)}
+    if int(workers) > 1:
+        with ProcessPoolExecutor(int(workers)) as pool:
+            results = list(tqdm(pool.map(_simulate_index, *zip(*jobs)), **bar))
+    else:
+        results = [_simulate_index(*job) for job in tqdm(jobs, **bar)]
+    bids.write_participants(root, [subject for subject, _ in results])
     bids.write_descriptions(root, int(seed))
-    return images
+    return [image for _, images in results for image in images]
 
 
 def _check_arguments(output_dir, num_subjects, seed, voxel_mm) -> None:
