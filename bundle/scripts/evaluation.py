@@ -289,15 +289,17 @@ def evaluate_case(case: Case, methods: Sequence[Method], inferer: TUMSynInferer)
 
 
 def bids_cases(dataset_dir: str, tasks: Sequence[Task], subjects: Sequence[str] | None = None) -> list[Case]:
-    """The cases of ``tasks`` on the dataset's subjects (a task with sites only on subjects of those sites)."""
+    """The cases of ``tasks`` on the dataset's subjects that have both of a task's images. A task with sites runs on
+    the subjects of those sites, or on every subject when the dataset has none of them (a user's own dataset)."""
     participants = _participants(dataset_dir)
     chosen = [p for p in participants if subjects is None or p["participant_id"] in subjects]
     if not chosen:
         raise UserInputError(f"{dataset_dir}: no subjects to evaluate (asked for {subjects})")
+    sites = {participant.get("site") for participant in chosen}
     cases = []
     for participant in chosen:
         for task in tasks:
-            if task.sites and participant.get("site") not in task.sites:
+            if sites & set(task.sites) and participant.get("site") not in task.sites:
                 continue
             case = bids_case(dataset_dir, participant["participant_id"], task, participant.get("site") or "")
             if case is not None:

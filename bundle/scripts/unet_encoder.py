@@ -12,7 +12,7 @@ No normalisation layers, for the reason given in ``scripts.resnet_encoder``; inp
 the total downsampling are zero-padded (the background of a skull-stripped scan) and the output cropped back.
 """
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +59,9 @@ class UNetEncoder3d(nn.Module):
             for level, (coarse, fine) in enumerate(coarse_to_fine))
 
     def forward(self, image: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
-        size = image.shape[2:]
-        padding = [(-n) % self.multiple for n in size]
-        x = F.pad(image, [p for axis in reversed(padding) for p in (0, axis)]) if any(padding) else image
-        skips = []
+        depth, height, width = image.shape[2], image.shape[3], image.shape[4]
+        x = F.pad(image, [0, (-width) % self.multiple, 0, (-height) % self.multiple, 0, (-depth) % self.multiple])
+        skips: List[torch.Tensor] = []
         for level, block in enumerate(self.down):
             x = block(x if level == 0 else F.max_pool3d(x, 2))
             skips.append(x)
@@ -70,7 +69,8 @@ class UNetEncoder3d(nn.Module):
             if condition is None:
                 raise ValueError("condition: required by an encoder with bottleneck_fusion")
             x = self.bottleneck_fusion(x, condition)
-        for block, skip in zip(self.up, reversed(skips[:-1])):
+        for level, block in enumerate(self.up):
+            skip = skips[len(skips) - 2 - level]
             x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
             x = block(torch.cat([x, skip], dim=1))
-        return x[:, :, : size[0], : size[1], : size[2]]
+        return x[:, :, :depth, :height, :width]
