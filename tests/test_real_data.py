@@ -16,7 +16,8 @@ import pytest
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT
-from scripts.evaluation import REAL_TASKS, Method, downsample_bids, load_pairs, run_evaluation, tasks_for
+from scripts.evaluation import (REAL_TASKS, Method, bids_cases, downsample_bids, evaluation_tasks, load_pairs,
+                                run_evaluation, tasks_for, thicken_bids)
 from scripts.intensity import WM_PEAK_LEVEL, normalize_intensity
 from scripts.synthesis_engine import TUMSynInferer
 
@@ -279,6 +280,48 @@ def test_downsample_keeps_world_positions(tmp_path):
     assert (tmp_path / "small" / "participants.tsv").is_file()
     with pytest.raises(ValueError, match="eval_downsample"):
         downsample_bids(str(root), str(tmp_path / "bad"), 0)
+
+
+def test_thicken_writes_thick_axial_copies_beside_the_originals(tmp_path):
+    root = tmp_path / "bids"
+    (root / "sub-01" / "anat").mkdir(parents=True)
+    (root / "participants.tsv").write_text("participant_id\nsub-01\n")
+    image = np.random.default_rng(0).random((6, 7, 10)).astype(np.float32)
+    affine = np.array([[-1.0, 0, 0, 90], [0, 0, 1.0, -20], [0, -1.0, 0, 30], [0, 0, 0, 1]])  # axial = file axis 1
+    for name in ("sub-01_T1w.nii.gz", "sub-01_ce-gadolinium_T1w.nii.gz"):
+        nib.save(nib.Nifti1Image(image, affine), root / "sub-01" / "anat" / name)
+    (root / "sub-01" / "anat" / "sub-01_T1w.json").write_text("{}")
+    out = thicken_bids(str(root), str(tmp_path / "thick"), 3)
+    anat = tmp_path / "thick" / "sub-01" / "anat"
+    thick = nib.load(anat / "sub-01_acq-ax3mm_T1w.nii.gz")
+    assert thick.shape == (6, 2, 10) and (anat / "sub-01_acq-ax3mm_ce-gadolinium_T1w.nii.gz").is_file()
+    np.testing.assert_allclose(thick.get_fdata()[:, 0], image[:, :3].mean(axis=1), rtol=1e-6)
+    # the thick slice's centre is the centre of the three slices it averages, in world space
+    np.testing.assert_allclose(thick.affine @ [0, 0, 0, 1], affine @ [0, 1, 0, 1])
+    assert (anat / "sub-01_T1w.nii.gz").is_file() and (anat / "sub-01_T1w.json").is_file()  # originals kept
+    tasks = evaluation_tasks(out, None, 3)
+    assert [t.name for t in tasks] == ["ax3mm T1w->T1w", "ax3mm T1CE->T1CE", "ax3mm T2w->T2w", "ax3mm FLAIR->FLAIR"]
+    assert [c.task.name for c in bids_cases(out, tasks)] == ["ax3mm T1w->T1w", "ax3mm T1CE->T1CE"]
+    assert evaluation_tasks(out, None, 0) == REAL_TASKS
+    with pytest.raises(ValueError, match="thicken: expected 0 or a whole number of slices >= 2, got '1'"):
+        evaluation_tasks(out, None, "1")
+
+
+def test_a_task_runs_on_every_subject_of_a_dataset_without_its_sites(tmp_path):
+    from scripts.evaluation import tasks_named
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "participants.tsv").write_text("participant_id\tsite\nsub-01\tmine\nsub-02\tHCP-D\n")
+    for subject in ("sub-01", "sub-02"):
+        (root / subject / "anat").mkdir(parents=True)
+        for suffix in ("T1w", "T2w"):
+            nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)),
+                     root / subject / "anat" / f"{subject}_{suffix}.nii.gz")
+    task = tasks_named(["T1w->T2w"])  # the HCP-D site's task
+    assert [c.subject for c in bids_cases(str(root), task)] == ["sub-02"]  # the dataset has that site
+    (root / "participants.tsv").write_text("participant_id\tsite\nsub-01\tmine\nsub-02\tmine\n")
+    assert [c.subject for c in bids_cases(str(root), task)] == ["sub-01", "sub-02"]  # it has not: every subject
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from conftest import BUNDLE_ROOT
 from scripts.simulator import simulate
 from scripts.simulator.acquisition import Geometry, acquire_geometry, add_rician_noise, noise_sigma
 from scripts.simulator.anatomy import load_template, subject_anatomy
+from scripts.simulator.generate import realism_subjects
 from scripts.simulator.presets import MODALITIES, get_preset
 from scripts.simulator.render import render
 from scripts.simulator.sequences import Sequence, inversion_recovery, spin_echo
@@ -411,6 +412,22 @@ def test_realism_option_keeps_the_clean_subject_and_is_off_by_default(dataset, t
     # stored signed, as the real case is: the resampling's undershoot survives (clean images have no value below 0)
     assert any(np.asarray(nib.load(i.path).dataobj).min() < 0 for i in real_like)
     assert all(np.asarray(nib.load(i.path).dataobj).min() >= 0 for i in images)
+
+
+def test_realism_share_alternates_subjects_and_workers_make_the_same_dataset(dataset, tmp_path):
+    assert realism_subjects(4, 0.5) == [False, True, False, True] and realism_subjects(3, "true") == [True] * 3
+    assert realism_subjects(2, "0") == [False, False]
+    for bad in (1.5, "often"):
+        with pytest.raises(ValueError, match="realism: expected true"):
+            realism_subjects(2, bad)
+    root, images = dataset  # clean subjects of the same seed and sites
+    mixed = simulate(str(tmp_path / "mixed"), num_subjects=2, seed=3, sites=["BraTS2021", "clinical"],
+                     voxel_mm=COARSE_MM, progress=False, realism=0.5, workers=2)
+    assert [i.path.replace(str(tmp_path / "mixed"), "") for i in mixed] == [i.path.replace(root, "") for i in images]
+    pixels = [(np.asarray(nib.load(a.path).dataobj), np.asarray(nib.load(b.path).dataobj))
+              for a, b in zip(images, mixed) if a.modality == "T1w" and a.acq is None]
+    assert np.array_equal(*pixels[0]) and not np.array_equal(*pixels[1])  # only the second subject has realism
+    assert (tmp_path / "mixed" / "participants.tsv").read_text() == open(os.path.join(root, "participants.tsv")).read()
 
 
 @pytest.mark.parametrize("field_strength", [1.5, 3.0])

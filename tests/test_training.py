@@ -19,6 +19,7 @@ from helpers import python_environment
 from scripts import bids_data, bids_datalist, sr_patches, text_embedding_checks, trainers
 from scripts.prompt import MODALITIES, Prompt, tokenize
 from scripts.prompt_dropout import RandPromptDropoutd
+from scripts.tumsyn_net import build_tumsyn_net
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs")
 STAGE1 = os.path.join(CONFIGS, "stage1_train.yaml")
@@ -205,12 +206,50 @@ def test_random_patches_draw_same_contrast_targets_at_their_share():
     assert all((int(s["input_modality"]), int(s["modality"])) == (5, 0) for s in draws(1.0, tasks=[(5, 0)]))
     with pytest.raises(ValueError, match="same_contrast_prob must lie in \\[0, 1\\]"):
         sr_patches.RandSRPatchesd(same_contrast_prob=1.5)
-    # the config's key reaches the patch transform; off in the shipped recipe
+    # the config's keys reach the patch transform
     parser = ConfigParser()
     parser.read_config(STAGE2)
     patches = parser["train"]["preprocessing"]["transforms"][2]
     assert patches["_target_"].endswith("RandSRPatchesd") and patches["same_contrast_prob"] == "@same_contrast_prob"
-    assert parser["same_contrast_prob"] == 0.0
+    assert patches["native_prob"] == "@native_prob"
+    assert (parser["same_contrast_prob"], parser["native_prob"]) == (0.2, 0.5)
+
+
+def test_random_patches_keep_the_truth_grid_at_their_share():
+    def spacings(native_prob):
+        transform = sr_patches.RandSRPatchesd(lr_size=(8, 8, 8), native_prob=native_prob)
+        transform.set_random_state(seed=0)
+        return np.array([transform.randomize((40, 40, 40)).spacing for _ in range(2000)])
+
+    native = np.all(spacings(0.5) == 1.0, axis=1)
+    assert 0.45 < native.mean() < 0.55
+    assert np.mean(np.all(spacings(0.0) == 1.0, axis=1)) < 0.05  # scale_range alone: rarely 1 on every axis
+    first = sr_patches.RandSRPatchesd(lr_size=(8, 8, 8))
+    first.set_random_state(seed=3)
+    off = sr_patches.RandSRPatchesd(lr_size=(8, 8, 8), native_prob=0.0)
+    off.set_random_state(seed=3)
+    assert first.randomize((40, 40, 40)) == off.randomize((40, 40, 40))  # 0 draws as before the option
+    with pytest.raises(ValueError, match="native_prob must lie in \\[0, 1\\]"):
+        sr_patches.RandSRPatchesd(native_prob=-0.1)
+
+
+def test_stage2_without_a_stage1_output_uses_the_shipped_text_encoder(tmp_path):
+    parser = ConfigParser()
+    parser.read_config(STAGE2)
+    parser["bundle_root"] = str(tmp_path)  # no output/stage1 there
+    (tmp_path / "models").mkdir()
+    assert parser.get_parsed_content("text_encoder_path") == str(tmp_path / "models" / "text_encoder.pt")
+    (tmp_path / "output" / "stage1").mkdir(parents=True)
+    (tmp_path / "output" / "stage1" / "text_encoder.pt").write_bytes(b"")
+    parser = ConfigParser()
+    parser.read_config(STAGE2)
+    parser["bundle_root"] = str(tmp_path)
+    assert parser.get_parsed_content("text_encoder_path") == str(tmp_path / "output" / "stage1" / "text_encoder.pt")
+    shipped = os.path.join(os.path.dirname(SHIPPED_MODEL), "text_encoder.pt")
+    net = build_tumsyn_net("small", text_encoder_path=shipped)  # the shipped tower loads at the small scale
+    state = torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True)
+    for key, value in net.conditioner.text_encoder.state_dict().items():  # ... and is the shipped model's own
+        assert torch.equal(value, state["conditioner.text_encoder." + key]), key
 
 
 def test_bad_datasets_stop_with_clear_errors(tmp_path, dataset):
