@@ -11,7 +11,7 @@ with ``git cat-file`` from local clones of two public repositories (nothing is d
   commit of the shared case (SRI24, 1 mm, 240x240x155, brain-extracted, int16 with interpolation negatives, LPS).
 - sub-BraTSMET00110: BraTS-MET-00110-000 (a BraTS 2023 brain-metastasis case), BrainLesion/AURORA commit b7fe853,
   ``example/data/``: SRI24, 1 mm, skull-stripped, int16 without negatives, RAS.
-Both are for measurement only: never train on them, never commit them (bundle/docs/real_data.md has the results).
+Both are for measurement only: never train on them, never commit them (docs/real_data.md has the results).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The figures of bundle/docs/real_data.md's held-out sections: r per real patient and task, engine settings.
+"""The figures of docs/real_data.md's held-out sections: r per real patient and task, engine settings.
 
     python bench/real_cases_figure.py [--single OUT1 [OUT2 ...]] [--auto ...] [--flip_auto ...] [--guided ...]
-                                      [--coarse ...] [--output bundle/docs/real_data_auto_scales.png]
+                                      [--coarse ...] [--output docs/real_data_auto_scales.png]
 
 Each OUT is the output folder of one ``configs/evaluate.yaml`` run on real BIDS data (its ``metrics.csv``; several
 folders per setting when the patients were evaluated apart): ``--single`` with ``--intensity_scales "[1.0]"

@@ -9,7 +9,7 @@ For each factor, the evaluate config's engine with ``intensity_scales=[factor]``
 it) on the real-case tasks; then once with all factors averaged. The network's own predictions by default
 (``--guided_filter_radius 0``, as the committed grids were measured); 1 guides them by the input as inference does.
 Prints Pearson r per task and factor (the input's and the oracle lookup table's r beside) and writes it as JSON: the
-grid of bundle/docs/real_data.md's section on intensity scales.
+grid of docs/real_data.md's section on intensity scales.
 """
 
 from __future__ import annotations

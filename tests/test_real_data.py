@@ -1,7 +1,7 @@
 """Real scans: the evaluate config on the real co-registered case, (input, target) datalists, robust normalisation.
 
 The real case (../shared/data/real/bids, one glioma patient) is never part of the repository: those tests skip
-without it. It is block-averaged 4x (4 mm voxels) to keep the test short; bundle/docs/real_data.md has the 2 mm
+without it. It is block-averaged 4x (4 mm voxels) to keep the test short; docs/real_data.md has the 2 mm
 table and explains why numbers at different voxel sizes differ.
 """
 
@@ -165,7 +165,7 @@ def test_coarse_pass_raises_every_real_task_at_2_mm(tmp_path):
 
 @needs_real
 def test_where_the_shipped_model_beats_the_input_on_real_data(real_evaluation, real_evaluation_unscaled):
-    """Written down honestly (bundle/docs/real_data.md): with the defaults the text model beats the input's |r| on four
+    """Written down honestly (docs/real_data.md): with the defaults the text model beats the input's |r| on four
     tasks, FLAIR->T1w by 0.014 (0.849 vs 0.835), and not T1w->T1CE (0.934 vs 0.966: T1CE differs from T1w
     only by enhancement; the lookup table fitted on the answer reaches 0.968). At the input's own scale it beat the
     input only where the contrast must be inverted or remapped (T1w->T2w, T2w->FLAIR)."""
@@ -234,7 +234,7 @@ def test_flip_averaging_raises_the_networks_on_the_real_tasks(real_evaluation, r
 @needs_real
 @pytest.mark.parametrize("fixture", ["real_evaluation", "real_evaluation_flip_averaged"])
 def test_issue_bar_on_real_data(fixture, request):
-    """The issue's bar, as far as it is met (bundle/docs/real_data.md), by the shipped text model with the default
+    """The issue's bar, as far as it is met (docs/real_data.md), by the shipped text model with the default
     intensity scales, with and without flip averaging: T1w->T2w and T1w->FLAIR at least 0.05 above the input's |r|
     and within 0.05 of the oracle lookup table (the margins are thin: 0.049 / 0.004 single, 0.092 / 0.003
     flip-averaged); every task but T1w->T1CE above the input."""

@@ -459,7 +459,7 @@ def test_realism_tissue_ranges_keep_the_contrast_the_prompt_asks_for(field_stren
 
 
 REAL = os.path.normpath(os.path.join(BUNDLE_ROOT, "..", "..", "shared", "data", "real", "bids"))
-SIM_VS_REAL_DOC = os.path.join(BUNDLE_ROOT, "docs", "sim_vs_real.md")
+SIM_VS_REAL_DOC = os.path.join(os.path.dirname(BUNDLE_ROOT), "docs", "sim_vs_real.md")
 
 
 @pytest.mark.skipif(not os.path.isdir(REAL), reason="the real case (../shared/data/real) is absent")

@@ -153,7 +153,7 @@ def _task_warnings(source_modality: str | None, prompt: Prompt) -> list[str]:
         return [f"target T1CE from a pre-contrast {source_modality}: this patient's enhancement (a tumour's included) "
                 f"cannot be read from the input, and the output's is not the patient's; the synthesized T1CE "
                 f"correlated less with the real one than the input did on 2 of 3 real patients at 4 and 2 mm, on all "
-                f"3 at 1 mm (bundle/docs/real_data.md)"]
+                f"3 at 1 mm (docs/real_data.md)"]
     return []
 
 

@@ -15,7 +15,7 @@ subject, and each contrast of the subject is then measured on that segmentation:
   inside the brain eroded by 3 mm (below 1 for thick 2D slices resampled to 1 mm).
 
     python -m scripts.sim_vs_real --real ../../shared/data/real/bids --simulated data/simulated \
-        --output docs/sim_vs_real.md --limit 9 --realism_subjects 27      # from bundle/
+        --output ../docs/sim_vs_real.md --limit 9 --realism_subjects 27      # from bundle/
 """
 
 from __future__ import annotations
