@@ -9,8 +9,14 @@ MONAI's config parser runs an override value as Python when it starts with ``$``
 a dict names; ``fire`` turns a ``{...}`` argument into a dict), so ``--prompt '$__import__("os").system(...)'``
 would run the command. ``guard_text_fields`` makes MONAI refuse to evaluate or instantiate any config item under
 the ids in ``TEXT_FIELDS``: a prompt is data, and such a value ends as one ``UserInputError`` line before any of it
-runs. ``@id`` and ``%file#id`` values are only references to other config content (no code), and what they bring
-in is guarded the same way.
+runs. ``@id`` and ``%file#id`` values would be references to other config content: under ``guard_text_fields``
+they stay literal text. ``python -m monai.bundle run`` expands ``%`` macros and ``@#`` relative ids of its command
+line before any bundle code runs (the guard is installed when the config imports ``scripts``), so there such a text
+override is refused in one line at its first use instead of reaching the bundle as another file's content
+(``refuse_expanded_overrides``).
+
+Messages stay short: a quoted user value is cut to ``_QUOTE_CHARS`` (``quoted``), a whole message to
+``MAX_MESSAGE_CHARS`` (its middle elided), so one line on a terminal names the file or field and what was expected.
 """
 
 from __future__ import annotations
@@ -18,19 +24,43 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import re
 import sys
 from typing import Any
 
-# Top-level config ids whose values are user text (never expressions or components).
-TEXT_FIELDS = ("prompt",)
+# Top-level config ids whose values are user text or paths (never expressions or components); every config that
+# has them defaults them to null, so no shipped expression sits under them.
+TEXT_FIELDS = ("prompt", "input_modality", "input_image", "reference", "datalist")
 
 # Characters of an offending value quoted in an error message.
 _QUOTE_CHARS = 80
+# Longest error message: longer ones keep their head (the file or field) and tail (what was expected).
+MAX_MESSAGE_CHARS = 300
+
+
+def quoted(value: Any, limit: int = _QUOTE_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a 10,000-character prompt is not echoed whole)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(" + str(len(text)) + " characters)"
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` on one line and at most ``limit`` characters: the middle of a longer one is elided."""
+    message = " ".join(str(message).splitlines())
+    if len(message) <= limit:
+        return message
+    tail = limit // 3
+    return message[: limit - tail - 5] + " ... " + message[-tail:]
 
 
 class UserInputError(ValueError):
     """Something the user gave (a file, a config field, a prompt) is wrong: a one-line message naming it and what
-    was expected. A ``ValueError``, so callers that handle bad values keep handling it."""
+    was expected, bounded to ``MAX_MESSAGE_CHARS``. A ``ValueError``, so callers that handle bad values keep handling
+    it."""
+
+    def __init__(self, message: Any = "", *rest: Any):
+        super().__init__(bounded(message), *rest)
 
 
 _FLAG_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -117,22 +147,75 @@ def _text_field(item_id: str) -> str | None:
 def _refuse_code(item: Any) -> None:
     field = _text_field(item.get_id())
     if field is not None:
-        value = repr(item.get_config())
-        value = value if len(value) <= _QUOTE_CHARS else value[:_QUOTE_CHARS] + "..."
+        value = quoted(item.get_config())
         raise UserInputError(f"{field}: {value} would run as code in MONAI's config parser (a value starting with "
                              f"'$' or a dict with '_target_'); a {field} is plain text, e.g. 'T2w' or the official "
                              f"template")
 
 
+# What MONAI's parser does to an override before the bundle's code runs: a `%` macro at the start, a relative id
+# (`@#x`, `%::x`) anywhere.
+_EXPANDED_EARLY = re.compile(r"^%|[@%](#|::)")
+
+
+def _is_monai_bundle_command(argv: list[str]) -> bool:
+    return bool(argv) and os.path.normpath(str(argv[0])).endswith(os.path.join("monai", "bundle", "__main__.py"))
+
+
+def command_line_text_fields(argv: list[str]) -> dict[str, str]:
+    """The raw values of ``TEXT_FIELDS`` on a command line, as ``fire`` reads them (``--prompt X``, ``--prompt=X``,
+    ``-prompt X``; ``-`` and ``_`` alike in names)."""
+    found = {}
+    for position, word in enumerate(argv):
+        if not word.startswith("-"):
+            continue
+        name, equals, value = word.lstrip("-").partition("=")
+        name = name.replace("-", "_")
+        if name in TEXT_FIELDS:
+            if equals:
+                found[name] = value
+            elif position + 1 < len(argv):
+                found[name] = argv[position + 1]
+    return found
+
+
+def refuse_expanded_overrides(argv: list[str]) -> dict[str, str]:
+    """The one-line refusal per text field whose command-line value ``python -m monai.bundle run`` has already
+    replaced (``%file#key``, ``@#id``) before any bundle code could keep it literal; empty for other commands.
+
+    ``tumsyn`` installs the guard before MONAI parses, so there such text stays literal."""
+    if not _is_monai_bundle_command(argv):
+        return {}
+    return {field: (f"{field}: {quoted(value)} holds a MONAI macro or relative reference ('%...', '@#...'), which "
+                    f"`python -m monai.bundle run` replaces with other config or file content before the bundle "
+                    f"reads it; a {field} is plain text (`tumsyn infer` keeps it literal)")
+            for field, value in command_line_text_fields(argv).items() if _EXPANDED_EARLY.search(value)}
+
+
 def guard_text_fields() -> None:
     """Make MONAI's config parser refuse to evaluate or instantiate anything under ``TEXT_FIELDS``, and keep their
-    ``@reference`` / ``%macro`` strings as literal text instead of substituting other config content (idempotent)."""
+    ``@reference`` / ``%macro`` strings as literal text instead of substituting other config content (idempotent).
+
+    Where MONAI expanded a text override before this ran (``refuse_expanded_overrides``), the first use of that
+    field is refused in one line."""
     from monai.bundle.config_item import ConfigComponent, ConfigExpression
     from monai.bundle.config_parser import ConfigParser
     from monai.bundle.reference_resolver import ReferenceResolver
 
     if getattr(ConfigExpression.evaluate, "guards_text_fields", False):
         return
+    refusals = refuse_expanded_overrides(sys.argv)
+    resolve_item = ReferenceResolver._resolve_one_item
+
+    @functools.wraps(resolve_item)
+    def refusing_resolve_item(self, id, waiting_list=None, **kwargs):
+        field = _text_field(str(id))
+        if field in refusals:
+            raise UserInputError(refusals[field])
+        return resolve_item(self, id, waiting_list, **kwargs)
+
+    if refusals:
+        ReferenceResolver._resolve_one_item = refusing_resolve_item
     evaluate, instantiate = ConfigExpression.evaluate, ConfigComponent.instantiate
     resolve_macros = ConfigParser._do_resolve
     find_refs, substitute_refs = ReferenceResolver.find_refs_in_config, ReferenceResolver.update_config_with_refs

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UserInputError
+from .errors import UserInputError, quoted
 
 MODALITIES = ("T1w", "T2w", "FLAIR", "SWI", "T2star", "PD", "T1CE")
 CONTEXT_LENGTH = 90
@@ -58,7 +58,8 @@ def canonical_modality(name: str) -> str:
     key = re.sub(r"\s+", " ", str(name).strip().lower())
     if key in _MODALITY_ALIASES:
         return _MODALITY_ALIASES[key]
-    raise PromptError(f"prompt field 'Modality': expected one of {', '.join(MODALITIES)} (or an alias), got {name!r}")
+    raise PromptError(f"prompt field 'Modality': expected one of {', '.join(MODALITIES)} (or an alias), "
+                      f"got {quoted(name)}")
 
 
 def canonical_vendor(name: str) -> str:
@@ -86,9 +87,9 @@ def _number(field: str, value: Any, expected: str) -> float | None:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise PromptError(f"prompt field {field!r}: expected {expected}, got {value!r}") from None
+        raise PromptError(f"prompt field {field!r}: expected {expected}, got {quoted(value)}") from None
     if not math.isfinite(number):
-        raise PromptError(f"prompt field {field!r}: expected {expected}, got {value!r}")
+        raise PromptError(f"prompt field {field!r}: expected {expected}, got {quoted(value)}")
     return number
 
 
@@ -131,13 +132,13 @@ class Prompt:
         put("modality", canonical_modality(self.modality))
         age = _number("Age", self.age, "an age in years or None")
         if age is not None and not 0 <= age <= 130:
-            raise PromptError(f"prompt field 'Age': expected years between 0 and 130, got {self.age!r}")
+            raise PromptError(f"prompt field 'Age': expected years between 0 and 130, got {quoted(self.age)}")
         put("age", None if age is None else _round(age))
         put("sex", _canonical_sex(self.sex))
         field = _number("Scanner", self.field_strength, "a field strength in tesla or None")
         if field is not None and not 0 < field <= 12:
             raise PromptError("prompt field 'Scanner': expected a field strength in (0, 12] T, "
-                              f"got {self.field_strength!r}")
+                              f"got {quoted(self.field_strength)}")
         put("field_strength", None if field is None else _round(field))
         put("manufacturer", None if _is_missing(self.manufacturer) else canonical_vendor(self.manufacturer))
         put("voxel_size", _canonical_voxel_size(self.voxel_size))
@@ -145,7 +146,7 @@ class Prompt:
             value = _number(label, getattr(self, name), f"{label} in ms (a positive number) or None")
             if value is not None and (value < 0 or (value == 0 and name != "te")):
                 raise PromptError(f"prompt field {label!r}: expected a positive time in ms, "
-                                  f"got {getattr(self, name)!r}")
+                                  f"got {quoted(getattr(self, name))}")
             put(name, None if value is None else _round(value))
         if self.tr is not None and self.te is not None and self.te > self.tr:
             raise PromptError(f"prompt fields 'TE'/'TR': TE {self.te} ms cannot exceed TR {self.tr} ms")
@@ -189,11 +190,11 @@ class Prompt:
             key, colon, value = part.partition(":")
             field = _FIELDS.get(" ".join(key.split()).lower())
             if not colon or field is None:
-                raise PromptError(f"prompt: cannot read {part.strip()!r}; expected 'Field: value' with a field among "
-                                  "Age, Gender, Scanner, Modality, Voxel size, Imaging parameter")
+                raise PromptError(f"prompt: cannot read {quoted(part.strip())}; expected 'Field: value' with a field "
+                                  "among Age, Gender, Scanner, Modality, Voxel size, Imaging parameter")
             values[field] = value.strip()
         if "modality" not in values:
-            raise PromptError(f"prompt field 'Modality': missing in {text!r}")
+            raise PromptError(f"prompt field 'Modality': missing in {quoted(text)}")
         fields: dict[str, Any] = {"modality": values["modality"], "age": values.get("age"),
                                   "sex": values.get("sex")}
         fields["field_strength"], fields["manufacturer"] = _parse_scanner(values.get("scanner", "None"))
@@ -222,7 +223,7 @@ def _canonical_sex(value: Any) -> str | None:
         return "F"
     if key in ("o", "other", "u", "unknown", "n/a"):
         return None
-    raise PromptError(f"prompt field 'Gender': expected M, F or None, got {value!r}")
+    raise PromptError(f"prompt field 'Gender': expected M, F or None, got {quoted(value)}")
 
 
 def _canonical_voxel_size(value: Any) -> tuple[float, float, float] | None:
@@ -235,9 +236,10 @@ def _canonical_voxel_size(value: Any) -> tuple[float, float, float] | None:
     try:
         sizes = [_number("Voxel size", v, "three positive sizes in mm") for v in value]
     except TypeError:
-        raise PromptError(f"prompt field 'Voxel size': expected three positive sizes in mm, got {value!r}") from None
+        raise PromptError(f"prompt field 'Voxel size': expected three positive sizes in mm, "
+                          f"got {quoted(value)}") from None
     if len(sizes) != 3 or any(s is None or s <= 0 for s in sizes):
-        raise PromptError(f"prompt field 'Voxel size': expected three positive sizes in mm, got {value!r}")
+        raise PromptError(f"prompt field 'Voxel size': expected three positive sizes in mm, got {quoted(value)}")
     return tuple(_round(s) for s in sizes)  # type: ignore[return-value]
 
 
@@ -252,9 +254,9 @@ def _canonical_flip_angle(value: Any) -> float | str | None:
         if re.fullmatch(r"[A-Za-z][A-Za-z0-9_+\-]*", text):
             return text
         raise PromptError("prompt field 'FA': expected a flip angle in degrees, a scheme name or None, "
-                          f"got {value!r}") from None
+                          f"got {quoted(value)}") from None
     if not math.isfinite(angle) or not 0 < angle <= 180:
-        raise PromptError(f"prompt field 'FA': expected a flip angle in (0, 180] degrees, got {value!r}")
+        raise PromptError(f"prompt field 'FA': expected a flip angle in (0, 180] degrees, got {quoted(value)}")
     return _round(angle)
 
 
@@ -272,10 +274,11 @@ def _parse_tuple(field: str, text: str, length: int) -> list[Any] | None:
         return None
     inner = text.strip()
     if not (inner.startswith("(") and inner.endswith(")")):
-        raise PromptError(f"prompt field {field!r}: expected a tuple of {length} values in parentheses, got {text!r}")
+        raise PromptError(f"prompt field {field!r}: expected a tuple of {length} values in parentheses, "
+                          f"got {quoted(text)}")
     items = [item.strip() for item in inner[1:-1].split(",")]
     if len(items) != length:
-        raise PromptError(f"prompt field {field!r}: expected {length} values, got {len(items)} in {text!r}")
+        raise PromptError(f"prompt field {field!r}: expected {length} values, got {len(items)} in {quoted(text)}")
     return items
 
 
@@ -473,5 +476,5 @@ def tokenize(texts: str | list[str]):
         length = count_tokens(text)
         if length > CONTEXT_LENGTH:
             raise PromptError(f"prompt is {length} tokens long, the text encoder reads at most {CONTEXT_LENGTH} "
-                              f"(start and end included): {text!r}")
+                              f"(start and end included): {quoted(text)}")
     return _tokenizer()(texts)
