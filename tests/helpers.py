@@ -113,12 +113,15 @@ def write_nifti(path, data, affine, dtype=np.float32):
     return str(path)
 
 
-def write_raw_nifti(path, shape, data: bytes, sform=None):
-    """A NIfTI written byte by byte, for headers nibabel refuses to produce (``sform``: 3x4 rows, taken as is)."""
+def write_raw_nifti(path, shape, data: bytes, sform=None, pixdim=None):
+    """A NIfTI written byte by byte, for headers nibabel refuses to produce (``sform``: 3x4 rows, taken as is;
+    ``pixdim``: the three voxel sizes, taken as is)."""
     header = nib.Nifti1Header()
     header.set_data_shape(shape)
     header.set_data_dtype(np.float32)
     header["vox_offset"] = 352
+    if pixdim is not None:
+        header["pixdim"][1:4] = pixdim
     if sform is not None:
         header["srow_x"], header["srow_y"], header["srow_z"] = sform
         header["sform_code"] = 1

@@ -3,13 +3,17 @@
 Every input is checked before a network sees it, and every problem is one ``UserInputError`` line naming the file
 and what was expected, so a clinical user knows what to fix. Arrays keep the file's voxel order; the affine maps voxel
 indices to RAS+ millimetres (the NIfTI convention), so DICOM's LPS geometry is converted on load.
-Writes are atomic: a crash never leaves a half-written file under the final name.
+Writes are atomic: a crash never leaves a half-written file under the final name, and the temporary files a killed
+run leaves behind are removed by the next (``remove_stale_temporaries``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
+import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -27,6 +31,10 @@ INPUT_COPIES = 4
 
 # DICOM (LPS+) to NIfTI (RAS+) world axes: x and y flip sign.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+# The most one byte of a deflate stream can expand to (zlib's limit is 1032:1): a .nii.gz holding fewer compressed
+# bytes than its header's voxels need at that ratio is cut short, whatever memory the machine has.
+MAX_DEFLATE_RATIO = 1032
 
 
 @dataclass
@@ -92,7 +100,7 @@ def load_volume(path: str, volume_index: int | None = None, nan_policy: str = "r
     else:
         array, affine = _read_nifti(path, volume_index)
     volume = Volume(array=array, affine=affine, path=path, warnings=notes)
-    _check_affine(volume)
+    _check_affine(path, volume.affine)
     _check_values(volume, nan_policy)
     return volume
 
@@ -124,6 +132,32 @@ def _volume_slicer(path: str, shape: tuple[int, ...], volume_index: int | None) 
     return shape[:3], index
 
 
+def _check_voxel_sizes(path: str, image) -> None:
+    """A NIfTI's pixdim must be finite and positive. nibabel "fixes" the header it loads (0 becomes 1 mm, a negative
+    size its absolute value), so the sizes are read again from the file as written."""
+    try:
+        with nib.openers.ImageOpener(path) as handle:
+            header = type(image.header).from_fileobj(handle, check=False)
+    except Exception:  # noqa: BLE001 - nibabel read this header a moment ago; keep its reading
+        header = image.header
+    sizes = [float(v) for v in np.asarray(header["pixdim"], dtype=np.float64)[1:4]]
+    if not all(math.isfinite(v) and v > 0 for v in sizes):
+        raise UserInputError(f"{path}: voxel size (pixdim) {sizes} in the header is zero, negative or not a number; "
+                             f"fix the header")
+
+
+def _check_stored_size(path: str, header, shape: tuple[int, ...]) -> None:
+    """Refuse a header declaring more data than the file can hold, before allocating for it (a cut or forged file
+    would otherwise take the declared size in memory before the read fails)."""
+    dtype = np.dtype(header.get_data_dtype())
+    data_bytes = float(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    offset = float(header["vox_offset"]) if "vox_offset" in header else 0.0
+    stored = os.path.getsize(path) * (MAX_DEFLATE_RATIO if path.endswith(".gz") else 1)
+    if offset + data_bytes > stored:
+        raise UserInputError(f"{path}: truncated or corrupt image data (the header declares shape {shape} of "
+                             f"{dtype}, {_bytes_text(data_bytes)}, more than the file can hold)")
+
+
 def _read_nifti(path: str, volume_index: int | None) -> tuple[np.ndarray, np.ndarray]:
     try:
         image = nib.load(path)
@@ -132,8 +166,12 @@ def _read_nifti(path: str, volume_index: int | None) -> tuple[np.ndarray, np.nda
     dtype = np.dtype(image.get_data_dtype())
     if dtype.kind not in "biuf":  # complex, RGB (structured) or text data is no MR magnitude image
         raise UserInputError(f"{path}: expected a grey-scale image of real numbers, got data type {dtype}")
+    # every header check before the data is read: nothing is allocated for a file that is refused
     shape, index = _volume_slicer(path, tuple(int(n) for n in image.shape), volume_index)
+    _check_voxel_sizes(path, image)
+    _check_affine(path, np.asarray(image.affine, dtype=np.float64))
     check_memory(INPUT_COPIES * 4 * float(np.prod(shape)), f"{path} (shape {shape})")
+    _check_stored_size(path, image.header, tuple(int(n) for n in image.shape))
     try:
         array = np.asarray(image.dataobj[index], dtype=np.float32)
     except (EOFError, zlib.error, OSError, ValueError) as error:  # a cut .nii.gz fails only while decompressing
@@ -179,12 +217,12 @@ def _dicom_voxel_count(files: list[str]) -> float:
         return 0.0
 
 
-def _check_affine(volume: Volume) -> None:
-    linear = volume.affine[:3, :3]
-    finite = bool(np.all(np.isfinite(volume.affine)))
+def _check_affine(path: str, affine: np.ndarray) -> None:
+    linear = affine[:3, :3]
+    finite = bool(np.all(np.isfinite(affine)))
     singular_values = np.linalg.svd(linear, compute_uv=False) if finite else None
     if not finite or singular_values.min() <= 1e-6 * singular_values.max():
-        raise UserInputError(f"{volume.path}: non-invertible voxel-to-world affine (zero or non-finite voxel size "
+        raise UserInputError(f"{path}: non-invertible voxel-to-world affine (zero or non-finite voxel size "
                              f"or collinear axes): {np.round(linear, 4).tolist()}")
 
 
@@ -202,33 +240,103 @@ def _check_values(volume: Volume, nan_policy: str) -> None:
         raise UserInputError(f"{volume.path}: a constant image (every voxel is {low}); expected an MR volume")
 
 
+# This tool's temporary names: .tmp-<writer's process id>-<8 hex>-<final name> (before 0.5.2 without the process id).
+_TEMPORARY = re.compile(r"^\.tmp-(?:(\d+)-)?[0-9a-f]{8}-.+")
+# A temporary file whose writer is unknown (an old name) is stale once untouched this long.
+STALE_TEMPORARY_SECONDS = 3600
+
+
+def _temporary_name(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.join(folder, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{os.path.basename(path)}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Remove the temporary files a killed run of this tool left in ``folder``: those whose writing process is gone,
+    and old-style ones untouched for ``STALE_TEMPORARY_SECONDS``. A live writer's files are kept. Returns them."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMPORARY.match(name)
+        if match is None:
+            continue
+        path = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            pid = match.group(1)
+            stale = (not _process_alive(int(pid))) if pid else (
+                time.time() - os.path.getmtime(path) > STALE_TEMPORARY_SECONDS)
+            if stale and os.path.isfile(path):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
+def _publish(temporary: str, path: str) -> None:
+    with open(temporary, "rb") as written:  # flush to disk before the rename makes it visible
+        os.fsync(written.fileno())
+    os.replace(temporary, path)
+
+
+def _sync_folder(folder: str) -> None:
+    with contextlib.suppress(OSError):  # make the renames themselves durable (not possible on every platform)
+        folder_handle = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(folder_handle)
+        finally:
+            os.close(folder_handle)
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: list[str]):
+    """Yield a temporary name beside each of ``paths`` (same extension) to write to; on success they replace
+    ``paths`` in the given order (the last one marks the set complete), on any failure none does."""
+    temporaries = [_temporary_name(path) for path in paths]
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        yield temporaries
+        for temporary, path in zip(temporaries, paths):
+            if os.path.exists(temporary):  # a file the caller chose not to write stays as it was
+                _publish(temporary, path)
+        for folder in dict.fromkeys(os.path.dirname(os.path.abspath(path)) for path in paths):
+            _sync_folder(folder)
+    finally:
+        for temporary in temporaries:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temporary name beside ``path`` (same extension) to write to; it replaces ``path`` on success only."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:8]}-{os.path.basename(path)}")
-    try:
+    with atomic_paths([path]) as (temporary,):
         yield temporary
-        with open(temporary, "rb") as written:  # flush to disk before the rename makes it visible
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-        with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every platform)
-            folder_handle = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(folder_handle)
-            finally:
-                os.close(folder_handle)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
-    """Write a float32 NIfTI with ``affine`` as both sform and qform (scanner space, mm), atomically."""
+def write_nifti_file(array: np.ndarray, affine: np.ndarray, path: str) -> None:
+    """Write a float32 NIfTI with ``affine`` as both sform and qform (scanner space, mm) to ``path`` as it is (the
+    caller's temporary name)."""
     image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")
+    nib.save(image, path)
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
+    """``write_nifti_file``, atomically."""
     with atomic_path(path) as temporary:
-        nib.save(image, temporary)
+        write_nifti_file(array, affine, temporary)
