@@ -30,7 +30,7 @@ from scipy.ndimage import map_coordinates
 
 from .bids_data import parse_tasks
 from .coarse_pass import COARSE_FACTOR, MAX_COARSE_VOXEL_MM
-from .errors import UserInputError, config_null
+from .errors import UserInputError, config_null, one_line
 from .guided_filter import MAX_UPSAMPLING
 from .inference_engine import load_network_weights, read_datalist_rows, synthesize_image, target_prompt
 from .intensity import AUTO_SCALES, normalize_intensity
@@ -596,7 +596,9 @@ def run_evaluation(dataset_dir: str | None, output_dir: str, methods: Sequence[M
                    datalist: str | None = None) -> list[dict[str, Any]]:
     """Evaluate every case (a BIDS dataset's tasks, or a datalist's pairs); write metrics.csv/.md/.png, summary.csv.
 
-    ``tasks`` default to the catalogue that fits the dataset (``tasks_for``).
+    ``tasks`` default to the catalogue that fits the dataset (``tasks_for``). A case refused for its images is logged
+    (one line each) and left out; the metrics of the others are written, then the run ends with one error counting
+    the failures.
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserInputError(f"output_dir {output_dir}: a file, not a folder")
@@ -606,7 +608,18 @@ def run_evaluation(dataset_dir: str | None, output_dir: str, methods: Sequence[M
         cases = bids_cases(dataset_dir, tasks_for(dataset_dir) if tasks is None else tasks, subjects)
     else:
         raise UserInputError("evaluate: give a BIDS dataset_dir or a datalist of (input, target) pairs")
-    rows = [row for case in cases for row in evaluate_case(case, methods, inferer)]
+    rows, failures = [], []
+    for case in cases:
+        try:
+            rows += evaluate_case(case, methods, inferer)
+        except (UserInputError, OSError) as error:  # one bad pair must not discard the others' scores
+            message = str(error) if isinstance(error, UserInputError) else f"{case.source_path}: {one_line(error)}"
+            if len(cases) > 1:  # a single case's error is the run's error, shown once
+                logger.error("%s %s: %s", case.subject, case.task.name, message)
+            failures.append(f"{case.subject} {case.task.name}: {message}" if len(cases) > 1 else message)
+    if not rows:  # nothing scored: nothing written, the (first) failure is the run's error
+        raise UserInputError(failures[0] if len(cases) == 1 else
+                             f"evaluate: all {len(cases)} cases failed; first: {failures[0]}")
     os.makedirs(output_dir, exist_ok=True)
     summary = summarise(rows)
     _write_csv(os.path.join(output_dir, "metrics.csv"), rows)
@@ -615,4 +628,7 @@ def run_evaluation(dataset_dir: str | None, output_dir: str, methods: Sequence[M
         handle.write(NORMALISATION_NOTE + _engine_note(inferer) + markdown_table(summary) + baseline_table(rows)
                      + volume_table(summary) + "\n")
     _write_figure(os.path.join(output_dir, "metrics.png"), summary)
+    if failures:
+        raise UserInputError(f"evaluate: {len(failures)} of {len(cases)} cases failed (metrics of the other "
+                             f"{len(cases) - len(failures)} written to {output_dir}); first: {failures[0]}")
     return rows

@@ -7,14 +7,18 @@ FOV edges coincide), keeps the input's orientation and direction cosines (obliqu
 sees every input in the closest RAS+ voxel order, as it saw its training data.
 
 Driver (``run_inference``, ``run_batch``, ``SynthesisRunner`` for ``configs/inference.yaml``): loads and checks the
-input, resolves the prompts, writes ``<stem>_<modality>.nii.gz``, a PNG preview and a JSON sidecar (last, so a
-sidecar marks a finished case), each atomically.
+input, resolves the prompts, writes ``<stem>_<modality>.nii.gz``, a PNG preview and a JSON sidecar, all three to
+temporary names first and renamed with the sidecar last, so a sidecar marks a finished case. A batch row's outputs
+keep the input's folder relative to the datalist and its explicit target spacing in their names
+(``siteA/sub-01_T1w_FLAIR_2x2x2mm.nii.gz``), and its sidecar records the row (input content hash, prompt, spacing):
+a rerun skips a row only when that record matches.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -28,14 +32,14 @@ import torch
 import scripts
 
 from .coarse_pass import COARSE_PASS_VOLUMES
-from .errors import UserInputError, config_null, guard_text_fields, one_line
+from .errors import UserInputError, config_null, guard_text_fields, one_line, quoted
 from .guided_filter import GUIDED_FILTER_VOLUMES, guides
 from .intensity import normalize_intensity
 from .ood import ood_warnings
 from .preview import save_preview
 from .prompt import MODALITIES, Prompt, PromptError, canonical_modality, prompt_from_image, tokenize
 from .synthesis_engine import AUTO, TUMSynInferer, foreground_mask
-from .volume_io import Volume, atomic_path, check_memory, load_volume, save_nifti
+from .volume_io import Volume, atomic_paths, check_memory, load_volume, remove_stale_temporaries, write_nifti_file
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +112,8 @@ def source_prompt(volume: Volume) -> Prompt | None:
     try:
         return prompt_from_image(volume.path, voxel_size=volume.spacing)
     except PromptError as error:
-        volume.warnings.append(f"no source prompt: {error}")
+        # the prompt layer names `tumsyn prompt`'s flag; inference takes the input's contrast as --input_modality
+        volume.warnings.append(f"no source prompt: {str(error).replace('(--modality)', '(--input_modality)')}")
         return None
 
 
@@ -155,19 +160,74 @@ def _stem(path: str) -> str:
     return name
 
 
-def output_paths(input_image: str, modality: str, output_dir: str) -> dict[str, str]:
-    """Where a case's files go: ``<output_dir>/<input stem>_<modality>.{nii.gz,png,json}``."""
-    base = os.path.join(output_dir, f"{_stem(input_image)}_{modality}")
+def output_paths(input_image: str, modality: str, output_dir: str, subfolder: str = "",
+                 suffix: str = "") -> dict[str, str]:
+    """Where a case's files go: ``<output_dir>/[<subfolder>/]<input stem>_<modality>[<suffix>].{nii.gz,png,json}``
+    (a batch row's ``subfolder`` and ``suffix``: ``batch_output_name``)."""
+    base = os.path.join(output_dir, subfolder, f"{_stem(input_image)}_{modality}{suffix}")
     return {"image": base + ".nii.gz", "preview": base + ".png", "sidecar": base + ".json"}
 
 
-def is_finished(paths: dict[str, str]) -> bool:
-    """A case is done when its sidecar (written last) parses and names an image of the recorded size."""
+def spacing_tag(target_spacing: Any) -> str:
+    """``_2x2x2mm`` for an explicit target spacing of a batch row ("" for none or an invalid one, which the row's run
+    then refuses)."""
+    if target_spacing is None or target_spacing == "":
+        return ""
+    try:
+        spacing = _checked_spacing(target_spacing, "target_spacing")
+    except UserInputError:
+        return ""
+    return "_" + "x".join(f"{size:g}" for size in spacing) + "mm"
+
+
+def batch_output_name(input_image: str, datalist_folder: str, target_spacing: Any) -> dict[str, str]:
+    """A datalist row's ``output_subfolder`` (the input's folder relative to the datalist's, so two patients' files
+    of the same name stay apart) and ``output_suffix`` (its explicit target spacing, so one image asked at two
+    spacings gives two files)."""
+    relative = os.path.relpath(os.path.abspath(input_image), datalist_folder)
+    inside = not relative.startswith(os.pardir + os.sep) and relative != os.pardir
+    return {"output_subfolder": os.path.dirname(relative) if inside else "",
+            "output_suffix": spacing_tag(target_spacing)}
+
+
+def content_hash(path: str) -> str:
+    """SHA-256 of a file's bytes, or of a DICOM folder's files (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    files = [path] if not os.path.isdir(path) else sorted(
+        os.path.join(path, name) for name in os.listdir(path) if os.path.isfile(os.path.join(path, name)))
+    for name in files:
+        digest.update(os.path.basename(name).encode() if name != path else b"")
+        with open(name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def case_record(input_image: str, prompt: Any, target_spacing: Any = None, input_modality: Any = None,
+                volume_index: Any = None) -> dict[str, Any]:
+    """What makes a case's output what it is: the input's content, the prompt and the row's settings. A sidecar
+    records it; a rerun skips a case only when the record matches (a name alone could be another row's output)."""
+    try:
+        digest = content_hash(str(input_image))
+    except OSError:
+        digest = None  # the run itself reports the unreadable input
+    record = {"input_sha256": digest, "prompt": prompt, "target_spacing": target_spacing,
+              "input_modality": input_modality, "volume_index": volume_index}
+    return json.loads(json.dumps(record, default=str))  # as it reads back from the sidecar (lists, not tuples)
+
+
+def is_finished(paths: dict[str, str], record: dict[str, Any] | None = None) -> bool:
+    """A case is done when its sidecar (renamed last) parses, names an image of the recorded size and its preview,
+    and (given ``record``) was written for exactly that case; an image without its sidecar is unfinished."""
     try:
         with open(paths["sidecar"]) as handle:
-            record = json.load(handle)
-        return os.path.getsize(paths["image"]) == record["output_bytes"]
-    except (OSError, ValueError, KeyError, TypeError):
+            written = json.load(handle)
+        if written.get("preview") and not os.path.isfile(paths["preview"]):
+            return False
+        if record is not None and written.get("case") != record:
+            return False
+        return os.path.getsize(paths["image"]) == written["output_bytes"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
@@ -252,13 +312,16 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
                   target_spacing: Sequence[float] | float | None = None, reference: str | None = None, *,
                   inferer: TUMSynInferer | None = None, volume_index: int | None = None,
                   nan_policy: str = "refuse", preview: bool = True,
-                  input_modality: str | None = None) -> dict[str, str]:
+                  input_modality: str | None = None, output_subfolder: str = "", output_suffix: str = "",
+                  record: dict[str, Any] | None = None) -> dict[str, str]:
     """Synthesise one case and write its image, preview and sidecar; returns their paths.
 
     ``input_modality``: the input's contrast, for inputs whose metadata (BIDS name or sidecar, DICOM header) does not
     say it, or says it wrong; it picks the ``auto`` intensity scales and the ``landmarks`` normalisation.
+    ``output_subfolder`` / ``output_suffix``: a batch row's place in ``output_dir`` (``batch_output_name``);
+    ``record``: its ``case_record`` (computed here when not given), kept in the sidecar.
     Everything that can be wrong with the input (file, prompt, spacing, memory) is checked before anything is
-    written, so a refused case leaves no file behind.
+    written, so a refused case leaves no file behind; a failed write (a full disk) leaves none either.
     """
     inferer = inferer or TUMSynInferer()
     if not isinstance(prompt, str):
@@ -272,8 +335,9 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
     source_modality = _input_modality(input_modality) or (None if source is None else source.modality)
     target = target_prompt(prompt, source, volume.spacing, spacing)
     tokenize(target.render())  # checks the token limit before any work
-    paths = output_paths(input_image, target.modality, output_dir)
+    paths = output_paths(input_image, target.modality, output_dir, output_subfolder, output_suffix)
     _refuse_overwriting_inputs(paths, [str(input_image), reference])
+    record = record or case_record(input_image, prompt, target_spacing, input_modality, volume_index)
     # warnings, not refusals (scripts/ood.py)
     out_of_distribution = ood_warnings(volume, target, source_modality)
     auto_scales = inferer.intensity_scales == AUTO
@@ -286,13 +350,10 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
     # The grid follows the requested numbers, not the prompt's rounding of them (which may round tiny sizes to 0).
     grid_spacing = spacing if spacing is not None else _checked_spacing(target.voxel_size, "prompt 'Voxel size'")
     synthesized, out_affine = synthesize_image(volume, target, network, inferer, grid_spacing, source_modality)
-    save_nifti(synthesized, out_affine, paths["image"])
-    if preview:
-        save_preview(paths["preview"], volume, synthesized, out_affine, reference_volume)
-    record = {
+    sidecar = {
         "input_image": os.path.abspath(str(input_image)),
         "output_image": os.path.basename(paths["image"]),
-        "output_bytes": os.path.getsize(paths["image"]),
+        "output_bytes": None,  # the written image's size, below
         "preview": os.path.basename(paths["preview"]) if preview else None,
         "prompt_given": prompt,
         "target_prompt": target.render(),
@@ -314,10 +375,36 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "coarse_pass": inferer.runs_coarse_pass(volume.spacing),
         "warnings": volume.warnings,
         "ood_warnings": out_of_distribution,
+        "case": record,
     }
-    with atomic_path(paths["sidecar"]) as temporary, open(temporary, "w") as handle:
-        json.dump(record, handle, indent=2)
+    def write_preview(path: str) -> None:
+        save_preview(path, volume, synthesized, out_affine, reference_volume)
+
+    _write_case(paths, synthesized, out_affine, sidecar, write_preview if preview else None)
     return paths
+
+
+def _write_case(paths: dict[str, str], image: np.ndarray, affine: np.ndarray, sidecar: dict[str, Any],
+                write_preview) -> None:
+    """Image, preview and sidecar to temporary names, then renamed in that order: the sidecar, last, marks the case
+    finished, so a kill or a full disk never leaves an image that looks done. A failed write is one line naming the
+    file (the OS's message for a full disk names none)."""
+    remove_stale_temporaries(os.path.dirname(os.path.abspath(paths["image"])))  # a killed run's leftovers
+    targets = [paths["image"]] + ([paths["preview"]] if write_preview else []) + [paths["sidecar"]]
+    try:
+        with atomic_paths(targets) as temporaries:
+            write_nifti_file(image, affine, temporaries[0])
+            if write_preview:
+                write_preview(temporaries[1])
+            sidecar["output_bytes"] = os.path.getsize(temporaries[0])
+            with open(temporaries[-1], "w") as handle:
+                json.dump(sidecar, handle, indent=2)
+            # the old sidecar must not vouch for the new image while the files are renamed one by one
+            if os.path.lexists(paths["sidecar"]):
+                os.remove(paths["sidecar"])
+    except OSError as error:
+        raise UserInputError(f"{paths['image']}: could not write this case's files ({one_line(error)}); nothing was "
+                             f"left under their final names") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,8 +418,8 @@ def read_datalist_rows(path: str) -> list:
     """The rows of a CSV datalist (header line) or a JSON list / ``{"data": [...]}``, unchecked."""
     if not os.path.isfile(path):
         raise UserInputError(f"{path}: no such datalist file")
-    try:
-        with open(path, newline="") as handle:
+    try:  # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name (csv reads CRLF)
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle)) if path.endswith(".csv") else json.load(handle)
     except (ValueError, csv.Error) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise UserInputError(f"{path}: unreadable datalist ({one_line(error)})") from None
@@ -348,19 +435,20 @@ def load_datalist(path: str) -> list[dict[str, Any]]:
     Relative image paths are taken relative to the datalist's folder.
     """
     rows = read_datalist_rows(path)
-    try:
-        for row in rows:
-            if path.endswith(".csv") and row.get("target_spacing"):
+    for number, row in enumerate(rows, start=1):
+        if path.endswith(".csv") and isinstance(row, dict) and row.get("target_spacing"):
+            try:
                 row["target_spacing"] = json.loads(row["target_spacing"])
-    except ValueError as error:
-        raise UserInputError(f"{path}: unreadable target_spacing ({one_line(error)})") from None
+            except ValueError as error:
+                raise UserInputError(f"{path}: case {number}: unreadable target_spacing "
+                                     f"{quoted(row['target_spacing'])} ({one_line(error)})") from None
     if not rows:
         raise UserInputError(f"{path}: expected a non-empty list of cases with input_image and prompt")
     folder = os.path.dirname(os.path.abspath(path))
     cases = []
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not row.get("input_image") or not row.get("prompt"):
-            raise UserInputError(f"{path}: case {number} needs 'input_image' and 'prompt', got {row!r}")
+            raise UserInputError(f"{path}: case {number} needs 'input_image' and 'prompt', got {quoted(row)}")
         unknown = set(row) - set(CASE_KEYS)
         if unknown:
             raise UserInputError(f"{path}: case {number} has unknown keys {sorted(unknown)}; expected "
@@ -369,6 +457,7 @@ def load_datalist(path: str) -> list[dict[str, Any]]:
         for key in ("input_image", "reference"):
             if case[key]:
                 case[key] = os.path.join(folder, case[key])
+        case.update(batch_output_name(case["input_image"], folder, case["target_spacing"]))
         cases.append(case)
     return cases
 
@@ -417,26 +506,61 @@ def inference_cases(input_image: str | None, prompt: str, target_spacing: Any, r
              "input_modality": input_modality}]
 
 
+def _case_paths(case: dict[str, Any], output_dir: str) -> dict[str, str] | None:
+    """A case's output paths from its prompt alone (None when the prompt does not name a modality)."""
+    modality = _target_modality(case["prompt"])
+    if not modality or not case.get("input_image"):
+        return None
+    return output_paths(str(case["input_image"]), modality, output_dir, case.get("output_subfolder") or "",
+                        case.get("output_suffix") or "")
+
+
+def _refuse_shared_outputs(cases: Sequence[dict[str, Any]], output_dir: str) -> None:
+    """Two cases that would write one file are refused before any work: one would overwrite, or be taken for, the
+    other."""
+    first_case: dict[str, int] = {}
+    for number, case in enumerate(cases, start=1):
+        paths = _case_paths(case, output_dir)
+        if paths is None:
+            continue
+        key = os.path.normcase(os.path.abspath(paths["image"]))
+        if key in first_case:
+            raise UserInputError(f"cases {first_case[key]} and {number} would both write {paths['image']} (same "
+                                 f"input file name and folder, target modality and target_spacing); give one a "
+                                 f"target_spacing or move its input")
+        first_case[key] = number
+
+
 def run_batch(cases: Sequence[dict[str, Any]], output_dir: str, network: torch.nn.Module, *, overwrite: bool = False,
               **options: Any) -> list[dict[str, str]]:
-    """``run_inference`` per case, skipping finished ones (their sidecar) unless ``overwrite``.
+    """``run_inference`` per case, skipping finished ones unless ``overwrite``: those whose sidecar records this
+    very case (``case_record``: the input's content, prompt, spacing), never a name alone.
 
-    A case refused for its input (or a failed write) does not stop the others; the run then ends with one error
-    naming how many failed and why. Any other exception is a bug and stops the run.
+    Cases that would write one file are refused up front. A case refused for its input (or a failed write) does not
+    stop the others; the run then ends with one error naming how many failed and why. Any other exception is a bug
+    and stops the run.
     """
+    _refuse_shared_outputs(cases, output_dir)
+    for folder in {os.path.dirname(os.path.abspath(p["image"])) for p in filter(None, (_case_paths(c, output_dir)
+                                                                                       for c in cases))}:
+        remove_stale_temporaries(folder)  # a killed run's leftovers, even where every case is finished
     done, failures = [], []
     for case in cases:
         try:
-            if not overwrite:
-                modality = _target_modality(case["prompt"])
-                paths = output_paths(case["input_image"], modality, output_dir)
-                if modality and is_finished(paths):
-                    logger.info("skipping %s: already finished (%s)", case["input_image"], paths["sidecar"])
-                    done.append(paths)
-                    continue
-            done.append(run_inference(case["input_image"], case["prompt"], output_dir, network,
-                                      case.get("target_spacing"), case.get("reference"),
-                                      input_modality=case.get("input_modality"), **options))
+            record = case_record(case["input_image"], case["prompt"], case.get("target_spacing"),
+                                 case.get("input_modality"), options.get("volume_index"))
+            paths = _case_paths(case, output_dir)
+            if not overwrite and paths is not None and is_finished(paths, record):
+                logger.info("skipping %s: already finished (%s)", case["input_image"], paths["sidecar"])
+                done.append(paths)
+                continue
+            paths = run_inference(case["input_image"], case["prompt"], output_dir, network,
+                                  case.get("target_spacing"), case.get("reference"),
+                                  input_modality=case.get("input_modality"),
+                                  output_subfolder=case.get("output_subfolder") or "",
+                                  output_suffix=case.get("output_suffix") or "", record=record, **options)
+            logger.info("wrote %s", paths["image"])
+            done.append(paths)
         except (UserInputError, OSError) as error:
             if len(cases) > 1:  # a single case's error is the run's error, shown once
                 logger.error("%s", error)
@@ -500,11 +624,9 @@ class SynthesisRunner:
         self.options = dict(volume_index=volume_index, nan_policy=nan_policy, preview=preview)
 
     def run(self) -> list[dict[str, str]]:
-        written = run_batch([self.dataset[i] for i in range(len(self.dataset))], self.output_dir, self.network,
-                            overwrite=self.overwrite, inferer=self.inferer, **self.options)
-        for paths in written:
-            logger.info("wrote %s", paths["image"])
-        return written
+        # run_batch logs each case as written or skipped
+        return run_batch([self.dataset[i] for i in range(len(self.dataset))], self.output_dir, self.network,
+                         overwrite=self.overwrite, inferer=self.inferer, **self.options)
 
 
 # The config's `prompt` is user text: MONAI's parser must never evaluate it (scripts.errors); the inference config
