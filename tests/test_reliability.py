@@ -580,6 +580,8 @@ def test_yes_no_overrides_mean_what_they_say(value, expected, monkeypatch):
     """`--progress_bar false` reaches the config as the string 'false' (fire only turns `False` into a bool)."""
     from monai.bundle import ConfigParser
 
+    from scripts.simulator.generate import realism_subjects
+
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.yaml"))
     parser["amp"] = value
@@ -589,7 +591,7 @@ def test_yes_no_overrides_mean_what_they_say(value, expected, monkeypatch):
     calls = []
     monkeypatch.setattr(scripts.simulator, "simulate", lambda **arguments: calls.append(arguments))
     parser.get_parsed_content("run#0")
-    assert calls[0]["realism"] is expected
+    assert realism_subjects(1, calls[0]["realism"]) == [expected]  # a share of subjects; yes/no words are 1 and 0
     for config in ("stage1_train.yaml", "stage2_train.yaml"):
         parser.read_config(os.path.join(BUNDLE_ROOT, "configs", config))
         handlers = parser["train"]["handlers"]
