@@ -45,6 +45,7 @@ class TUMSynNet(nn.Module):
             ``channels`` are its widths per level (finest first) and ``blocks`` is unused.
         encoder: "resnet" (the paper's: full resolution throughout, ``scripts.resnet_encoder``) or "unet" (the small
             scale's: a U-Net whose coarsest level the prompt also steers, ``scripts.unet_encoder``).
+        condition_channels: the ``unet`` encoder's constant input channels projected from the condition.
         fusion_heads, fusion_mlp_ratio: cross-attention heads and feed-forward expansion.
         decoder_hidden: LIIF MLP hidden sizes.
         input_skip: the decoder sees the input image beside the fused features and predicts a correction that is
@@ -68,6 +69,7 @@ class TUMSynNet(nn.Module):
         input_skip: bool = False,
         query_chunk_size: int = QUERY_CHUNK_SIZE,
         encoder: str = "resnet",
+        condition_channels: int = 0,
     ):
         super().__init__()
         if encoder not in ENCODERS:
@@ -92,7 +94,8 @@ class TUMSynNet(nn.Module):
         # where it costs 1/512 of the voxels and its effect still reaches every output voxel on the way back up.
         if encoder == "unet":
             fusion = TextGuidedFusion(channels[-1], cond_dim, fusion_heads, fusion_mlp_ratio)
-            self.encoder = UNetEncoder3d(1, channels, bottleneck_fusion=fusion)
+            self.encoder = UNetEncoder3d(1, channels, bottleneck_fusion=fusion, condition_dim=cond_dim,
+                                         condition_channels=condition_channels)
             self.fusion = None
         else:
             self.encoder = ResNetEncoder3d(1, channels, blocks)
@@ -201,6 +204,7 @@ def build_tumsyn_net(
         channels=numbers["encoder"]["channels"],
         blocks=numbers["encoder"].get("blocks"),
         encoder=numbers["encoder"]["type"],
+        condition_channels=numbers["encoder"].get("condition_channels", 0),
         fusion_heads=numbers["fusion"]["heads"],
         fusion_mlp_ratio=numbers["fusion"]["mlp_ratio"],
         decoder_hidden=numbers["decoder"]["hidden"],

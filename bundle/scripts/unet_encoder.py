@@ -40,15 +40,21 @@ class UNetEncoder3d(nn.Module):
     level has one convolution each way: it holds 8x the voxels of the next, and most of a CPU step went there.
     ``bottleneck_fusion``: a module ``(features, condition) -> features`` applied at the coarsest level (the
     prompt's cross-attention, ``scripts.text_guidance.TextGuidedFusion``); None leaves the encoder unconditioned.
+    ``condition_dim``, ``condition_channels``: the condition also enters with the image, projected to that many
+    constant channels beside it, so every level computes features of the asked contrast. The bottleneck's gate
+    alone steered too little at a CPU budget: asked for FLAIR, PD or T1w from a T1w, a model trained so returned
+    the same image (bundle/docs/README.md).
     """
 
-    def __init__(self, in_channels: int, channels: Sequence[int], bottleneck_fusion: Optional[nn.Module] = None):
+    def __init__(self, in_channels: int, channels: Sequence[int], bottleneck_fusion: Optional[nn.Module] = None,
+                 condition_dim: int = 0, condition_channels: int = 0):
         super().__init__()
         if len(channels) < 2 or min(channels) < 1:
             raise ValueError(f"encoder: expected >= 2 levels of >= 1 channels, got {channels}")
         self.out_channels = int(channels[0])
         self.multiple = 2 ** (len(channels) - 1)
-        widths_in = [in_channels, *channels[:-1]]
+        self.condition_projection = nn.Linear(condition_dim, condition_channels) if condition_channels else None
+        widths_in = [in_channels + int(condition_channels), *channels[:-1]]
         self.down = nn.ModuleList(
             conv_block(c_in, c_out, 1 if level == 0 else 2)
             for level, (c_in, c_out) in enumerate(zip(widths_in, channels)))
@@ -60,7 +66,13 @@ class UNetEncoder3d(nn.Module):
 
     def forward(self, image: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
         depth, height, width = image.shape[2], image.shape[3], image.shape[4]
-        x = F.pad(image, [0, (-width) % self.multiple, 0, (-height) % self.multiple, 0, (-depth) % self.multiple])
+        x = image
+        if self.condition_projection is not None:
+            if condition is None:
+                raise ValueError("condition: required by an encoder with condition_channels")
+            constant = self.condition_projection(condition).to(image.dtype)[:, :, None, None, None]
+            x = torch.cat([image, constant.expand(-1, -1, depth, height, width)], dim=1)
+        x = F.pad(x, [0, (-width) % self.multiple, 0, (-height) % self.multiple, 0, (-depth) % self.multiple])
         skips: List[torch.Tensor] = []
         for level, block in enumerate(self.down):
             x = block(x if level == 0 else F.max_pool3d(x, 2))
