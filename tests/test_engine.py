@@ -150,9 +150,9 @@ def test_channels_last_convolutions_keep_the_output(network):
     image, net = head_like((20, 18, 16), seed=3), build_tumsyn_net("small").eval()
     net.load_state_dict(network.state_dict())  # fresh weights in the default layout (other tests convert `network`)
     plain = TUMSynInferer(T2W, roi_size=(12, 12, 12), progress=False, channels_last=False)(image[None], net)
-    assert not net.encoder.body[-1].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not net.decoder.unfold_projection.weight.is_contiguous(memory_format=torch.channels_last_3d)
     fast = TUMSynInferer(T2W, roi_size=(12, 12, 12), progress=False)(image[None], net)
-    assert net.encoder.body[-1].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert net.decoder.unfold_projection.weight.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
 
@@ -195,7 +195,9 @@ def test_windows_cut_to_the_foreground_encode_less_and_decode_close(network):
     assert cut.windows <= whole.windows and cut.voxels < 0.7 * whole.voxels
     assert cropped[~mask].abs().max() == 0 and torch.isfinite(cropped).all()
     difference = float(((cropped - reference)[mask] ** 2).mean())
-    assert 25 < 10 * math.log10(float((reference[mask] ** 2).mean()) / difference) < 200  # close, not equal
+    # close, not equal: the U-Net's context (122 voxels) exceeds these 12-voxel windows, so moving their zero padding
+    # shows more than it would in the engine's 64-voxel windows
+    assert 15 < 10 * math.log10(float((reference[mask] ** 2).mean()) / difference) < 200
     with pytest.raises(ValueError, match="crop_margin"):
         TUMSynInferer(crop_margin=4, skip_background=False)
     # What the command line passes: the words null/None mean whole windows, digits a margin, anything else is refused.
@@ -348,7 +350,7 @@ def test_intensity_scales_average_the_predictions_on_the_rescaled_input(network)
         torch.testing.assert_close(averaged(image[None], network, out_shape=out_shape)[0, 0], expected,
                                    atol=1e-5, rtol=0)
     # The network's output depends on the input's scale, so the average is not the single prediction.
-    assert (expected - prediction(image, flip_averaging=True)).abs().max() > 1e-3
+    assert (expected - prediction(image, flip_averaging=True)).abs().max() > 1e-5  # float noise: ~1e-7
 
 
 @pytest.mark.parametrize("given, expected", [
