@@ -406,6 +406,27 @@ def test_build_from_text_encoder_checkpoint_and_torchscript_export(tmp_path):
         assert torch.allclose(scripted(image), net(image), atol=1e-6)
 
 
+def test_unet_scale_sees_far_and_every_prompt_steers_it():
+    """The experimental ``unet`` scale: features on the input grid for any size (padded to its 8-voxel multiple
+    inside), a prompt that reaches the output through the input channels, gradients everywhere, TorchScript."""
+    torch.manual_seed(0)
+    net = build_tumsyn_net("unet").train()
+    assert net.encoder.out_channels == 16 and not net.input_skip and net.fusion is None
+    image = torch.rand(2, 1, 13, 10, 17)
+    prediction = net(image, tokens_for("T2w", "FLAIR"))
+    assert prediction.shape == image.shape
+    prediction.mean().backward()
+    assert_all_trainable_have_gradients(net)
+    net.eval()
+    with torch.no_grad():
+        t2w, flair = (net(image[:1], tokens_for(m)) for m in ("T2w", "FLAIR"))
+        assert (t2w - flair).abs().mean() > 1e-6
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scripted = torch.jit.script(net)
+        assert torch.allclose(scripted(image[:1]), net(image[:1]), atol=1e-6)
+
+
 def test_small_model_size_and_parameter_counts():
     net = tiny_net()
     megabytes = sum(t.numel() * t.element_size() for t in net.state_dict().values()) / 2**20

@@ -212,7 +212,9 @@ def test_random_patches_draw_same_contrast_targets_at_their_share():
     patches = parser["train"]["preprocessing"]["transforms"][2]
     assert patches["_target_"].endswith("RandSRPatchesd") and patches["same_contrast_prob"] == "@same_contrast_prob"
     assert patches["native_prob"] == "@native_prob"
-    assert (parser["same_contrast_prob"], parser["native_prob"]) == (0.2, 0.5)
+    for scale, shares in (("small", (0.0, 0.0)), ("unet", (0.2, 0.5)), ("paper", (0.0, 0.0))):
+        parser["scale"] = scale  # each scale's recipe: the shipped small one draws two different contrasts
+        assert (parser.get_parsed_content("same_contrast_prob"), parser.get_parsed_content("native_prob")) == shares
 
 
 def test_random_patches_keep_the_truth_grid_at_their_share():
