@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Stage-2 runs of the shipped small recipe on a lent GPU machine, where the 40-subject training set cannot travel:
-# it is simulated there (configs/simulate.yaml, the stage-2 defaults: 40 subjects, seed 0, half with realism), then
+# Stage-2 runs on a lent GPU machine, where a 40-subject training set cannot travel: it is simulated there
+# (configs/simulate.yaml: 40 subjects, seed 0, every second one with realism, the unet scale's data), then
 # each named run trains concurrently with the same config and defaults plus its overrides, stopped after
 # TIME_LIMIT seconds if it has not finished; its best validated network is exported to RESULTS_DIR/<name>.pt.
 #   bash bench/gpu_stage2.sh RESULTS_DIR TIME_LIMIT NAME "OVERRIDES" [NAME "OVERRIDES" ...]
-# e.g. bash bench/gpu_stage2.sh out 480 model_onehot "--conditioning onehot" text_no_skip "--network_def#input_skip false"
+# e.g. bash bench/gpu_stage2.sh out 480 onehot "--scale unet --conditioning onehot" text "--scale unet"
 set -u
 results=${1:?usage: bash bench/gpu_stage2.sh RESULTS_DIR TIME_LIMIT NAME OVERRIDES [...]}
 limit=${2:?time limit in seconds}

@@ -1,7 +1,7 @@
-"""What limits the small scale: the numbers behind the U-Net recipe (bench/README.md, "The small scale's recipe").
+"""What limits the small scale: the numbers behind the unet scale (bench/README.md, "The U-Net scale").
 
-Measures, for the shipped small network and for the version 0.5 one (the paper's full-resolution ResNet layout at 16
-channels and one block per stage, with the fusion block after it):
+Measures, for the shipped small network (the paper's full-resolution ResNet layout at 16 channels and one block per
+stage, with the fusion block after it) and the unet scale (scripts/unet_encoder.py):
 - trainable parameters and the receptive field: the extent of the input voxels whose change reaches one output
   latent code (the gradient of the centre code, non-zero), in voxels = mm at the 1 mm grid users bring; the LIIF
   query then reads the 2 latent codes around a point per axis (one voxel more);
@@ -23,15 +23,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle"))
 
-from scripts import network_scales, text_guidance  # noqa: E402
+from scripts import text_guidance  # noqa: E402
 from scripts.sr_patches import RandSRPatchesd  # noqa: E402
 from scripts.text_guidance import TextToVoxelAttention  # noqa: E402
 from scripts.tumsyn_net import build_tumsyn_net  # noqa: E402
 
-# The small scale of bundle version 0.5 (scripts/network_scales.py before the U-Net), and its sampler settings.
-OLD_SMALL = {"encoder": {"type": "resnet", "channels": 16, "blocks": (1, 1, 1, 1)}}
-OLD_SAMPLER = {"lr_size": 16, "native_prob": 0.0}
-NEW_SAMPLER = {"lr_size": 32, "native_prob": 0.5}
+# Each scale's training-input settings (configs/stage2_train.yaml, `scales`).
+SAMPLERS = {"small": {"lr_size": 16, "native_prob": 0.0}, "unet": {"lr_size": 32, "native_prob": 0.5}}
 
 
 def receptive_field(net: torch.nn.Module, size: int = 160) -> int:
@@ -66,22 +64,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    shipped = build_tumsyn_net("small")
-    saved = network_scales.SCALES["small"]["encoder"]
-    network_scales.SCALES["small"]["encoder"] = OLD_SMALL["encoder"]
-    try:
-        old = build_tumsyn_net("small")
-    finally:
-        network_scales.SCALES["small"]["encoder"] = saved
     report = {}
-    for name, net, sampler in (("version 0.5 small", old, OLD_SAMPLER), ("U-Net small", shipped, NEW_SAMPLER)):
-        report[name] = {
+    for scale, sampler in SAMPLERS.items():
+        torch.manual_seed(0)
+        net = build_tumsyn_net(scale)
+        report[scale] = {
             "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),
             "receptive_field_voxels": receptive_field(net),
             "training_inputs": sampler_statistics(**sampler),
         }
-        print(name, json.dumps(report[name]), flush=True)
+        print(scale, json.dumps(report[scale]), flush=True)
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(report, handle, indent=1)
