@@ -16,8 +16,17 @@ import pytest
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT
-from scripts.evaluation import (REAL_TASKS, Method, bids_cases, downsample_bids, evaluation_tasks, load_pairs,
-                                run_evaluation, tasks_for, thicken_bids)
+from scripts.evaluation import (
+    REAL_TASKS,
+    Method,
+    bids_cases,
+    downsample_bids,
+    evaluation_tasks,
+    load_pairs,
+    run_evaluation,
+    tasks_for,
+    thicken_bids,
+)
 from scripts.intensity import WM_PEAK_LEVEL, normalize_intensity
 from scripts.synthesis_engine import TUMSynInferer
 

@@ -377,6 +377,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "ood_warnings": out_of_distribution,
         "case": record,
     }
+
     def write_preview(path: str) -> None:
         save_preview(path, volume, synthesized, out_affine, reference_volume)
 
