@@ -38,7 +38,7 @@ SCALES = {
         "encoder": {"type": "resnet", "channels": 16, "blocks": (1, 1, 1, 1)},
         "fusion": {"heads": 4, "mlp_ratio": 2},
         # Input skip (scripts/tumsyn_net.py): against the same recipe without it, +1.9 to +5.5 dB PSNR on every row
-        # of the simulated benchmark (bundle/docs/README.md).
+        # of the simulated benchmark (docs/small_model_measurements.md).
         "decoder": {"hidden": (64, 64), "input_skip": True},
     },
     # Experimental, not shipped: the small scale's text tower with a U-Net encoder (scripts/unet_encoder.py) that

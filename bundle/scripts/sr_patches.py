@@ -140,7 +140,7 @@ class RandSRPatchesd(Randomizable, MapTransform):
     ``same_contrast_prob`` (without ``tasks``): the share of samples whose target is the source's own contrast, i.e.
     super-resolution of one contrast. Without them the network never sees a target of its input's contrast, and
     asked to upsample a scan in its own contrast it returned an image further from the truth than trilinear
-    interpolation of the input (bundle/docs/README.md). 0 draws as before the option.
+    interpolation of the input (docs/small_model_measurements.md). 0 draws as before the option.
 
     ``native_prob``: the share of samples whose input keeps the truth grid (scale 1 on every axis): the ~1 mm scans
     users bring, which a draw from ``scale_range`` alone rarely gives. 0 draws as before the option.

@@ -43,7 +43,7 @@ class UNetEncoder3d(nn.Module):
     ``condition_dim``, ``condition_channels``: the condition also enters with the image, projected to that many
     constant channels beside it, so every level computes features of the asked contrast. The bottleneck's gate
     alone steered too little at a CPU budget: asked for FLAIR, PD or T1w from a T1w, a model trained so returned
-    the same image (bundle/docs/README.md).
+    the same image (bench/README.md, "The U-Net scale").
     """
 
     def __init__(self, in_channels: int, channels: Sequence[int], bottleneck_fusion: Optional[nn.Module] = None,
