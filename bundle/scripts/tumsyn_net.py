@@ -9,7 +9,7 @@ The frozen text encoder is a submodule, so one ``model.pt`` holds everything. ``
 default prompt asks for a T1w image on the input grid), which MONAI's ``verify_net_in_out`` and ``ckpt_export`` need.
 """
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -43,8 +43,8 @@ class TUMSynNet(nn.Module):
             ``output_dim``.
         channels, blocks: the ``resnet`` encoder's width and BasicBlocks per stage; for the ``unet`` encoder,
             ``channels`` are its widths per level (finest first) and ``blocks`` is unused.
-        encoder: "resnet" (the paper's: full resolution throughout, ``scripts.resnet_encoder``) or "unet" (the small
-            scale's: a U-Net whose coarsest level the prompt also steers, ``scripts.unet_encoder``).
+        encoder: "resnet" (the paper's: full resolution throughout, ``scripts.resnet_encoder``) or "unet" (the
+            experimental unet scale's: a U-Net whose coarsest level the prompt also steers, ``scripts.unet_encoder``).
         condition_channels: the ``unet`` encoder's constant input channels projected from the condition.
         fusion_heads, fusion_mlp_ratio: cross-attention heads and feed-forward expansion.
         decoder_hidden: LIIF MLP hidden sizes.
@@ -61,7 +61,7 @@ class TUMSynNet(nn.Module):
         text_encoder: Optional[nn.Module],
         conditioning: str,
         cond_dim: Optional[int],
-        channels,
+        channels: Union[int, Sequence[int]],
         blocks: Optional[Sequence[int]],
         fusion_heads: int,
         fusion_mlp_ratio: int,
