@@ -240,7 +240,7 @@ def _check_values(volume: Volume, nan_policy: str) -> None:
         raise UserInputError(f"{volume.path}: a constant image (every voxel is {low}); expected an MR volume")
 
 
-# This tool's temporary names: .tmp-<writer's process id>-<8 hex>-<final name> (before 0.5.2 without the process id).
+# This tool's temporary names: .tmp-<writer's process id>-<8 hex>-<final name> (before 0.6.0 without the process id).
 _TEMPORARY = re.compile(r"^\.tmp-(?:(\d+)-)?[0-9a-f]{8}-.+")
 # A temporary file whose writer is unknown (an old name) is stale once untouched this long.
 STALE_TEMPORARY_SECONDS = 3600
