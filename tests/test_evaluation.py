@@ -27,8 +27,8 @@ CONFIG = os.path.join(BUNDLE_ROOT, "configs", "evaluate.yaml")
 # One training-site task, one joint super-resolution task, two zero-shot tasks (a TE outside every training range),
 # on a 2 mm held-out subject of each site, with the config's defaults (intensity_scales auto, guided_filter_radius 1).
 # Per task: the shipped model's minimum PSNR (dB), set from the measured value
-# (docs/small_model_measurements.md: 19.60, 15.74, 15.74, 9.38) minus 1.5 dB, and the measure on which it must beat the identity baseline (for the super-resolution
-# task PSNR does not: the model card says so).
+# (docs/small_model_measurements.md: 19.60, 15.74, 15.74, 9.38) minus 1.5 dB, and the measure on which it must beat
+# the identity baseline (for the super-resolution task PSNR does not: the model card says so).
 THRESHOLDS = {"T2w->FLAIR": (18.1, "psnr"), "cor3.2mm PD->T1w": (14.2, "ssim"), "T1w->PD (unseen TE)": (14.2, "psnr"),
               "T1w->T2w (unseen TE)": (7.9, "psnr")}
 # The shipped one-hot ablation (models/model_onehot.pt), measured 17.00, 18.17, 16.27 dB on the same tasks, minus 1.5.
