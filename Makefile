@@ -63,5 +63,7 @@ LABEL_PORT ?= 8000
 label-server: label-env
 	PATH="$(abspath $(LABEL_VENV))/bin:$$PATH" monailabel start_server --app apps/monailabel --studies $(STUDIES) --host 127.0.0.1 --port $(LABEL_PORT)
 
+# The app's tests in the server's environment: the served ones (marked slow, so outside `make test`) and the
+# in-process ones; -m "" lifts the default "not slow" selection.
 test-label: label-env
-	$(LABEL_PY) -m pytest -q tests/test_monailabel.py
+	$(LABEL_PY) -m pytest -q -m "" tests/test_monailabel.py
