@@ -23,8 +23,8 @@ RANK_DUMP = """
 rank_dump_dir: null
 finalize:
 - "$torch.save({'state': {k: v.detach().cpu() for k, v in @network.module.state_dict().items()},
-    'batches': len(@train#dataloader)}, @rank_dump_dir + '/rank' + str(dist.get_rank()) + '.pt')"
-- "$dist.is_initialized() and dist.destroy_process_group()"
+    'batches': len(@train#dataloader)}, @rank_dump_dir + '/rank' + str(torch.distributed.get_rank()) + '.pt')"
+- "$torch.distributed.destroy_process_group()"
 """
 
 

@@ -11,7 +11,7 @@ every random number generator at the start of each epoch from (seed, epoch), so 
 the same samples as it did in an uninterrupted run (exactly so with ``num_workers=0``; worker processes take their
 seeds from the loader before the epoch starts). MONAI keeps the best validation score in memory only; ``BestKeyMetric``
 saves it inside the best checkpoint and ``BestKeyMetricLoader`` reads it back, so a resumed run replaces
-``model_best.pt`` only with a better epoch.
+``model_best.pt`` only with a better epoch. ``TrainingCheckpoints`` is all of that as the one handler both configs list.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import sync_all_reduce
 from monai.data.utils import set_rnd
 from monai.engines import PrepareBatch
-from monai.handlers import CheckpointSaver, from_engine
+from monai.handlers import CheckpointLoader, CheckpointSaver, from_engine
 from monai.inferers import Inferer
 from monai.utils import evenly_divisible_all_gather, set_determinism
 
@@ -266,6 +266,59 @@ class BestKeyMetricLoader:
             target.load_state_dict(state[key])
 
 
+class TrainingCheckpoints:
+    """Trainer handler for resumable training in ``ckpt_dir``; under DDP rank 0 alone writes.
+
+    - every epoch ``checkpoint_epoch=N.pt`` (only the latest kept) and at the end ``checkpoint_final.pt``: the trainer,
+      ``network``, ``optimizer`` and ``lr_scheduler``; a run started again on the same ``ckpt_dir`` resumes from the
+      latest one (``latest_checkpoint``), loaded onto ``map_location``;
+    - on each new best key metric of ``evaluator``, ``model_best.pt``: the network's state dict, that score
+      (``BestKeyMetric``) and the saver's ranking, both restored on resume (``BestKeyMetricLoader``).
+    """
+
+    def __init__(self, ckpt_dir: str, evaluator: Engine, network: torch.nn.Module, optimizer, lr_scheduler,
+                 map_location=None):
+        self.ckpt_dir, self.evaluator, self.map_location = ckpt_dir, evaluator, map_location
+        self.objects = {"network": network, "optimizer": optimizer, "lr_scheduler": lr_scheduler}
+
+    def attach(self, trainer: Engine) -> None:
+        objects = {"trainer": trainer, **self.objects}  # the trainer's state: epoch, iteration
+        resume = latest_checkpoint(self.ckpt_dir)
+        if resume is not None:
+            CheckpointLoader(load_path=resume, load_dict=objects, map_location=self.map_location).attach(trainer)
+        if not is_rank0():
+            return
+        best = BestKeyMetric()
+        best.attach(self.evaluator)
+        best_saver = AtomicCheckpointSaver(
+            save_dir=self.ckpt_dir, save_dict={"network": self.objects["network"], "best_key_metric": best},
+            save_key_metric=True, key_metric_filename="model_best.pt", key_metric_save_state=True)
+        best_saver.attach(self.evaluator)
+        if resume is not None:
+            BestKeyMetricLoader(os.path.join(self.ckpt_dir, "model_best.pt"),
+                                {"best_key_metric": best, "checkpointer": best_saver}).attach(trainer)
+        # every epoch, so an interruption loses at most the current one
+        AtomicCheckpointSaver(save_dir=self.ckpt_dir, save_dict=objects, save_interval=1, n_saved=1, save_final=True,
+                              final_filename="checkpoint_final.pt").attach(trainer)
+
+
+def is_rank0() -> bool:
+    """Whether this process writes files and logs: always, unless it is a rank > 0 of a process group."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
+
+
+def start_process_group(device) -> None:
+    """Join the process group ``torchrun`` describes (``multi_gpu_train.yaml``): NCCL between GPUs, each process on
+    its own ``device``, or gloo between CPU processes."""
+    device = torch.device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    idist.sync()  # ignite's one-time collective set-up, on every rank before rank-0-only handlers need it
+
+
 def latest_checkpoint(ckpt_dir: str) -> str | None:
     """The most recently written training checkpoint (``checkpoint_*.pt``) in ``ckpt_dir``, or None: resuming from
     it continues after the last completed epoch."""
@@ -276,8 +329,7 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
 def export_text_encoder(network: torch.nn.Module, path: str) -> str:
     """Write the text tower of a (possibly DDP-wrapped) BMLIP alone for stage 2 (rank 0 only under DDP)."""
     model = getattr(network, "module", network)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_rank() == 0:
+    if is_rank0():
         save_text_encoder(model.text_encoder, path, model.text_config)
     return path
 
@@ -285,7 +337,7 @@ def export_text_encoder(network: torch.nn.Module, path: str) -> str:
 def export_network_weights(checkpoint_path: str, path: str) -> str:
     """Write the stage-2 network's state dict alone (what ``configs/inference.yaml`` loads as ``models/model.pt``)
     from a checkpoint that holds it directly (``model_best.pt``) or under ``network`` (``checkpoint_*.pt``)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+    if not is_rank0():
         return path
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     state = state.get("network", state)
