@@ -22,12 +22,14 @@ from helpers import (
     SamplingNet,
     blob_volume,
     files_in,
+    python_environment,
     write_bids_image,
     write_dicom_series,
     write_nifti,
     write_raw_nifti,
 )
-from scripts.errors import UserInputError, guard_text_fields, install_excepthook
+from scripts.cli import literal_override
+from scripts.errors import TEXT_FIELDS, UserInputError, check_bundle_run, text_field_refusals
 from scripts.evaluation import Method, run_evaluation
 from scripts.inference_engine import load_datalist, load_network_weights, run_batch, run_inference
 from scripts.prompt import prompt_from_image, tokenize
@@ -473,61 +475,67 @@ def test_evaluate_refuses_bad_input_before_writing(in_tmp, kind, expected):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# MONAI's config parser: a prompt override is never evaluated or instantiated
+# Text fields are data: config syntax in them refused under `monai.bundle run`, kept literal by `tumsyn`
+
+# How `python -m monai.bundle run` appears in sys.argv (fire parses the rest).
+BUNDLE_COMMAND = [os.path.join("site-packages", "monai", "bundle", "__main__.py"), "run", "--config_file", "c.yaml"]
 
 
-def _parser(prompt):
+def _as_monai_reads(field, value):
+    """The text field's item as MONAI's config parser resolves it, next to other config content it could reach."""
     from monai.bundle import ConfigParser
 
-    guard_text_fields()  # as importing scripts.inference_engine (the inference config does) installs it
-    return ConfigParser({"imports": ["$import os"], "ckpt": "/models/model.pt", "prompt": prompt,
-                         "used": "$str(@prompt)", "other": "$1 + 1"})
+    parser = ConfigParser({"imports": ["$import os"], "ckpt": "/models/model.pt", field: value,
+                           "used": f"$str(@{field})"})
+    return parser.get_parsed_content("used")
 
 
 @pytest.mark.parametrize("value", [
-    CODE,  # an expression
-    "$import antigravity",  # an import statement (MONAI evaluates those first, for any item)
-    {"_target_": "os.system", "command": "touch PWNED"},  # fire turns a "{...}" argument into a dict
-    [CODE],
-    {"nested": {"_target_": "os.system", "command": "touch PWNED"}},
+    "$import antigravity",  # an import statement
+    "\"$__import__('os').getcwd()\"",  # fire unquotes it into an expression
+    '{"_target_": "os.system", "command": "touch PWNED"}',  # fire turns a "{...}" argument into a dict
+    f'["{CODE}"]',  # ... and a "[...]" argument into a list, whose items MONAI parses
+    "@##ckpt",  # a relative reference
+    "FLAIR; Scanner: 3.0 @#ckpt",  # ... rewritten wherever it stands
 ])
-def test_config_parser_never_runs_a_prompt(in_tmp, value):
-    with pytest.raises(UserInputError) as raised:
-        _parser(value).get_parsed_content("used")
-    assert one_line(raised).startswith("prompt: ") and "would run as code in MONAI's config parser" in str(raised.value)
-    assert not (in_tmp / "PWNED").exists()
+def test_bundle_run_refuses_every_form_of_config_syntax_in_a_text_field(value):
+    refused = text_field_refusals(BUNDLE_COMMAND + ["--prompt", value, "--scale", "$1"])
+    assert list(refused) == ["prompt"]  # other overrides are config, the user's to trust
+    assert refused["prompt"].startswith("prompt: ") and "a prompt is plain text" in refused["prompt"]
 
 
-@pytest.mark.parametrize("text", [
-    "FLAIR; Scanner: 3.0 $vendor@%x",  # parser characters inside the text
-    "@ckpt",  # would be a reference to other config content
-    "@nowhere",  # ... to content that does not exist
-    "%evil.yaml#payload",  # would be a macro pulling content (here code) in from a file
-    "@##ckpt",  # would be a relative reference
-])
-def test_config_parser_keeps_prompt_text_as_given(in_tmp, text):
+@pytest.mark.parametrize("value", ["T2w", T2W_TEMPLATE, "FLAIR; Age: 70", "FLAIR; Scanner: 3.0 $vendor@x",
+                                   "scans/sub-01 (2)/T1w.nii.gz", "50% dose; T1CE"])
+def test_text_without_config_syntax_reaches_the_bundle_as_given(in_tmp, value):
+    from fire.parser import DefaultParseValue
+
+    assert text_field_refusals(BUNDLE_COMMAND + ["--prompt", value]) == {}
+    assert DefaultParseValue(value) == value and _as_monai_reads("prompt", value) == value
+
+
+@pytest.mark.parametrize("text", [CODE, "$import antigravity", "@ckpt", "%evil.yaml#payload", "@##ckpt",
+                                  "a::b#c", "it's \"quoted\", \\x40 \u00fc", ""])
+def test_tumsyn_hands_any_text_to_monai_as_a_literal(in_tmp, text):
     (in_tmp / "evil.yaml").write_text(f'payload: "{CODE}"\n')
-    assert _parser(text).get_parsed_content("used") == text
+    for field in TEXT_FIELDS:
+        assert _as_monai_reads(field, literal_override(field, text)) == text
+    assert literal_override("prompt", None) is None  # the config's default
+    with pytest.raises(UserInputError, match=r"^prompt: expected text, got \{'_target_': 'os.system'\} \(fire read "):
+        literal_override("prompt", {"_target_": "os.system"})
     assert not (in_tmp / "PWNED").exists()
-
-
-def test_other_config_items_keep_references_macros_and_expressions(in_tmp):
-    from monai.bundle import ConfigParser
-
-    (in_tmp / "other.yaml").write_text("value: 7\n")
-    parser = ConfigParser({"a": 1, "ref": "@a", "macro": "%other.yaml#value", "expr": "$@a + 1", "prompt": "@a"})
-    guard_text_fields()
-    assert [parser.get_parsed_content(key) for key in ("ref", "macro", "expr", "prompt")] == [1, 7, 2, "@a"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # One line on the command line
 
 
-def test_excepthook_prints_the_user_error_behind_monai_wrapping(capsys, monkeypatch):
+def test_check_bundle_run_makes_user_errors_one_line_under_monai_bundle_run_only(capsys, monkeypatch):
     delegated = []
     monkeypatch.setattr(sys, "excepthook", lambda *exc: delegated.append(exc))
-    install_excepthook()
+    before = sys.excepthook
+    check_bundle_run(["/usr/bin/tumsyn", "infer", "--prompt", CODE])  # tumsyn (or any program) prints its own
+    assert sys.excepthook is before
+    check_bundle_run(BUNDLE_COMMAND)
     try:
         raise RuntimeError("Failed to evaluate ConfigExpression") from UserInputError("scan.nii.gz: a 2D image")
     except RuntimeError as error:
@@ -536,6 +544,34 @@ def test_excepthook_prints_the_user_error_behind_monai_wrapping(capsys, monkeypa
     bug = KeyError("a bug")
     sys.excepthook(KeyError, bug, None)
     assert delegated == [(KeyError, bug, None)]  # not a user error: the usual traceback
+    with pytest.raises(UserInputError, match="^prompt: .* would run as Python code"):
+        check_bundle_run(BUNDLE_COMMAND + ["--prompt", CODE])
+
+
+def test_importing_the_bundle_changes_nothing_in_monai_or_sys():
+    """Every module of `scripts` imported, as under `python -m monai.bundle run` with a code prompt: MONAI's parser
+    classes and sys.excepthook are the objects they were before."""
+    code = """
+import importlib, pkgutil, sys
+sys.argv = ["/venv/monai/bundle/__main__.py", "run", "--prompt", "$1"]
+from monai.bundle import ConfigParser
+from monai.bundle.config_item import ConfigComponent, ConfigExpression, ConfigItem
+from monai.bundle.reference_resolver import ReferenceResolver
+classes = (ConfigParser, ConfigComponent, ConfigExpression, ConfigItem, ReferenceResolver)
+def state():
+    return [dict(vars(c)) for c in classes], sys.excepthook
+before = state()
+import scripts
+names = [m.name for m in pkgutil.walk_packages(scripts.__path__, "scripts.")]
+for name in names:
+    importlib.import_module(name)
+assert state() == before, [c.__name__ for c, a, b in zip(classes, before[0], state()[0]) if a != b]
+print(len(names), "modules")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_environment(),
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-2]) >= 40
 
 
 @pytest.fixture(scope="module")
@@ -565,7 +601,7 @@ def test_bundle_run_prints_one_line_and_exits_1(tmp_path, small_weights, case):
         prompt = CODE if case == "code_prompt" else "T2w"
         done = _bundle_run("inference", tmp_path, "--input_image", image, "--prompt", prompt, "--output_dir", "out",
                            "--ckpt_path", small_weights)
-        expected = ("error: prompt: \"$__import__('os').system('touch PWNED')\" would run as code"
+        expected = ("error: prompt: \"$__import__('os').system('touch PWNED')\" would run as Python code"
                     if case == "code_prompt" else f"error: {image}: truncated or corrupt image data")
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1, done.stderr[-3000:]
@@ -595,11 +631,9 @@ def test_yes_no_overrides_mean_what_they_say(value, expected, monkeypatch):
     for config in ("stage1_train.yaml", "stage2_train.yaml"):
         parser.read_config(os.path.join(BUNDLE_ROOT, "configs", config))
         handlers = parser["train"]["handlers"]
-        (progress,) = [h for h in handlers if h.get("_target_", "").endswith("ProgressBar")]
+        (logs,) = [h for h in handlers if h.get("_target_", "").endswith("EngineLogs")]
         parser["progress_bar"] = value
-        parser["is_not_rank0"] = False
-        disabled = parser.get_parsed_content(f"train#handlers#{handlers.index(progress)}#_disabled_")
-        assert disabled is (not expected), config
+        assert parser.get_parsed_content(f"train#handlers#{handlers.index(logs)}").progress_bar is expected, config
 
 
 def test_a_yes_no_override_that_is_neither_is_one_line():
@@ -674,33 +708,16 @@ def test_batch_rows_that_would_write_one_file_are_refused_up_front(tmp_path):
 
 @pytest.mark.parametrize("prefix", ["$", "@", "%"])
 def test_text_fields_starting_with_parser_prefixes_are_never_expanded(in_tmp, prefix):
-    """Under `tumsyn` (the guard installed before MONAI parses) `@` and `%` stay literal and `$` is refused; under
-    `python -m monai.bundle run`, which expands `%` (and relative `@#`) before the bundle loads, they are refused."""
-    from monai.bundle import ConfigParser
-
-    from scripts.errors import refuse_expanded_overrides
-
+    """Every text field, each parser prefix: refused in one line under `python -m monai.bundle run` (quoting the value
+    as typed, never what it would expand to), handed to MONAI as literal text by `tumsyn`."""
     (in_tmp / "secret.json").write_text('{"key": "TOP-SECRET"}')
     text = {"$": CODE, "@": "@ckpt", "%": "%secret.json#key"}[prefix]
-    guard_text_fields()
-    for field in ("prompt", "input_modality", "input_image", "reference", "datalist"):
-        parser = ConfigParser({"imports": ["$import os"], "ckpt": "/models/model.pt", field: text,
-                               "used": f"$str(@{field})"})
-        if prefix == "$":
-            with pytest.raises(UserInputError, match=f"^{field}: .* would run as code"):
-                parser.get_parsed_content("used")
-        else:
-            assert parser.get_parsed_content("used") == text
-    bundle_command = [os.path.join("site-packages", "monai", "bundle", "__main__.py"), "run", "--config_file", "c"]
-    refused = refuse_expanded_overrides(bundle_command + ["--prompt", text, "--input_image=" + text])
-    if prefix == "%":
-        assert sorted(refused) == ["input_image", "prompt"]
-        assert refused["prompt"].startswith("prompt: '%secret.json#key' holds a MONAI macro")
-        assert "TOP-SECRET" not in refused["prompt"]
-    else:
-        assert refused == {}  # `$` is refused by the guard, a plain `@x` kept literal by it
-    assert refuse_expanded_overrides(["/usr/bin/tumsyn", "infer", "--prompt", text]) == {}
-    assert "@#ckpt" in refuse_expanded_overrides(bundle_command + ["--prompt", "FLAIR; Scanner: 3.0 @#ckpt"])["prompt"]
+    for field in TEXT_FIELDS:
+        refused = text_field_refusals(BUNDLE_COMMAND + [f"--{field}", text])
+        assert list(refused) == [field] and refused[field].startswith(f"{field}: {text!r} would ")
+        assert _as_monai_reads(field, literal_override(field, text)) == text
+    assert "TOP-SECRET" not in str(text_field_refusals(BUNDLE_COMMAND + ["--prompt=" + text]))
+    assert text_field_refusals(["/usr/bin/tumsyn", "infer", "--prompt", text]) == {}
     assert not (in_tmp / "PWNED").exists()
 
 
@@ -709,146 +726,28 @@ def test_bundle_run_never_expands_a_prompt(tmp_path, small_weights, prefix):
     """Real `python -m monai.bundle run`: each parser prefix in --prompt ends as one line quoting the prompt as typed,
     never another file's or item's content, nothing written."""
     (tmp_path / "secret.json").write_text('{"key": "TOP-SECRET"}')
-    prompt, expected = {"$": (CODE, "would run as code"), "@": ("@ckpt_path", "got '@ckpt_path'"),
-                        "%": (f"%{tmp_path / 'secret.json'}#key", "holds a MONAI macro")}[prefix]
+    prompt, expected = {"$": (CODE, "would run as Python code"), "@": ("@ckpt_path", "an '@' reference"),
+                        "%": (f"%{tmp_path / 'secret.json'}#key", "a '%' macro")}[prefix]
     done = _bundle_run("inference", tmp_path, "--input_image", _good_image(tmp_path), "--prompt", prompt,
                        "--output_dir", "out", "--ckpt_path", small_weights)
     last = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 1 and last.startswith("error: prompt") and expected in last, done.stderr[-3000:]
+    assert done.returncode == 1 and last.startswith("error: prompt: ") and expected in last, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "TOP-SECRET" not in done.stderr + done.stdout
     assert small_weights not in last and files_in(tmp_path / "out") == [] and not (tmp_path / "PWNED").exists()
 
 
-@pytest.mark.parametrize("pixdim", [[1.0, 0.0, 1.0], [1.0, -2.0, 1.0], [1.0, float("nan"), 1.0]])
-def test_a_header_voxel_size_of_zero_or_below_is_refused(in_tmp, pixdim):
-    path = write_raw_nifti(in_tmp / "pixdim.nii.gz", (12, 12, 12),
-                           blob_volume((12, 12, 12), np.eye(4), (6, 6, 6)).tobytes("F"), pixdim=pixdim)
-    with pytest.raises(UserInputError) as raised:
-        run_inference(path, "T2w", "out", SamplingNet(), inferer=FAST)
-    assert one_line(raised).startswith(f"{path}: voxel size (pixdim) {pixdim} in the header is zero, negative")
-    assert files_in(in_tmp / "out") == []
-
-
-def test_evaluate_writes_the_pairs_it_could_score_and_reports_the_others(in_tmp, caplog):
-    for name, landmark in (("a", 5), ("b", 6)):
-        for kind in ("input", "target"):
-            write_nifti(in_tmp / f"{name}_{kind}.nii.gz", 100 * blob_volume((10, 10, 10), np.eye(4), (landmark,) * 3),
-                        np.eye(4))
-    (in_tmp / "b_input.nii.gz").write_bytes(b"garbage")
-    (in_tmp / "pairs.json").write_text(json.dumps([{"input": f"{n}_input.nii.gz", "target": f"{n}_target.nii.gz",
-                                                    "prompt": "T2w", "subject": n} for n in "ab"]))
-    with caplog.at_level("ERROR", logger="scripts.evaluation"), pytest.raises(UserInputError) as raised:
-        run_evaluation(None, "out", [Method("identity", None, "identity")], FAST, datalist="pairs.json")
-    assert one_line(raised).startswith("evaluate: 1 of 2 cases failed (metrics of the other 1 written to out); "
-                                       "first: b input->T2w: ") and "b_input.nii.gz: not a readable" in one_line(raised)
-    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["b input->T2w"]
-    with open(in_tmp / "out" / "metrics.csv") as handle:
-        assert [row["subject"] for row in csv.DictReader(handle)] == ["a"]
-    assert {"metrics.md", "metrics.png", "summary.csv"} <= set(files_in(in_tmp / "out"))
-
-
-def _no_space(*arguments, **keywords):
-    raise OSError(28, "No space left on device")
-
-
-@pytest.mark.parametrize("failing", ["image", "preview", "sidecar", "sidecar_rename"])
-def test_a_full_disk_names_the_file_and_leaves_no_case_that_looks_finished(tmp_path, monkeypatch, failing):
-    image, out = _good_image(tmp_path), tmp_path / "out"
-    first = run_inference(image, "T2w", str(out), SamplingNet(), inferer=FAST)  # a finished earlier run
-    publish = scripts.volume_io._publish
-
-    def publish_but_the_sidecar(temporary, path):
-        (_no_space if path.endswith(".json") else publish)(temporary, path)
-
-    target, replacement = {"image": (scripts.volume_io.nib, "save"),
-                           "preview": (scripts.inference_engine, "save_preview"),
-                           "sidecar": (scripts.inference_engine.json, "dump"),
-                           "sidecar_rename": (scripts.volume_io, "_publish")}[failing]
-    monkeypatch.setattr(target, replacement, publish_but_the_sidecar if failing == "sidecar_rename" else _no_space)
-    with pytest.raises(UserInputError) as raised:
-        run_batch([{"input_image": image, "prompt": "T2w"}], str(out), SamplingNet(), inferer=FAST, overwrite=True)
-    assert one_line(raised).startswith(f"{first['image']}: could not write this case's files (OSError: [Errno 28] "
-                                       f"No space left on device)")
-    assert not any(name.startswith(".tmp-") for name in files_in(out))
-    finished = scripts.inference_engine.is_finished(first)
-    # failed before any rename: the earlier case stands; failed among the renames: the new image has no sidecar
-    assert finished is (failing != "sidecar_rename")
-    assert files_in(out) == (["good_T2w.nii.gz", "good_T2w.png"] if failing == "sidecar_rename" else
-                             ["good_T2w.json", "good_T2w.nii.gz", "good_T2w.png"])
-    monkeypatch.undo()
-    run_batch([{"input_image": image, "prompt": "T2w"}], str(out), SamplingNet(), inferer=FAST)
-    assert scripts.inference_engine.is_finished(first)
-
-
-def test_a_killed_runs_temporary_files_are_removed_by_the_next_run(tmp_path):
-    from helpers import python_environment
-
-    image, out = _good_image(tmp_path), tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-c", (
-        "import os, signal, sys\n"
-        "from scripts.volume_io import atomic_path\n"
-        "with atomic_path(sys.argv[1]) as temporary:\n"
-        "    open(temporary, 'wb').write(b'half an image')\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(out / "good_T2w.nii.gz")], env=python_environment())
-    assert killed.returncode == -9
-    (left,) = files_in(out)
-    assert left.startswith(".tmp-") and left.endswith("-good_T2w.nii.gz")
-    old_style = out / ".tmp-1a2b3c4d-good_T2w.json"  # before 0.5.2 (no process id): removed once an hour old
-    old_style.write_text("{")
-    os.utime(old_style, (1, 1))
-    live = out / f".tmp-{os.getpid()}-0123abcd-other.nii.gz"  # a running writer's file is kept
-    live.write_text("")
-    run_batch([{"input_image": image, "prompt": "T2w"}], str(out), SamplingNet(), inferer=FAST, preview=False)
-    assert files_in(out) == [live.name, "good_T2w.json", "good_T2w.nii.gz"]
-
-
-@pytest.mark.parametrize("prompt", ["A" * 10000, "FLAIR; Age: " + "9" * 10000, "T2w; Voxel size: " + "(1, " * 3000])
-def test_error_lines_stay_short_whatever_the_input(in_tmp, prompt):
-    with pytest.raises(UserInputError) as raised:
-        run_inference(_good_image(in_tmp), prompt, "out", SamplingNet(), inferer=FAST)
-    assert len(one_line(raised)) <= 300 and one_line(raised).startswith("prompt")
-    long_path = str(in_tmp / ("x" * 200) / ("y" * 200 + ".nii.gz"))
-    with pytest.raises(UserInputError) as raised:
-        load_volume(long_path)
-    assert len(one_line(raised)) <= 300 and one_line(raised).endswith(": no such file or directory")
-
-
-def test_a_spreadsheet_csv_with_bom_and_crlf_is_read(tmp_path):
-    _good_image(tmp_path)
-    (tmp_path / "cases.csv").write_bytes(b"\xef\xbb\xbfinput_image,prompt,target_spacing\r\n"
-                                         b"good.nii.gz,T2w,\"[2, 2, 2]\"\r\ngood.nii.gz,FLAIR,\r\n")
-    cases = load_datalist(str(tmp_path / "cases.csv"))
-    assert [(c["input_image"], c["prompt"], c["target_spacing"]) for c in cases] == [
-        (str(tmp_path / "good.nii.gz"), "T2w", [2, 2, 2]), (str(tmp_path / "good.nii.gz"), "FLAIR", None)]
-
-
-def test_a_bad_target_spacing_in_a_csv_names_its_row(tmp_path):
-    datalist = _csv(tmp_path / "cases.csv", [["a.nii.gz", "T2w", "[1, 1, 1]"], ["b.nii.gz", "T2w", "[2, 2"]])
-    with pytest.raises(UserInputError) as raised:
-        load_datalist(datalist)
-    assert one_line(raised).startswith(f"{datalist}: case 2: unreadable target_spacing '[2, 2' (JSONDecodeError")
-
-
-def test_the_sidecar_names_the_inference_flag_for_the_input_contrast(tmp_path):
-    written = run_inference(_good_image(tmp_path), "T2w", str(tmp_path / "out"), SamplingNet(), inferer=FAST,
-                            preview=False)
-    warnings = " ".join(json.load(open(written["sidecar"]))["warnings"])
-    assert "cannot tell the modality" in warnings and "(--input_modality)" in warnings
-    assert "(--modality)" not in warnings
-
-
-def test_a_declared_huge_grid_is_refused_before_any_allocation(tmp_path, monkeypatch):
-    import tracemalloc
-
-    path = write_raw_nifti(tmp_path / "forged.nii.gz", (1000, 1000, 1000), b"\0" * 4096)
-    monkeypatch.setattr(scripts.volume_io, "available_memory_bytes", lambda: 2**50)  # memory would allow it
-    tracemalloc.start()
-    try:
-        with pytest.raises(UserInputError) as raised:
-            load_volume(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert one_line(raised).startswith(f"{path}: truncated or corrupt image data (the header declares shape "
-                                       f"(1000, 1000, 1000) of float32, 3.7 GiB, more than the file can hold)")
-    assert peak < 50 * 2**20  # not the 4 GB the header declares
+@pytest.mark.parametrize("prefix", ["$", "@", "%"])
+def test_tumsyn_infer_reads_a_prompt_as_given(tmp_path, small_weights, prefix):
+    """Real `tumsyn infer`: the prompt reaches the bundle's prompt parser as typed, which refuses it as a prompt in one
+    line; nothing runs, nothing of another item or file shows, nothing is written."""
+    (tmp_path / "secret.json").write_text('{"key": "TOP-SECRET"}')
+    prompt = {"$": CODE, "@": "@ckpt_path", "%": f"%{tmp_path / 'secret.json'}#key"}[prefix]
+    done = subprocess.run([sys.executable, "-c", "from scripts.cli import main; main()", "infer", "--input_image",
+                           _good_image(tmp_path), "--prompt", prompt, "--output_dir", "out", "--ckpt_path",
+                           small_weights], capture_output=True, text=True, cwd=tmp_path, env=python_environment(),
+                          timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("tumsyn: error: prompt") and repr(prompt)[:40] in last, \
+        done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "TOP-SECRET" not in done.stderr + done.stdout
+    assert small_weights not in last and files_in(tmp_path / "out") == [] and not (tmp_path / "PWNED").exists()

@@ -9,8 +9,24 @@ from typing import Any
 import fire
 
 from scripts import BUNDLE_ROOT
-from scripts.errors import UserInputError, guard_text_fields, user_error
+from scripts.errors import TEXT_FIELDS, UserInputError, quoted, user_error
 from scripts.prompt import prompt_from_image
+
+# In a string literal these stand for themselves; MONAI's parser would read `@` as a reference, `%` as a macro and
+# `#` or `::` as an id separator anywhere in a `$` expression, so they are written as escapes it does not look into.
+_PARSER_CHARACTERS = str.maketrans({"@": "\\x40", "%": "\\x25", ":": "\\x3a", "#": "\\x23"})
+
+
+def literal_override(field: str, value: Any) -> str | None:
+    """A config override that MONAI's parser turns into exactly the text ``value``: the ``$`` expression of a Python
+    string literal, so a prompt such as ``$...``, ``@id`` or ``%file#key`` is neither run nor replaced. None stays
+    None (the config's default); a value ``fire`` read as something else (a number, a dict) is a one-line error."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UserInputError(f"{field}: expected text, got {quoted(value)} (fire read it as {type(value).__name__}; "
+                             f"quote it twice: --{field} '\"...\"')")
+    return "$" + repr(value).translate(_PARSER_CHARACTERS)
 
 
 def _config(name: str) -> str:
@@ -20,7 +36,8 @@ def _config(name: str) -> str:
 def _run_config(name: str, run_id: str = "run", **overrides: Any) -> None:
     from monai.bundle import run
 
-    guard_text_fields()  # overrides such as --prompt are text, never run as code by MONAI's config parser
+    # the text fields are data; every other override is config, as under `python -m monai.bundle run`
+    overrides.update({field: literal_override(field, overrides[field]) for field in TEXT_FIELDS if field in overrides})
     run(run_id, config_file=_config(name), **overrides)
 
 

@@ -1,19 +1,17 @@
 """What the bundle does with what users give it: a bad input is one line, and text is never run as code.
 
 ``UserInputError`` is the one exception type for a wrong file, field or value; its message is one line naming it
-and what was expected. Entry points show only that line and exit with status 1: ``tumsyn`` catches it, and for
-``python -m monai.bundle run`` the excepthook installed when ``scripts`` is imported prints it (MONAI wraps errors
-raised inside config expressions in ``RuntimeError``; the hook finds the user error behind it).
+and what was expected. Entry points show only that line and exit with status 1: ``tumsyn`` catches it, and under
+``python -m monai.bundle run`` an excepthook prints it (MONAI wraps errors raised inside config expressions in
+``RuntimeError``; the hook finds the user error behind it). The hook is installed by ``check_bundle_run``, which the
+first bundle function a config runs calls; importing the bundle changes nothing in MONAI or ``sys``.
 
-MONAI's config parser runs an override value as Python when it starts with ``$`` (and instantiates any ``_target_``
-a dict names; ``fire`` turns a ``{...}`` argument into a dict), so ``--prompt '$__import__("os").system(...)'``
-would run the command. ``guard_text_fields`` makes MONAI refuse to evaluate or instantiate any config item under
-the ids in ``TEXT_FIELDS``: a prompt is data, and such a value ends as one ``UserInputError`` line before any of it
-runs. ``@id`` and ``%file#id`` values would be references to other config content: under ``guard_text_fields``
-they stay literal text. ``python -m monai.bundle run`` expands ``%`` macros and ``@#`` relative ids of its command
-line before any bundle code runs (the guard is installed when the config imports ``scripts``), so there such a text
-override is refused in one line at its first use instead of reaching the bundle as another file's content
-(``refuse_expanded_overrides``).
+MONAI's config parser runs an override value as Python when it starts with ``$``, replaces ``@id`` and ``%file#id``
+values with other config or file content, and instantiates any ``_target_`` a dict names (``fire`` turns a ``{...}``
+argument into a dict): overrides are config code, a trust boundary the user owns (docs/usage.md). The ids in
+``TEXT_FIELDS`` are free text, so config syntax there is a mistake or an attack: under ``python -m monai.bundle run``
+``check_bundle_run`` refuses it in one line before any item using it is evaluated, and ``tumsyn`` hands such fields
+to MONAI as string literals (``scripts.cli``), so any text stays literal there.
 
 Messages stay short: a quoted user value is cut to ``_QUOTE_CHARS`` (``quoted``), a whole message to
 ``MAX_MESSAGE_CHARS`` (its middle elided), so one line on a terminal names the file or field and what was expected.
@@ -21,7 +19,6 @@ Messages stay short: a quoted user value is cut to ``_QUOTE_CHARS`` (``quoted``)
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -122,7 +119,7 @@ def user_error(error: BaseException | None) -> UserInputError | None:
     return None
 
 
-def install_excepthook() -> None:
+def _install_excepthook() -> None:
     """Print an uncaught user error as ``error: <message>`` (one line, exit status 1); anything else as before."""
     previous = sys.excepthook
     if getattr(previous, "prints_user_errors", False):
@@ -137,25 +134,6 @@ def install_excepthook() -> None:
 
     hook.prints_user_errors = True
     sys.excepthook = hook
-
-
-def _text_field(item_id: str) -> str | None:
-    top = item_id.replace("::", "#").split("#", 1)[0]
-    return top if top in TEXT_FIELDS else None
-
-
-def _refuse_code(item: Any) -> None:
-    field = _text_field(item.get_id())
-    if field is not None:
-        value = quoted(item.get_config())
-        raise UserInputError(f"{field}: {value} would run as code in MONAI's config parser (a value starting with "
-                             f"'$' or a dict with '_target_'); a {field} is plain text, e.g. 'T2w' or the official "
-                             f"template")
-
-
-# What MONAI's parser does to an override before the bundle's code runs: a `%` macro at the start, a relative id
-# (`@#x`, `%::x`) anywhere.
-_EXPANDED_EARLY = re.compile(r"^%|[@%](#|::)")
 
 
 def _is_monai_bundle_command(argv: list[str]) -> bool:
@@ -179,75 +157,60 @@ def command_line_text_fields(argv: list[str]) -> dict[str, str]:
     return found
 
 
-def refuse_expanded_overrides(argv: list[str]) -> dict[str, str]:
-    """The one-line refusal per text field whose command-line value ``python -m monai.bundle run`` has already
-    replaced (``%file#key``, ``@#id``) before any bundle code could keep it literal; empty for other commands.
+# A relative id (`@#x`, `%::x`), which MONAI's parser rewrites wherever it stands in a string.
+_RELATIVE_ID = re.compile(r"[@%](#|::)")
 
-    ``tumsyn`` installs the guard before MONAI parses, so there such text stays literal."""
+
+def _config_syntax(value: Any) -> str | None:
+    """What MONAI's parser would do with ``value`` (as ``fire`` passed it) instead of keeping it as text, or None."""
+    if isinstance(value, (dict, list)):
+        return f"be read as config content (fire turns it into a {type(value).__name__})"
+    if not isinstance(value, str):
+        return None
+    if value.startswith("$"):
+        return "run as Python code"
+    if value.startswith("%"):
+        return "be replaced by other file or config content (a '%' macro)"
+    if value.startswith("@"):
+        return "be replaced by another config item (an '@' reference)"
+    if _RELATIVE_ID.search(value):
+        return "be rewritten as a relative config id ('@#', '%#')"
+    return None
+
+
+def text_field_refusals(argv: list[str]) -> dict[str, str]:
+    """The one-line refusal per text field whose value on a ``python -m monai.bundle run`` command line is config
+    syntax (``$`` code, an ``@`` reference, a ``%`` macro, a relative id, a dict or list); empty for other commands.
+
+    The refusal quotes the value as typed, never what MONAI replaced it with (``%secret.json#key``)."""
+    from fire.parser import DefaultParseValue
+
     if not _is_monai_bundle_command(argv):
         return {}
-    return {field: (f"{field}: {quoted(value)} holds a MONAI macro or relative reference ('%...', '@#...'), which "
-                    f"`python -m monai.bundle run` replaces with other config or file content before the bundle "
-                    f"reads it; a {field} is plain text (`tumsyn infer` keeps it literal)")
-            for field, value in command_line_text_fields(argv).items() if _EXPANDED_EARLY.search(value)}
+    refusals = {}
+    for field, raw in command_line_text_fields(argv).items():
+        value = DefaultParseValue(raw)  # what fire hands MONAI: '"$x"' is the expression $x
+        effect = _config_syntax(value)
+        if effect is not None:
+            refusals[field] = (f"{field}: {quoted(value)} would {effect} in `python -m monai.bundle run`; a {field} "
+                               f"is plain text (`tumsyn` passes any text as given)")
+    return refusals
 
 
-def guard_text_fields() -> None:
-    """Make MONAI's config parser refuse to evaluate or instantiate anything under ``TEXT_FIELDS``, and keep their
-    ``@reference`` / ``%macro`` strings as literal text instead of substituting other config content (idempotent).
+def check_bundle_run(argv: list[str] | None = None) -> None:
+    """What ``python -m monai.bundle run`` needs from the bundle, for the first bundle function a config runs to call
+    (never done on import); under any other program (``tumsyn``, MONAI Label, Python) it does nothing.
 
-    Where MONAI expanded a text override before this ran (``refuse_expanded_overrides``), the first use of that
-    field is refused in one line."""
-    from monai.bundle.config_item import ConfigComponent, ConfigExpression
-    from monai.bundle.config_parser import ConfigParser
-    from monai.bundle.reference_resolver import ReferenceResolver
-
-    if getattr(ConfigExpression.evaluate, "guards_text_fields", False):
+    - A user error raised inside a config expression, which MONAI wraps in ``RuntimeError``, ends as the one line
+      ``error: <message>`` with exit status 1 (an excepthook that finds the ``UserInputError`` behind it).
+    - A text field given on the command line as config syntax is refused in one line (``text_field_refusals``) before
+      any config item that uses it is evaluated. (MONAI itself imports the module of a ``$import ...`` value, in any
+      item, before the first bundle function runs: overrides are trusted code.)
+    """
+    argv = sys.argv if argv is None else argv
+    if not _is_monai_bundle_command(argv):
         return
-    refusals = refuse_expanded_overrides(sys.argv)
-    resolve_item = ReferenceResolver._resolve_one_item
-
-    @functools.wraps(resolve_item)
-    def refusing_resolve_item(self, id, waiting_list=None, **kwargs):
-        field = _text_field(str(id))
-        if field in refusals:
-            raise UserInputError(refusals[field])
-        return resolve_item(self, id, waiting_list, **kwargs)
-
+    _install_excepthook()
+    refusals = text_field_refusals(argv)
     if refusals:
-        ReferenceResolver._resolve_one_item = refusing_resolve_item
-    evaluate, instantiate = ConfigExpression.evaluate, ConfigComponent.instantiate
-    resolve_macros = ConfigParser._do_resolve
-    find_refs, substitute_refs = ReferenceResolver.find_refs_in_config, ReferenceResolver.update_config_with_refs
-
-    def literal_text(config: Any, item_id: str) -> bool:
-        return isinstance(config, str) and _text_field(item_id) is not None
-
-    @functools.wraps(resolve_macros)
-    def text_kept_resolve(self, config, id=""):
-        return config if literal_text(config, id) else resolve_macros(self, config, id)
-
-    @functools.wraps(find_refs)
-    def text_kept_find_refs(config, id, refs=None):
-        return (refs or {}) if literal_text(config, id) else find_refs(config, id, refs)
-
-    @functools.wraps(substitute_refs)
-    def text_kept_substitute(config, id, refs=None):
-        return config if literal_text(config, id) else substitute_refs(config, id, refs)
-
-    ConfigParser._do_resolve = text_kept_resolve
-    ReferenceResolver.find_refs_in_config = staticmethod(text_kept_find_refs)
-    ReferenceResolver.update_config_with_refs = staticmethod(text_kept_substitute)
-
-    @functools.wraps(evaluate)
-    def guarded_evaluate(self, globals=None, locals=None):
-        _refuse_code(self)
-        return evaluate(self, globals, locals)
-
-    @functools.wraps(instantiate)
-    def guarded_instantiate(self, **kwargs):
-        _refuse_code(self)
-        return instantiate(self, **kwargs)
-
-    guarded_evaluate.guards_text_fields = True
-    ConfigExpression.evaluate, ConfigComponent.instantiate = guarded_evaluate, guarded_instantiate
+        raise UserInputError(next(iter(refusals.values())))

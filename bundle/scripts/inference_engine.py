@@ -32,7 +32,7 @@ import torch
 import scripts
 
 from .coarse_pass import COARSE_PASS_VOLUMES
-from .errors import UserInputError, config_null, guard_text_fields, one_line, quoted
+from .errors import UserInputError, check_bundle_run, config_null, one_line, quoted
 from .guided_filter import GUIDED_FILTER_VOLUMES, guides
 from .intensity import normalize_intensity
 from .ood import ood_warnings
@@ -586,6 +586,8 @@ def _target_modality(prompt: str) -> str | None:
 
 def load_network_weights(network: torch.nn.Module, ckpt_path: str) -> torch.nn.Module:
     """Load a state dict safely (``weights_only``); a missing, corrupt or mismatched file is a one-line error."""
+    # configs/inference.yaml runs this first, before any item that reads the prompt or the other text fields
+    check_bundle_run()
     if not os.path.isfile(ckpt_path):
         raise UserInputError(f"{ckpt_path}: no such weights file (train one, or pass --ckpt_path)")
     try:
@@ -628,8 +630,3 @@ class SynthesisRunner:
         # run_batch logs each case as written or skipped
         return run_batch([self.dataset[i] for i in range(len(self.dataset))], self.output_dir, self.network,
                          overwrite=self.overwrite, inferer=self.inferer, **self.options)
-
-
-# The config's `prompt` is user text: MONAI's parser must never evaluate it (scripts.errors); the inference config
-# imports this module before it reads the prompt.
-guard_text_fields()

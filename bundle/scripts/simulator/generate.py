@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import UserInputError, config_flag
+from ..errors import UserInputError, check_bundle_run, config_flag
 from . import bids
 from .acquisition import (
     Geometry,
@@ -169,6 +169,7 @@ def simulate(output_dir: str, num_subjects: int = 20, seed: int = 0, sites: list
     to that share of the subjects (``realism_subjects``). ``workers`` > 1 simulates that many subjects at once in
     separate processes (the same dataset).
     """
+    check_bundle_run()  # configs/simulate.yaml runs nothing of the bundle before this
     _check_arguments(output_dir, num_subjects, seed, voxel_mm)
     with_realism = realism_subjects(num_subjects, realism)
     presets = [get_preset(name) for name in _site_names(sites)]
