@@ -76,18 +76,17 @@ def test_engine_and_training_precision_follow_the_device(device, sw_batch_size, 
     import torch
     from monai.bundle import ConfigParser
 
-    for config in ("inference", "evaluate"):
+    for config in ("inference", "evaluate"):  # evaluate takes the inferer of inference.yaml
         parser = ConfigParser()
         parser.read_config(os.path.join(BUNDLE_ROOT, "configs", f"{config}.yaml"))
         parser["device"] = f"$torch.device('{device}')"
-        key = "inferer#" if config == "evaluate" else ""
-        assert parser.get_parsed_content(f"{key}sw_batch_size") == sw_batch_size
-        assert parser.get_parsed_content(f"{key}query_chunk") == query_chunk
         # Inference autocast by default at the paper scale only (the small network measured slower under it); larger
         # windows only where they paid: the small scale on a GPU.
         for scale in ("small", "paper"):
             parser["scale"] = scale
             settings = parser.get_parsed_content("inferer").settings
+            assert (settings["sw_batch_size"], settings["query_chunk"]) == (sw_batch_size, query_chunk)
+            assert settings["progress"] is (config == "inference")
             assert settings["amp"] is (scale == "paper")
             window = 96 if (device, scale) == ("cuda", "small") else 64
             assert list(settings["roi_size"]) == [window] * 3

@@ -751,3 +751,138 @@ def test_tumsyn_infer_reads_a_prompt_as_given(tmp_path, small_weights, prefix):
         done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "TOP-SECRET" not in done.stderr + done.stdout
     assert small_weights not in last and files_in(tmp_path / "out") == [] and not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("pixdim", [[1.0, 0.0, 1.0], [1.0, -2.0, 1.0], [1.0, float("nan"), 1.0]])
+def test_a_header_voxel_size_of_zero_or_below_is_refused(in_tmp, pixdim):
+    path = write_raw_nifti(in_tmp / "pixdim.nii.gz", (12, 12, 12),
+                           blob_volume((12, 12, 12), np.eye(4), (6, 6, 6)).tobytes("F"), pixdim=pixdim)
+    with pytest.raises(UserInputError) as raised:
+        run_inference(path, "T2w", "out", SamplingNet(), inferer=FAST)
+    assert one_line(raised).startswith(f"{path}: voxel size (pixdim) {pixdim} in the header is zero, negative")
+    assert files_in(in_tmp / "out") == []
+
+
+def test_evaluate_writes_the_pairs_it_could_score_and_reports_the_others(in_tmp, caplog):
+    for name, landmark in (("a", 5), ("b", 6)):
+        for kind in ("input", "target"):
+            write_nifti(in_tmp / f"{name}_{kind}.nii.gz", 100 * blob_volume((10, 10, 10), np.eye(4), (landmark,) * 3),
+                        np.eye(4))
+    (in_tmp / "b_input.nii.gz").write_bytes(b"garbage")
+    (in_tmp / "pairs.json").write_text(json.dumps([{"input": f"{n}_input.nii.gz", "target": f"{n}_target.nii.gz",
+                                                    "prompt": "T2w", "subject": n} for n in "ab"]))
+    with caplog.at_level("ERROR", logger="scripts.evaluation"), pytest.raises(UserInputError) as raised:
+        run_evaluation(None, "out", [Method("identity", None, "identity")], FAST, datalist="pairs.json")
+    assert one_line(raised).startswith("evaluate: 1 of 2 cases failed (metrics of the other 1 written to out); "
+                                       "first: b input->T2w: ") and "b_input.nii.gz: not a readable" in one_line(raised)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["b input->T2w"]
+    with open(in_tmp / "out" / "metrics.csv") as handle:
+        assert [row["subject"] for row in csv.DictReader(handle)] == ["a"]
+    assert {"metrics.md", "metrics.png", "summary.csv"} <= set(files_in(in_tmp / "out"))
+
+
+def _no_space(*arguments, **keywords):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("failing", ["image", "preview", "sidecar", "sidecar_rename"])
+def test_a_full_disk_names_the_file_and_leaves_no_case_that_looks_finished(tmp_path, monkeypatch, failing):
+    image, out = _good_image(tmp_path), tmp_path / "out"
+    first = run_inference(image, "T2w", str(out), SamplingNet(), inferer=FAST)  # a finished earlier run
+    publish = scripts.volume_io._publish
+
+    def publish_but_the_sidecar(temporary, path):
+        (_no_space if path.endswith(".json") else publish)(temporary, path)
+
+    target, replacement = {"image": (scripts.volume_io.nib, "save"),
+                           "preview": (scripts.inference_engine, "save_preview"),
+                           "sidecar": (scripts.inference_engine.json, "dump"),
+                           "sidecar_rename": (scripts.volume_io, "_publish")}[failing]
+    monkeypatch.setattr(target, replacement, publish_but_the_sidecar if failing == "sidecar_rename" else _no_space)
+    with pytest.raises(UserInputError) as raised:
+        run_batch([{"input_image": image, "prompt": "T2w"}], str(out), SamplingNet(), inferer=FAST, overwrite=True)
+    assert one_line(raised).startswith(f"{first['image']}: could not write this case's files (OSError: [Errno 28] "
+                                       f"No space left on device)")
+    assert not any(name.startswith(".tmp-") for name in files_in(out))
+    finished = scripts.inference_engine.is_finished(first)
+    # failed before any rename: the earlier case stands; failed among the renames: the new image has no sidecar
+    assert finished is (failing != "sidecar_rename")
+    assert files_in(out) == (["good_T2w.nii.gz", "good_T2w.png"] if failing == "sidecar_rename" else
+                             ["good_T2w.json", "good_T2w.nii.gz", "good_T2w.png"])
+    monkeypatch.undo()
+    run_batch([{"input_image": image, "prompt": "T2w"}], str(out), SamplingNet(), inferer=FAST)
+    assert scripts.inference_engine.is_finished(first)
+
+
+def test_a_killed_runs_temporary_files_are_removed_by_the_next_run(tmp_path):
+    from helpers import python_environment
+
+    image, out = _good_image(tmp_path), tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "from scripts.volume_io import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as temporary:\n"
+        "    open(temporary, 'wb').write(b'half an image')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(out / "good_T2w.nii.gz")], env=python_environment())
+    assert killed.returncode == -9
+    (left,) = files_in(out)
+    assert left.startswith(".tmp-") and left.endswith("-good_T2w.nii.gz")
+    old_style = out / ".tmp-1a2b3c4d-good_T2w.json"  # before 0.5.2 (no process id): removed once an hour old
+    old_style.write_text("{")
+    os.utime(old_style, (1, 1))
+    live = out / f".tmp-{os.getpid()}-0123abcd-other.nii.gz"  # a running writer's file is kept
+    live.write_text("")
+    run_batch([{"input_image": image, "prompt": "T2w"}], str(out), SamplingNet(), inferer=FAST, preview=False)
+    assert files_in(out) == [live.name, "good_T2w.json", "good_T2w.nii.gz"]
+
+
+@pytest.mark.parametrize("prompt", ["A" * 10000, "FLAIR; Age: " + "9" * 10000, "T2w; Voxel size: " + "(1, " * 3000])
+def test_error_lines_stay_short_whatever_the_input(in_tmp, prompt):
+    with pytest.raises(UserInputError) as raised:
+        run_inference(_good_image(in_tmp), prompt, "out", SamplingNet(), inferer=FAST)
+    assert len(one_line(raised)) <= 300 and one_line(raised).startswith("prompt")
+    long_path = str(in_tmp / ("x" * 200) / ("y" * 200 + ".nii.gz"))
+    with pytest.raises(UserInputError) as raised:
+        load_volume(long_path)
+    assert len(one_line(raised)) <= 300 and one_line(raised).endswith(": no such file or directory")
+
+
+def test_a_spreadsheet_csv_with_bom_and_crlf_is_read(tmp_path):
+    _good_image(tmp_path)
+    (tmp_path / "cases.csv").write_bytes(b"\xef\xbb\xbfinput_image,prompt,target_spacing\r\n"
+                                         b"good.nii.gz,T2w,\"[2, 2, 2]\"\r\ngood.nii.gz,FLAIR,\r\n")
+    cases = load_datalist(str(tmp_path / "cases.csv"))
+    assert [(c["input_image"], c["prompt"], c["target_spacing"]) for c in cases] == [
+        (str(tmp_path / "good.nii.gz"), "T2w", [2, 2, 2]), (str(tmp_path / "good.nii.gz"), "FLAIR", None)]
+
+
+def test_a_bad_target_spacing_in_a_csv_names_its_row(tmp_path):
+    datalist = _csv(tmp_path / "cases.csv", [["a.nii.gz", "T2w", "[1, 1, 1]"], ["b.nii.gz", "T2w", "[2, 2"]])
+    with pytest.raises(UserInputError) as raised:
+        load_datalist(datalist)
+    assert one_line(raised).startswith(f"{datalist}: case 2: unreadable target_spacing '[2, 2' (JSONDecodeError")
+
+
+def test_the_sidecar_names_the_inference_flag_for_the_input_contrast(tmp_path):
+    written = run_inference(_good_image(tmp_path), "T2w", str(tmp_path / "out"), SamplingNet(), inferer=FAST,
+                            preview=False)
+    warnings = " ".join(json.load(open(written["sidecar"]))["warnings"])
+    assert "cannot tell the modality" in warnings and "(--input_modality)" in warnings
+    assert "(--modality)" not in warnings
+
+
+def test_a_declared_huge_grid_is_refused_before_any_allocation(tmp_path, monkeypatch):
+    import tracemalloc
+
+    path = write_raw_nifti(tmp_path / "forged.nii.gz", (1000, 1000, 1000), b"\0" * 4096)
+    monkeypatch.setattr(scripts.volume_io, "available_memory_bytes", lambda: 2**50)  # memory would allow it
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserInputError) as raised:
+            load_volume(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert one_line(raised).startswith(f"{path}: truncated or corrupt image data (the header declares shape "
+                                       f"(1000, 1000, 1000) of float32, 3.7 GiB, more than the file can hold)")
+    assert peak < 50 * 2**20  # not the 4 GB the header declares

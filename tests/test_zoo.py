@@ -132,13 +132,14 @@ def test_packaged_archive_installs_through_monai_download_and_runs_inference(tmp
 
 @pytest.mark.parametrize("stage", ["stage1_train.yaml", "stage2_train.yaml"])
 def test_training_configs_log_to_tensorboard_and_take_monai_mlflow_tracking(stage, tmp_path):
-    """TensorBoard is built in; `--tracking mlflow` (MONAI's patch, mlflow itself an optional extra) adds its
-    handlers to both engines, disabled on ranks > 0 like every other logging handler."""
+    """TensorBoard is built in (``EngineLogs``); `--tracking mlflow` (MONAI's patch, mlflow itself an optional extra)
+    adds its handlers to both engines, disabled on ranks > 0 like every other logging handler."""
     config = os.path.join(BUNDLE_ROOT, "configs", stage)
     workflow = ConfigWorkflow(config_file=config, workflow_type="train", tracking="mlflow", output_dir=str(tmp_path))
     for engine in ("train", "validate"):
         targets = [handler["_target_"] for handler in workflow.parser[f"{engine}#handlers"]]
-        assert "TensorBoardStatsHandler" in targets and targets[-1] == "MLFlowHandler", targets
+        assert "scripts.trainers.EngineLogs" in targets and targets[-1] == "MLFlowHandler", targets
         assert workflow.parser[f"{engine}#handlers"][-1]["_disabled_"] == "@is_not_rank0"
+    assert workflow.parser.get_parsed_content("is_not_rank0") is False  # one process: rank 0
     assert workflow.parser.get_parsed_content("tracking_uri").endswith(f"{tmp_path}/mlruns.db")
     assert [name for name in os.listdir(tmp_path) if name.startswith("config_")]  # the executed config, logged

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import nibabel as nib
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from scipy.ndimage import map_coordinates
 
 from .bids_data import parse_tasks
@@ -184,6 +185,16 @@ def load_methods(build_network, ckpt_path: str, onehot_ckpt_path: str | None,
             logger.warning("task-specific %s->%s weights %s not found: that baseline is left out", *pair, path)
     methods += [Method("identity", None, "identity"), Method("oracle-lut", None, "oracle_lut")]
     return methods
+
+
+def inference_inferer(bundle_root: str, **settings) -> TUMSynInferer:
+    """The inferer of ``configs/inference.yaml`` without its progress bar, with those of its top-level ``settings``
+    that are not None (``device``, ``scale``, its test-time options) replaced: evaluation synthesizes as inference."""
+    parser = ConfigParser()
+    parser.read_config(os.path.join(bundle_root, "configs", "inference.yaml"))
+    parser.update({key: value for key, value in settings.items() if value is not None})
+    parser["inferer#progress"] = False
+    return parser.get_parsed_content("inferer")
 
 
 @dataclass(frozen=True)

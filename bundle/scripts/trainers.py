@@ -25,17 +25,18 @@ import numpy as np
 import torch
 from ignite import distributed as idist
 from ignite.engine import Engine, Events
-from ignite.handlers import DiskSaver
+from ignite.handlers import DiskSaver, ProgressBar
 from ignite.metrics import Metric
 from ignite.metrics.metric import sync_all_reduce
 from monai.data.utils import set_rnd
-from monai.engines import PrepareBatch
-from monai.handlers import CheckpointLoader, CheckpointSaver, from_engine
+from monai.engines import PrepareBatch, Trainer
+from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler, TensorBoardStatsHandler, from_engine
 from monai.inferers import Inferer
 from monai.utils import evenly_divisible_all_gather, set_determinism
 
 from . import metrics
 from .bmlip import save_text_encoder
+from .errors import config_flag
 from .synthesis_engine import synthesize_volume
 from .volume_io import atomic_path
 
@@ -264,6 +265,28 @@ class BestKeyMetricLoader:
             return
         for key, target in self.load_dict.items():
             target.load_state_dict(state[key])
+
+
+class EngineLogs:
+    """Engine handler: rank 0 alone logs to the console (``StatsHandler``) and to TensorBoard in ``log_dir``, a trainer
+    its loss every iteration (and a progress bar unless ``progress_bar`` is false), an evaluator its metrics."""
+
+    def __init__(self, log_dir: str, progress_bar: bool | str = True):
+        self.log_dir, self.progress_bar = log_dir, config_flag(progress_bar, "progress_bar")
+
+    def attach(self, engine: Engine) -> None:
+        if not is_rank0():
+            return
+        if isinstance(engine, Trainer):
+            loss = from_engine(["loss"], first=True)
+            handlers = [ProgressBar()] if self.progress_bar else []
+            handlers += [StatsHandler(tag_name="train_loss", output_transform=loss),
+                         TensorBoardStatsHandler(log_dir=self.log_dir, tag_name="train_loss", output_transform=loss)]
+        else:
+            handlers = [StatsHandler(iteration_log=False),
+                        TensorBoardStatsHandler(log_dir=self.log_dir, iteration_log=False)]
+        for handler in handlers:
+            handler.attach(engine)
 
 
 class TrainingCheckpoints:
