@@ -37,6 +37,7 @@ from .inference_engine import load_network_weights, read_datalist_rows, synthesi
 from .intensity import AUTO_SCALES, normalize_intensity
 from .metrics import compare, oracle_lookup_table, tissue_volumes
 from .prompt import BIDS_SUFFIX, MODALITIES, Prompt, PromptError, bids_modality, prompt_from_bids, prompt_from_image
+from .simulator import simulate
 from .synthesis_engine import AUTO, TUMSynInferer
 from .volume_io import atomic_path, load_volume, save_nifti
 
@@ -529,6 +530,24 @@ def thicken_bids(dataset_dir: str, output_dir: str, slices: int) -> str:
         thick_name = "_".join(stem[:1] + [f"acq-{thick_slice_acq(slices)}"] + stem[1:])
         save_nifti(*block_averaged(image, factors), os.path.join(target_folder, thick_name))
     return output_dir
+
+
+def ensure_evaluation_dataset(dataset_dir: str, sites: Sequence[str], seed: int, voxel_mm: int = 1) -> str:
+    """``dataset_dir``, simulated first (one held-out subject per site of ``sites``) when it has no participants.tsv."""
+    if not os.path.isfile(os.path.join(dataset_dir, "participants.tsv")):
+        simulate(dataset_dir, num_subjects=len(sites), seed=seed, sites=sites, voxel_mm=voxel_mm)
+    return dataset_dir
+
+
+def evaluated_dataset(dataset_dir: str, output_dir: str, downsample: int | str = 1, thicken: int | str = 0) -> str:
+    """The BIDS dataset evaluate runs on: ``dataset_dir`` block-averaged by ``downsample`` (``downsample_bids``, into
+    ``output_dir/downsampled_data``) unless it is 1, then given thick-slice copies (``thicken_bids``, into
+    ``output_dir/thick_data``) unless ``thicken`` is 0."""
+    if int(downsample) != 1:
+        dataset_dir = downsample_bids(dataset_dir, os.path.join(output_dir, "downsampled_data"), downsample)
+    if str(thicken) != "0":
+        dataset_dir = thicken_bids(dataset_dir, os.path.join(output_dir, "thick_data"), thicken)
+    return dataset_dir
 
 
 def thick_slice_tasks(slices: int) -> tuple[Task, ...]:

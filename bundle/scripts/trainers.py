@@ -11,7 +11,7 @@ every random number generator at the start of each epoch from (seed, epoch), so 
 the same samples as it did in an uninterrupted run (exactly so with ``num_workers=0``; worker processes take their
 seeds from the loader before the epoch starts). MONAI keeps the best validation score in memory only; ``BestKeyMetric``
 saves it inside the best checkpoint and ``BestKeyMetricLoader`` reads it back, so a resumed run replaces
-``model_best.pt`` only with a better epoch. ``TrainingCheckpoints`` is all of that as the one handler both configs list.
+``model_best.pt`` only with a better epoch. ``ResumableTraining`` is all of that as the one handler both configs list.
 """
 
 from __future__ import annotations
@@ -289,26 +289,30 @@ class EngineLogs:
             handler.attach(engine)
 
 
-class TrainingCheckpoints:
-    """Trainer handler for resumable training in ``ckpt_dir``; under DDP rank 0 alone writes.
+class ResumableTraining:
+    """Trainer handler: a run started again on the same ``ckpt_dir`` resumes, and ends as an uninterrupted run would.
 
+    - every epoch's random draws come from (``seed``, epoch) (``EpochSeeder`` on the trainer's dataset);
     - every epoch ``checkpoint_epoch=N.pt`` (only the latest kept) and at the end ``checkpoint_final.pt``: the trainer,
-      ``network``, ``optimizer`` and ``lr_scheduler``; a run started again on the same ``ckpt_dir`` resumes from the
-      latest one (``latest_checkpoint``), loaded onto ``map_location``;
+      ``network``, ``optimizer`` and ``lr_scheduler``; a new run resumes from the latest one (``latest_checkpoint``),
+      loaded onto the trainer's device;
     - on each new best key metric of ``evaluator``, ``model_best.pt``: the network's state dict, that score
       (``BestKeyMetric``) and the saver's ranking, both restored on resume (``BestKeyMetricLoader``).
+
+    Under DDP rank 0 alone writes. Attach it after the trainer's ``ValidationHandler``: an epoch is saved validated.
     """
 
     def __init__(self, ckpt_dir: str, evaluator: Engine, network: torch.nn.Module, optimizer, lr_scheduler,
-                 map_location=None):
-        self.ckpt_dir, self.evaluator, self.map_location = ckpt_dir, evaluator, map_location
+                 seed: int = 0):
+        self.ckpt_dir, self.evaluator, self.seed = ckpt_dir, evaluator, seed
         self.objects = {"network": network, "optimizer": optimizer, "lr_scheduler": lr_scheduler}
 
     def attach(self, trainer: Engine) -> None:
+        EpochSeeder(self.seed, trainer.data_loader.dataset).attach(trainer)
         objects = {"trainer": trainer, **self.objects}  # the trainer's state: epoch, iteration
         resume = latest_checkpoint(self.ckpt_dir)
         if resume is not None:
-            CheckpointLoader(load_path=resume, load_dict=objects, map_location=self.map_location).attach(trainer)
+            CheckpointLoader(load_path=resume, load_dict=objects, map_location=trainer.state.device).attach(trainer)
         if not is_rank0():
             return
         best = BestKeyMetric()
@@ -323,6 +327,11 @@ class TrainingCheckpoints:
         # every epoch, so an interruption loses at most the current one
         AtomicCheckpointSaver(save_dir=self.ckpt_dir, save_dict=objects, save_interval=1, n_saved=1, save_final=True,
                               final_filename="checkpoint_final.pt").attach(trainer)
+
+
+def training_amp(amp: bool | str, device) -> bool:
+    """Whether training steps run under bf16 autocast: when ``amp`` (a yes/no word) asks for it, on a GPU only."""
+    return config_flag(amp, "amp") and torch.device(device).type == "cuda"
 
 
 def is_rank0() -> bool:
