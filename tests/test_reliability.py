@@ -590,10 +590,15 @@ def _bundle_run(config, cwd, *overrides):
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-@pytest.mark.parametrize("case", ["code_prompt", "truncated_input", "simulate_zero_subjects"])
+@pytest.mark.parametrize("case", ["code_prompt", "truncated_input", "simulate_zero_subjects", "evaluate_code_datalist",
+                                  "stage2_code_datalist"])
 def test_bundle_run_prints_one_line_and_exits_1(tmp_path, small_weights, case):
     """Real `python -m monai.bundle run`: a user error is the last stderr line, no traceback, no output."""
-    if case == "simulate_zero_subjects":
+    if case.endswith("code_datalist"):  # refused by the configs' first initialize item, before MONAI evaluates it
+        config = "evaluate" if case.startswith("evaluate") else "stage2_train"
+        done = _bundle_run(config, tmp_path, "--datalist", CODE, "--output_dir", "out")
+        expected = "error: datalist: \"$__import__('os').system('touch PWNED')\" would run as Python code"
+    elif case == "simulate_zero_subjects":
         done = _bundle_run("simulate", tmp_path, "--output_dir", "dataset", "--num_subjects", "0")
         expected = "error: num_subjects: expected a positive integer, got 0"
     else:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserInputError, check_bundle_run
+from .errors import UserInputError
 from .prompt import CONTEXT_LENGTH, MODALITIES, PromptError, bids_modality, count_tokens, prompt_from_bids, tokenize
 
 
@@ -213,7 +213,6 @@ def ensure_dataset(dataset_dir: str, simulate_if_missing: bool, num_subjects: in
     silently filled with simulated data. ``realism``: the share of simulated subjects with the real-scan effects of
     ``scripts.simulator.realism``.
     """
-    check_bundle_run()  # the training configs' first bundle call when no datalist is given
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not os.path.isdir(dataset_dir):
         if not simulate_if_missing:
