@@ -112,10 +112,6 @@ class TUMSynNet(nn.Module):
         if mixture_classes:
             self.class_intensities = nn.Sequential(nn.Linear(cond_dim, decoder_hidden[-1]), nn.ReLU(inplace=True),
                                                    nn.Linear(decoder_hidden[-1], mixture_classes))
-            # Distinct starting grey levels across the normalised range: with equal ones every class gets the same
-            # gradient and the shares none, and training stalls at the mean image.
-            with torch.no_grad():
-                self.class_intensities[-1].bias.copy_(torch.linspace(0.0, 1.2, mixture_classes))
         # Defaults for forward(image): not persistent, so a changed default never invalidates a checkpoint.
         self.register_buffer("default_tokens", tokenize(Prompt(modality=DEFAULT_MODALITY).render()), persistent=False)
         self.register_buffer(
