@@ -427,25 +427,6 @@ def test_unet_scale_sees_far_and_every_prompt_steers_it():
         assert torch.allclose(scripted(image[:1]), net(image[:1]), atol=1e-6)
 
 
-def test_mixture_decoder_mixes_the_class_intensities_it_is_given():
-    """With ``mixture_classes`` every decoded intensity is a convex mix of the K class intensities (each corner's
-    softmax shares, then the trilinear ensemble), so a prompt that sets them sets every grey level."""
-    torch.manual_seed(0)
-    decoder = LIIFDecoder(4, (8, 8), mixture_classes=3)
-    features = torch.randn(2, 4, 5, 6, 7)
-    intensities = torch.tensor([[0.1, 0.5, 0.9], [2.0, 2.0, 2.0]])
-    latent = decoder.project(features, class_intensities=intensities)
-    assert latent.shape == (2, 8 + 3, 5, 6, 7)
-    coords = torch.rand(2, 50, 3) * 2 - 1
-    values = decoder.query(latent, coords, torch.full((2, 50, 3), 0.1))
-    assert values[0].min() >= 0.1 - 1e-6 and values[0].max() <= 0.9 + 1e-6 and values[0].std() > 1e-3
-    assert torch.allclose(values[1], torch.full_like(values[1], 2.0))
-    with pytest.raises(ValueError, match="class_intensities"):
-        decoder.project(features)
-    with pytest.raises(ValueError, match="mixture_classes"):
-        LIIFDecoder(4, (8,), input_residual=True, mixture_classes=3)
-
-
 def test_small_model_size_and_parameter_counts():
     net = tiny_net()
     megabytes = sum(t.numel() * t.element_size() for t in net.state_dict().values()) / 2**20

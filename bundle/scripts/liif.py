@@ -10,11 +10,7 @@ An intensity at a continuous coordinate x is decoded from the latent codes aroun
 - cell decoding: the size of the output voxel is an MLP input (Sec. 3.4), so one model serves any output spacing;
 - optional input residual (not in LIIF): each corner's prediction is a correction added to the input intensity at
   that corner, so the ensemble adds the trilinearly interpolated input to the decoded correction: a global residual
-  as super-resolution networks use (Kim, Lee and Lee, VDSR, CVPR 2016), written in LIIF's local-ensemble form;
-- optional tissue-mixture output (not in LIIF): the MLP predicts the shares of ``mixture_classes`` learned classes at
-  the point (a softmax) and the intensity is their mix of per-class intensities that the target prompt sets, as an MR
-  image is a partial-volume sum of its tissues' signals under one sequence. The anatomy part (which classes where) is
-  then shared by every target contrast and only the class intensities depend on the prompt.
+  as super-resolution networks use (Kim, Lee and Lee, VDSR, CVPR 2016), written in LIIF's local-ensemble form.
 
 Efficiency: the MLP's first layer is linear in its input [unfolded code, offset, cell], and unfolding followed
 by a linear map is exactly a 3x3x3 convolution with zero padding. ``LIIFDecoder.project`` applies that
@@ -72,48 +68,33 @@ class LIIFDecoder(nn.Module):
 
     ``query`` returns ``[B, N, 1]`` intensities; ``query_in_chunks`` does the same with bounded memory. With
     ``input_residual``, ``project`` also takes the input image and keeps it as the latent's last channel, which
-    ``query`` adds to the MLP's output instead of feeding it to the MLP. With ``mixture_classes`` K > 0, ``project``
-    also takes the class intensities ``[B, K]`` and keeps them as K constant last channels (so a latent window still
-    decodes alone), and the MLP's K outputs are the class shares that mix them.
+    ``query`` adds to the MLP's output instead of feeding it to the MLP.
     """
 
-    def __init__(self, in_channels: int, hidden: Sequence[int], input_residual: bool = False,
-                 mixture_classes: int = 0):
+    def __init__(self, in_channels: int, hidden: Sequence[int], input_residual: bool = False):
         super().__init__()
         if not hidden:
             raise ValueError("decoder: expected at least one hidden layer size")
-        if mixture_classes < 0 or (mixture_classes and input_residual):
-            raise ValueError(f"decoder: mixture_classes must be >= 0 and excludes input_residual, got "
-                             f"{mixture_classes} with input_residual={input_residual}")
         # First MLP layer, split: its unfolded-feature part as a convolution, its (offset, cell) part as a linear map.
         self.unfold_projection = Conv3d(in_channels, hidden[0], kernel_size=3, padding=1)
         self.position_projection = nn.Linear(6, hidden[0], bias=False)
         layers: List[nn.Module] = []
-        for width_in, width_out in zip(hidden, list(hidden[1:]) + [max(1, mixture_classes)]):
+        for width_in, width_out in zip(hidden, list(hidden[1:]) + [1]):
             # In place: every ReLU follows a linear map whose output nothing else keeps (one pass less over
             # [queries x corners x width] per layer; the gradients are the same).
             layers += [nn.ReLU(inplace=True), nn.Linear(width_in, width_out)]
         self.mlp = nn.Sequential(*layers)
         self.input_residual = input_residual
-        self.mixture_classes = int(mixture_classes)
         self.register_buffer("corner_offsets", _CORNER_OFFSETS.clone(), persistent=False)
 
-    def project(self, features: torch.Tensor, image: Optional[torch.Tensor] = None,
-                class_intensities: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def project(self, features: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Unfold + first linear layer for every latent code at once: ``[B, hidden[0], D, H, W]`` (``+ 1`` channel,
-        the input ``image [B, 1, D, H, W]`` on the same grid, with ``input_residual``; ``+ K`` constant channels,
-        ``class_intensities [B, K]``, with ``mixture_classes``)."""
+        the input ``image [B, 1, D, H, W]`` on the same grid, with ``input_residual``)."""
         latent = self.unfold_projection(features)
         if self.input_residual:
             if image is None:
                 raise ValueError("image: required by a decoder with input_residual")
             latent = cat_channels(latent, image.to(latent.dtype))
-        if self.mixture_classes:
-            if class_intensities is None or class_intensities.shape[-1] != self.mixture_classes:
-                raise ValueError(f"class_intensities: expected [B, {self.mixture_classes}] for this decoder")
-            constant = class_intensities.to(latent.dtype)[:, :, None, None, None].expand(
-                -1, -1, latent.shape[2], latent.shape[3], latent.shape[4])
-            latent = cat_channels(latent, constant)
         return latent
 
     def query(self, latent: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
@@ -149,15 +130,11 @@ class LIIFDecoder(nn.Module):
 
         flat_index = (corners[..., 0] * latent.shape[3] + corners[..., 1]) * latent.shape[4] + corners[..., 2]
         codes = _gather_codes(latent, flat_index.reshape(batch, -1)).view(-1, width)  # [B * N * used, width]
-        # the input image or the class intensities, if kept, are the last channels
-        hidden_width = width - int(self.input_residual) - self.mixture_classes
+        hidden_width = width - int(self.input_residual)  # the input image, if kept, is the last channel
         position_input = torch.cat([offset, cell_in_voxels], dim=-1).view(-1, 6)
         # code + position_projection(offset, cell) in one pass; addmm reads the code columns in place (no copy).
         hidden = torch.addmm(codes[:, :hidden_width], position_input, self.position_projection.weight.t())
-        output = self.mlp(hidden)
-        if self.mixture_classes:
-            output = (torch.softmax(output, dim=-1) * codes[:, hidden_width:]).sum(dim=-1)
-        prediction = output.view(weight.shape)  # [B, N, corners used]
+        prediction = self.mlp(hidden).view(weight.shape)  # [B, N, corners used]
         if self.input_residual:
             prediction = prediction + codes[:, -1].view(weight.shape)
         return (prediction * weight).sum(dim=-1, keepdim=True)

@@ -51,8 +51,7 @@ SCALES = {
         "text": {"width": 32, "heads": 4, "layers": 2, "output_dim": 64},
         "encoder": {"type": "unet", "channels": (16, 32, 64, 128), "condition_channels": 8},
         "fusion": {"heads": 4, "mlp_ratio": 2},
-        # Tissue-mixture output (scripts/liif.py): see bench/README.md, "The U-Net scale".
-        "decoder": {"hidden": (64, 64), "input_skip": False, "mixture_classes": 12},
+        "decoder": {"hidden": (64, 64), "input_skip": False},
     },
 }
 

@@ -53,9 +53,6 @@ class TUMSynNet(nn.Module):
             networks add the interpolated input likewise: Kim et al., VDSR, CVPR 2016). Copying the source (T1w ->
             T1CE, super-resolution) is then the network's starting point and remapping its grey levels a linear
             function of a decoder input, so the features only have to add what context changes.
-        mixture_classes: K > 0: the decoder mixes K class intensities that the condition sets (``LIIFDecoder``'s
-            tissue-mixture output), so the prompt sets the grey level of each class and the image where the classes
-            are; 0: the decoder predicts the intensity itself.
         query_chunk_size: points decoded at once; bounds memory when predicting whole volumes.
     """
 
@@ -73,7 +70,6 @@ class TUMSynNet(nn.Module):
         query_chunk_size: int = QUERY_CHUNK_SIZE,
         encoder: str = "resnet",
         condition_channels: int = 0,
-        mixture_classes: int = 0,
     ):
         super().__init__()
         if encoder not in ENCODERS:
@@ -106,12 +102,7 @@ class TUMSynNet(nn.Module):
             self.fusion = TextGuidedFusion(channels, cond_dim, fusion_heads, fusion_mlp_ratio)
         width = self.encoder.out_channels
         self.input_skip = bool(input_skip)
-        self.decoder = LIIFDecoder(width + int(self.input_skip), decoder_hidden, input_residual=self.input_skip,
-                                   mixture_classes=mixture_classes)
-        self.class_intensities = None
-        if mixture_classes:
-            self.class_intensities = nn.Sequential(nn.Linear(cond_dim, decoder_hidden[-1]), nn.ReLU(inplace=True),
-                                                   nn.Linear(decoder_hidden[-1], mixture_classes))
+        self.decoder = LIIFDecoder(width + int(self.input_skip), decoder_hidden, input_residual=self.input_skip)
         # Defaults for forward(image): not persistent, so a changed default never invalidates a checkpoint.
         self.register_buffer("default_tokens", tokenize(Prompt(modality=DEFAULT_MODALITY).render()), persistent=False)
         self.register_buffer(
@@ -152,11 +143,10 @@ class TUMSynNet(nn.Module):
         features = self.encoder(image, condition)
         if self.fusion is not None:
             features = self.fusion(features, condition)
-        class_intensities = None if self.class_intensities is None else self.class_intensities(condition)
         if not self.input_skip:
-            return self.decoder.project(features, class_intensities=class_intensities)
+            return self.decoder.project(features)
         image = image.to(features.dtype)
-        return self.decoder.project(cat_channels(features, image), image, class_intensities)
+        return self.decoder.project(cat_channels(features, image), image)
 
     def query(self, features: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor,
               chunk_size: Optional[int] = None) -> torch.Tensor:
@@ -192,14 +182,13 @@ def build_tumsyn_net(
     conditioning: str = "text",
     input_skip: Optional[bool] = None,
     query_chunk_size: int = QUERY_CHUNK_SIZE,
-    mixture_classes: Optional[int] = None,
 ) -> TUMSynNet:
     """TUMSynNet at a named scale (``scripts.network_scales``), for configs.
 
     With ``conditioning="text"`` the text encoder is loaded from ``text_encoder_path`` (a stage-1 export), or built
     untrained at the scale's size when no path is given (its weights then come from a full checkpoint such as
     ``models/model.pt``). With ``conditioning="onehot"`` the path is ignored. ``input_skip`` None takes the scale's
-    choice (``decoder.input_skip``), ``mixture_classes`` None its ``decoder.mixture_classes`` (0 when absent).
+    choice (``decoder.input_skip``).
     """
     numbers = scale_config(scale)
     text_encoder = None
@@ -221,6 +210,4 @@ def build_tumsyn_net(
         decoder_hidden=numbers["decoder"]["hidden"],
         input_skip=numbers["decoder"]["input_skip"] if input_skip is None else config_flag(input_skip, "input_skip"),
         query_chunk_size=query_chunk_size,
-        mixture_classes=int(numbers["decoder"].get("mixture_classes", 0) if mixture_classes is None
-                            else mixture_classes),
     )
