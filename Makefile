@@ -25,8 +25,8 @@ test-slow: install
 
 lint: install
 	$(PY) -m pip install -q flake8 isort
-	$(PY) -m flake8 bundle/scripts tests bench apps
-	$(PY) -m isort --check-only bundle/scripts tests bench apps
+	$(PY) -m flake8 bundle/scripts tumsyn_bundle tests bench apps
+	$(PY) -m isort --check-only bundle/scripts tumsyn_bundle tests bench apps
 
 # The model-zoo archive dist/<bundle name>_v<version>.zip (python -m monai.bundle download --url file://... installs it)
 .PHONY: package
@@ -47,7 +47,7 @@ $(LABEL_VENV)/.installed: setup.cfg pyproject.toml
 	$(LABEL_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 monai==1.6.1
 	SAM2_BUILD_CUDA=0 $(LABEL_PY) -m pip install -q monailabel==0.8.5 numpy==1.26.4 jsonschema==3.2.0 \
 		pydicom==2.4.4 dicomweb-client==0.59.1 pynetdicom==2.0.2 torch==2.14.1 torchvision==0.29.1 monai==1.6.1
-	# the bundle's own code (`scripts`) without the core pins, plus what inference needs from it (pip then
+	# the bundle's launcher (`tumsyn_bundle`) without the core pins, plus what inference needs (pip then
 	# reports the core pins as unmet: expected in this environment)
 	$(LABEL_PY) -m pip install -q --no-deps -e .
 	$(LABEL_PY) -m pip install -q open_clip_torch==3.3.0 einops==0.8.2 nibabel==5.4.2 tqdm==4.70.1 fire==0.7.1 \

@@ -103,11 +103,11 @@ def main() -> None:
     import torch
     from inference_speed import PROMPT, _memory_mb, _reset_peak_memory, demo_crop_loop, load_case
 
-    from scripts.inference_engine import load_network_weights
-    from scripts.metrics import psnr
+    from scripts.engine.inference_engine import load_network_weights
+    from scripts.engine.metrics import psnr
+    from scripts.engine.synthesis_engine import TUMSynInferer, foreground_mask
+    from scripts.nets.tumsyn_net import build_tumsyn_net
     from scripts.prompt import tokenize
-    from scripts.synthesis_engine import TUMSynInferer, foreground_mask
-    from scripts.tumsyn_net import build_tumsyn_net
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))

@@ -29,7 +29,7 @@ while [ $# -ge 2 ]; do
       checkpoints=/tmp/stage2_$name/checkpoints  # the best validated epoch, else the last one (a run cut short)
       best=$(ls "$checkpoints/model_best.pt" 2>/dev/null || ls -t "$checkpoints"/checkpoint_*.pt 2>/dev/null | head -1)
       [ -n "$best" ] && PYTHONPATH=bundle:${PYTHONPATH:-} $python -c \
-        "import sys; from scripts.trainers import export_network_weights as e; e(sys.argv[1], sys.argv[2])" \
+        "import sys; from scripts.train.trainers import export_network_weights as e; e(sys.argv[1], sys.argv[2])" \
         "$best" "$results/$name.pt"
       echo "$name: done after $(( $(date +%s) - start )) s; $(grep -c 'Got new best' "$results/$name.log") new bests" ) &
     pids+=($!)

@@ -80,8 +80,8 @@ def demo_crop_loop(network, image, tokens, out_shape, query_chunk, amp, overlap=
     """The official demo's inference: every crop decoded on its own output grid, overlaps averaged."""
     import torch
 
-    from scripts.liif import make_coord
-    from scripts.synthesis_engine import _autocast, _window_starts
+    from scripts.engine.synthesis_engine import _autocast, _window_starts
+    from scripts.nets.liif import make_coord
 
     device = next(network.parameters()).device
     in_shape = image.shape[1:]
@@ -142,7 +142,7 @@ def load_case(source: str, input_name: str, fov_scale: float):
     import nibabel as nib
     import numpy as np
 
-    from scripts.intensity import normalize_intensity
+    from scripts.data.intensity import normalize_intensity
 
     if source == "synthetic":
         spacing = SYNTHETIC_SPACING[input_name]
@@ -200,9 +200,9 @@ def prepare_case(scale: str, input_name: str, source: str, fov_scale: float, thr
     import numpy as np
     import torch
 
-    from scripts.inference_engine import load_network_weights, output_grid
-    from scripts.synthesis_engine import channels_last_convolutions
-    from scripts.tumsyn_net import build_tumsyn_net
+    from scripts.engine.inference_engine import load_network_weights, output_grid
+    from scripts.engine.synthesis_engine import channels_last_convolutions
+    from scripts.nets.tumsyn_net import build_tumsyn_net
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -234,9 +234,9 @@ def run_case(scale: str, input_name: str, source: str, fov_scale: float, threads
     import numpy as np
     import torch
 
-    from scripts.metrics import psnr
+    from scripts.engine.metrics import psnr
+    from scripts.engine.synthesis_engine import foreground_mask
     from scripts.prompt import tokenize
-    from scripts.synthesis_engine import foreground_mask
 
     device = torch.device(device_name)
     array, spacing, reference, out_shape, network, inferer = prepare_case(

@@ -29,7 +29,7 @@ sys.path.insert(0, BUNDLE)
 def correlations(dataset_dir: str, network, inferer) -> dict[str, dict[str, float]]:
     """r of the text model, the input and the lookup table per task: ``{task: {method: r}}`` (the task prefixed by
     the subject when the dataset has several)."""
-    from scripts.evaluation import Method, run_evaluation
+    from scripts.engine.evaluation import Method, run_evaluation
 
     methods = [Method("tumsyn", network), Method("identity", None, "identity"),
                Method("oracle-lut", None, "oracle_lut")]
@@ -59,9 +59,9 @@ def main() -> None:
     import torch
     from monai.bundle import ConfigParser
 
-    from scripts.evaluation import downsample_bids
-    from scripts.inference_engine import load_network_weights
-    from scripts.tumsyn_net import build_tumsyn_net
+    from scripts.engine.evaluation import downsample_bids
+    from scripts.engine.inference_engine import load_network_weights
+    from scripts.nets.tumsyn_net import build_tumsyn_net
 
     torch.set_num_threads(args.threads)
     config = ConfigParser()

@@ -1,7 +1,7 @@
 """What limits the small scale: the numbers behind the unet scale (bench/README.md, "The U-Net scale").
 
 Measures, for the shipped small network (the paper's full-resolution ResNet layout at 16 channels and one block per
-stage, with the fusion block after it) and the unet scale (scripts/unet_encoder.py):
+stage, with the fusion block after it) and the unet scale (scripts/nets/unet_encoder.py):
 - trainable parameters and the receptive field: the extent of the input voxels whose change reaches one output
   latent code (the gradient of the centre code, non-zero), in voxels = mm at the 1 mm grid users bring; the LIIF
   query then reads the 2 latent codes around a point per axis (one voxel more);
@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle"))
 
-from scripts import text_guidance  # noqa: E402
-from scripts.sr_patches import RandSRPatchesd  # noqa: E402
-from scripts.text_guidance import TextToVoxelAttention  # noqa: E402
-from scripts.tumsyn_net import build_tumsyn_net  # noqa: E402
+from scripts.nets import text_guidance  # noqa: E402
+from scripts.nets.text_guidance import TextToVoxelAttention  # noqa: E402
+from scripts.nets.tumsyn_net import build_tumsyn_net  # noqa: E402
+from scripts.train.sr_patches import RandSRPatchesd  # noqa: E402
 
 # Each scale's training-input settings (configs/stage2_train.yaml, `scales`).
 SAMPLERS = {"small": {"lr_size": 16, "native_prob": 0.0}, "unet": {"lr_size": 32, "native_prob": 0.5}}

@@ -26,8 +26,8 @@ from scipy import ndimage
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle"))
 
-from scripts.evaluation import bids_image, downsample_bids  # noqa: E402
-from scripts.volume_io import load_volume  # noqa: E402
+from scripts.engine.evaluation import bids_image, downsample_bids  # noqa: E402
+from scripts.engine.volume_io import load_volume  # noqa: E402
 
 FEATURE_SETS = {"grey level and box statistics": ("local",), "+ edge and midline distance": ("local", "distance"),
                 "+ position in the brain's box": ("local", "distance", "position")}

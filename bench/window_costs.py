@@ -39,16 +39,16 @@ def main() -> None:
     import torch
     from inference_speed import BRAIN_SHAPE_1MM, DEMO_CROP, PROMPT, config_inferer, synthetic_brain
 
-    from scripts.liif import make_coord
-    from scripts.prompt import tokenize
-    from scripts.synthesis_engine import (
+    from scripts.engine.synthesis_engine import (
         _fitted_windows,
         _read_box,
         _window_starts,
         channels_last_convolutions,
         foreground_mask,
     )
-    from scripts.tumsyn_net import build_tumsyn_net
+    from scripts.nets.liif import make_coord
+    from scripts.nets.tumsyn_net import build_tumsyn_net
+    from scripts.prompt import tokenize
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", default="paper")

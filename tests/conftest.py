@@ -11,6 +11,8 @@ BUNDLE_ROOT = os.path.join(REPO_ROOT, "bundle")
 SHARED_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared")
 if BUNDLE_ROOT not in sys.path:
     sys.path.insert(0, BUNDLE_ROOT)
+# the research tools of bench/ (sim_vs_real, intensity_landmarks) are tested here as plain modules
+sys.path.append(os.path.join(REPO_ROOT, "bench"))
 
 # Two cores are shared by every test: one intra-op thread keeps timings stable and avoids oversubscription.
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import BUNDLE_ROOT
-from scripts.synthesis_engine import TUMSynInferer
+from scripts.engine.synthesis_engine import TUMSynInferer
 
 
 def python_environment(**extra: str) -> dict[str, str]:

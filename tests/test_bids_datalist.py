@@ -9,7 +9,7 @@ import pytest
 
 from conftest import BUNDLE_ROOT
 from helpers import write_bids_image
-from scripts import bids_datalist
+from scripts.data import bids_datalist
 
 T1 = {"RepetitionTime": 2.3, "EchoTime": 0.003, "InversionTime": 0.9, "FlipAngle": 9, "MagneticFieldStrength": 3,
       "Manufacturer": "Siemens"}
@@ -95,7 +95,7 @@ def test_command_writes_a_datalist_the_stage_configs_read(dataset, tmp_path, cap
     from monai.bundle import ConfigWorkflow
 
     output = tmp_path / "datalist.json"
-    # python -m scripts.bids_datalist DATASET --output datalist.json --val_fraction 0.25 --test_fraction 0
+    # python -m scripts.data.bids_datalist DATASET --output datalist.json --val_fraction 0.25 --test_fraction 0
     bids_datalist.main([dataset, "--output", str(output), "--val_fraction", "0.25", "--test_fraction", "0"])
     report = capsys.readouterr().out
     assert "skipped 6" in report and "sub-05/anat/sub-05_T2starw.nii.gz: unreadable image" in report

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from conftest import BUNDLE_ROOT, REPO_ROOT
@@ -54,19 +56,41 @@ def test_metadata_versions_match_the_installed_stack():
     assert meta["numpy_version"] == numpy.__version__
 
 
-def test_configs_run_from_inside_the_bundle_folder(tmp_path):
-    """The zoo layout: `cd bundle && python -m monai.bundle run --config_file configs/...` finds `scripts`."""
+@pytest.mark.parametrize("cwd, config", [(BUNDLE_ROOT, "configs/simulate.yaml"),
+                                         (REPO_ROOT, "bundle/configs/simulate.yaml")])
+def test_configs_run_from_the_bundle_folder_and_the_repository_root(tmp_path, cwd, config):
+    """The zoo layout (`cd bundle`, `scripts` in the current folder) and the README's (from the repository root, where
+    the config's first import, the installed `tumsyn_bundle`, puts the bundle folder on sys.path)."""
     out = tmp_path / "simulated"
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/simulate.yaml", "--output_dir",
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--output_dir",
          str(out), "--num_subjects", "1", "--voxel_mm", "2", "--sites", "['IXI']"],
-        cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600,
+        cwd=cwd, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "sub-001" / "anat" / "sub-001_T1w.nii.gz").is_file()
     assert (out / "sub-001" / "anat" / "sub-001_acq-cor3p2mm_PDw.nii.gz").is_file()
     with open(out / "participants.tsv") as handle:
         assert "IXI" in handle.read()
+
+
+def test_the_install_adds_no_top_level_scripts_package(tmp_path):
+    """`pip install -e .` installs only `tumsyn_bundle`: a `scripts` in site-packages would collide with every other
+    bundle's. Importing the launcher makes this bundle's `scripts` importable; the `tumsyn` command runs anywhere."""
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    code = ("import importlib.util; print(importlib.util.find_spec('scripts'))\n"
+            "import tumsyn_bundle, scripts; print(scripts.__file__)")
+    found = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environment, capture_output=True,
+                           text=True, timeout=120)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert found.stdout.split() == ["None", os.path.join(BUNDLE_ROOT, "scripts", "__init__.py")]
+    command = os.path.join(os.path.dirname(sys.executable), "tumsyn")
+    image = tmp_path / "sub-01_T2w.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), image)
+    prompt = subprocess.run([command, "prompt", str(image)], cwd=tmp_path, env=environment, capture_output=True,
+                            text=True, timeout=120)
+    assert prompt.returncode == 0, prompt.stderr[-2000:]
+    assert "Modality: T2w" in prompt.stdout
 
 
 @pytest.mark.parametrize("device, sw_batch_size, query_chunk", [("cpu", 1, 4096), ("cuda", 4, 65536)])

@@ -1,14 +1,14 @@
-"""The coarse pass (scripts/coarse_pass.py): low frequencies from the input block-averaged 2x, and its place in the
-inference engine."""
+"""The coarse pass (scripts/engine/coarse_pass.py): low frequencies from the input block-averaged 2x, and its place in
+the inference engine."""
 
 import pytest
 import torch
 
 from helpers import T2W, phantom
-from scripts.coarse_pass import block_averaged, coarse_pass_applies, with_coarse_low_frequencies
+from scripts.engine.coarse_pass import block_averaged, coarse_pass_applies, with_coarse_low_frequencies
+from scripts.engine.synthesis_engine import TUMSynInferer, foreground_mask
 from scripts.errors import UserInputError
-from scripts.synthesis_engine import TUMSynInferer, foreground_mask
-from scripts.tumsyn_net import build_tumsyn_net
+from scripts.nets.tumsyn_net import build_tumsyn_net
 
 
 def test_the_coarse_copy_must_stay_within_the_trained_voxel_sizes():

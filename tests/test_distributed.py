@@ -96,8 +96,8 @@ def test_stage1_trains_in_sync_on_two_cpu_processes(dataset, tmp_path):
 
 
 def test_stage2_trains_in_sync_on_two_cpu_processes(dataset, tmp_path):
-    from scripts.bmlip import build_text_encoder, save_text_encoder
-    from scripts.network_scales import text_encoder_config
+    from scripts.nets.bmlip import build_text_encoder, save_text_encoder
+    from scripts.nets.network_scales import text_encoder_config
 
     text_encoder = str(tmp_path / "text_encoder.pt")  # an untrained stage-1 export: stage 2 only needs it frozen
     save_text_encoder(build_text_encoder(text_encoder_config("small")), text_encoder, text_encoder_config("small"))

@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.intensity import TISSUE_ORDER
-from scripts.liif import LIIFDecoder, make_coord
-from scripts.prompt import tokenize
-from scripts.synthesis_engine import (
+from scripts.data.intensity import TISSUE_ORDER
+from scripts.engine.synthesis_engine import (
     TUMSynInferer,
     _fitted_windows,
     _read_box,
@@ -17,7 +15,9 @@ from scripts.synthesis_engine import (
     foreground_mask,
     synthesize_volume,
 )
-from scripts.tumsyn_net import build_tumsyn_net
+from scripts.nets.liif import LIIFDecoder, make_coord
+from scripts.nets.tumsyn_net import build_tumsyn_net
+from scripts.prompt import tokenize
 
 T2W = "Modality: T2w; Voxel size: (1.0, 1.0, 1.0)"
 

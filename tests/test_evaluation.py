@@ -9,7 +9,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT
-from scripts.evaluation import (
+from scripts.engine.evaluation import (
     TASK_SPECIFIC,
     TASKS,
     baseline_table,
@@ -19,8 +19,8 @@ from scripts.evaluation import (
     tasks_named,
     truth_tissue_volumes,
 )
-from scripts.tumsyn_net import build_tumsyn_net
-from scripts.volume_io import save_nifti
+from scripts.engine.volume_io import save_nifti
+from scripts.nets.tumsyn_net import build_tumsyn_net
 
 MODEL = os.path.join(BUNDLE_ROOT, "models", "model.pt")
 CONFIG = os.path.join(BUNDLE_ROOT, "configs", "evaluate.yaml")

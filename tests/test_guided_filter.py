@@ -1,4 +1,4 @@
-"""Input-guided detail transfer (scripts/guided_filter.py) and its place in the inference engine."""
+"""Input-guided detail transfer (scripts/engine/guided_filter.py) and its place in the inference engine."""
 
 import numpy as np
 import pytest
@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import T2W, phantom
-from scripts.guided_filter import guided_filter, guides, input_guided, rank_matched
-from scripts.synthesis_engine import TUMSynInferer, foreground_mask
-from scripts.tumsyn_net import build_tumsyn_net
+from scripts.engine.guided_filter import guided_filter, guides, input_guided, rank_matched
+from scripts.engine.synthesis_engine import TUMSynInferer, foreground_mask
+from scripts.nets.tumsyn_net import build_tumsyn_net
 
 
 def blurred(volume, foreground):

@@ -23,12 +23,12 @@ from helpers import (
     write_dicom_series,
     write_nifti,
 )
-from scripts.inference_engine import inference_cases, output_grid, run_inference
-from scripts.intensity import normalize_intensity
+from scripts.data.intensity import normalize_intensity
+from scripts.engine.inference_engine import inference_cases, output_grid, run_inference
+from scripts.engine.synthesis_engine import gaussian_window, synthesize_volume
+from scripts.engine.volume_io import load_volume
+from scripts.nets.tumsyn_net import build_tumsyn_net
 from scripts.prompt import tokenize
-from scripts.synthesis_engine import gaussian_window, synthesize_volume
-from scripts.tumsyn_net import build_tumsyn_net
-from scripts.volume_io import load_volume
 
 
 def smooth_volume(shape, period=12.0):
@@ -358,8 +358,8 @@ def test_default_case_synthesizes_the_subjects_t2w_with_its_own_prompt(tmp_path,
 def test_opt_in_landmark_input_normalisation(tmp_path):
     """`input_normalisation: landmarks` feeds the network the input mapped onto the training landmarks of the input's
     modality (from its sidecar); an input whose modality is unknown is one error line, and the default is unchanged."""
+    from scripts.engine.synthesis_engine import TUMSynInferer
     from scripts.errors import UserInputError
-    from scripts.synthesis_engine import TUMSynInferer
 
     data = (300 * blob_volume((16, 16, 16), np.eye(4), (8, 8, 8))).astype(np.float32)
     bids = write_bids_image(str(tmp_path / "bids"), "01", "T1w", data, {"RepetitionTime": 2.3, "EchoTime": 0.003})
@@ -383,7 +383,7 @@ def test_flip_averaging_keeps_every_voxel_in_place_on_an_oblique_grid(tmp_path):
     """A network that only resamples its input is mirror-symmetric, so averaging its 8 mirror predictions must give
     its single prediction back on any input orientation and output grid: a mirror image flipped back onto the wrong
     voxels would blur the blob. The sidecar records how many mirror images were averaged."""
-    from scripts.synthesis_engine import TUMSynInferer
+    from scripts.engine.synthesis_engine import TUMSynInferer
 
     affine = np.array([[-1.2, 0, 0, 30.0], [0, 0, 2.0, -10.0], [0, -0.9, 0, 20.0], [0, 0, 0, 1]])  # LPS-like, permuted
     data = (300 * blob_volume((18, 14, 11), affine, (22.0, 5.0, 12.0))).astype(np.float32)
@@ -404,7 +404,7 @@ def test_flip_averaging_keeps_every_voxel_in_place_on_an_oblique_grid(tmp_path):
 def test_auto_intensity_scales_follow_the_inputs_contrast(tmp_path):
     """``intensity_scales: auto`` picks the factors from the input's modality (its BIDS name here) and the prompt's,
     and the sidecar records the factors used; an input of unknown contrast keeps its scale."""
-    from scripts.synthesis_engine import TUMSynInferer
+    from scripts.engine.synthesis_engine import TUMSynInferer
 
     data = (300 * blob_volume((12, 12, 10), np.eye(4), (5.0, 6.0, 4.0))).astype(np.float32)
     inferer = TUMSynInferer(roi_size=(8, 8, 8), progress=False, intensity_scales="auto")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from scripts.metrics import compare, oracle_lookup_table, pearson, psnr, ssim, tissue_volumes
+from scripts.engine.metrics import compare, oracle_lookup_table, pearson, psnr, ssim, tissue_volumes
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.bmlip import BMLIP, BMLIPLoss, build_text_encoder, load_text_encoder, save_text_encoder
-from scripts.layout import Conv3d
-from scripts.liif import LIIFDecoder, make_coord
-from scripts.network_scales import scale_config, text_encoder_config
+from scripts.nets.bmlip import BMLIP, BMLIPLoss, build_text_encoder, load_text_encoder, save_text_encoder
+from scripts.nets.layout import Conv3d
+from scripts.nets.liif import LIIFDecoder, make_coord
+from scripts.nets.network_scales import scale_config, text_encoder_config
+from scripts.nets.resnet_encoder import ResNetEncoder3d
+from scripts.nets.text_guidance import ModalityEmbedding, TextAdapter, TextGuidedFusion, TextToVoxelAttention
+from scripts.nets.tumsyn_net import build_tumsyn_net
 from scripts.prompt import MODALITIES, Prompt, tokenize
-from scripts.resnet_encoder import ResNetEncoder3d
-from scripts.text_guidance import ModalityEmbedding, TextAdapter, TextGuidedFusion, TextToVoxelAttention
-from scripts.tumsyn_net import build_tumsyn_net
 
 SIZE = 12  # side of the test volumes: small enough that the whole file runs in seconds
 
@@ -228,7 +228,8 @@ def test_liif_chunked_query_equals_single_query_and_uses_offset_and_cell():
 
 def test_decoder_in_place_relus_and_uncopied_codes_keep_values_and_gradients():
     # The decoder's ReLUs run in place and its first layer reads the gathered codes without copying them out
-    # (scripts.liif): the same outputs and gradients as out-of-place ReLUs, with the input-skip channel beside them.
+    # (scripts.nets.liif): the same outputs and gradients as out-of-place ReLUs, with the input-skip channel beside
+    # them.
     torch.manual_seed(0)
     fast = LIIFDecoder(in_channels=4, hidden=(8, 8), input_residual=True)
     plain = copy.deepcopy(fast)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLE_ROOT
-from scripts.ood import ood_warnings, trained_parameter_ranges, trained_voxel_range
+from scripts.engine.ood import ood_warnings, trained_parameter_ranges, trained_voxel_range
+from scripts.engine.volume_io import Volume
 from scripts.prompt import Prompt
-from scripts.volume_io import Volume
 
 MODEL = os.path.join(BUNDLE_ROOT, "models", "model.pt")
 
@@ -59,7 +59,7 @@ def test_histogram_warning():
 
 
 def test_prompt_warnings_name_the_field(caplog):
-    with caplog.at_level(logging.WARNING, logger="scripts.ood"):
+    with caplog.at_level(logging.WARNING, logger="scripts.engine.ood"):
         found = ood_warnings(brain(), T2W.replace(te=400.0, age=120, field_strength=7.0))
     assert any("TE 400" in w and "T2w" in w for w in found)
     assert any("age 120" in w for w in found) and any("7 T" in w for w in found)
@@ -89,9 +89,9 @@ def test_post_contrast_target_from_a_pre_contrast_input_warning():
 def test_end_to_end_prompt_with_none_fields_records_warnings(tmp_path):
     import torch
 
-    from scripts.inference_engine import load_network_weights, run_inference
-    from scripts.synthesis_engine import TUMSynInferer
-    from scripts.tumsyn_net import build_tumsyn_net
+    from scripts.engine.inference_engine import load_network_weights, run_inference
+    from scripts.engine.synthesis_engine import TUMSynInferer
+    from scripts.nets.tumsyn_net import build_tumsyn_net
 
     torch.set_num_threads(1)
     volume = brain(voxel_mm=(4.0, 4.0, 4.0), shape=(40, 44, 34))

@@ -16,7 +16,8 @@ import pytest
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT
-from scripts.evaluation import (
+from scripts.data.intensity import WM_PEAK_LEVEL, normalize_intensity
+from scripts.engine.evaluation import (
     REAL_TASKS,
     Method,
     bids_cases,
@@ -27,8 +28,7 @@ from scripts.evaluation import (
     tasks_for,
     thicken_bids,
 )
-from scripts.intensity import WM_PEAK_LEVEL, normalize_intensity
-from scripts.synthesis_engine import TUMSynInferer
+from scripts.engine.synthesis_engine import TUMSynInferer
 
 REAL = os.path.normpath(os.path.join(BUNDLE_ROOT, "..", "..", "shared", "data", "real", "bids"))
 needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="the real case (../shared/data/real) is absent")
@@ -317,7 +317,7 @@ def test_thicken_writes_thick_axial_copies_beside_the_originals(tmp_path):
 
 
 def test_a_task_runs_on_every_subject_of_a_dataset_without_its_sites(tmp_path):
-    from scripts.evaluation import tasks_named
+    from scripts.engine.evaluation import tasks_named
 
     root = tmp_path / "bids"
     root.mkdir()
@@ -378,7 +378,7 @@ def test_white_matter_peak_landmark(brain_image):
 
 
 def test_sim_vs_real_statistics_on_a_phantom(brain_image):
-    from scripts.sim_vs_real import contrast_statistics, gmm_tissue_classes
+    from sim_vs_real import contrast_statistics, gmm_tissue_classes
 
     image, inside = brain_image
     labels = gmm_tissue_classes(image, inside)
@@ -392,7 +392,7 @@ def test_sim_vs_real_statistics_on_a_phantom(brain_image):
 
 
 def test_landmark_map_hits_its_landmarks_and_continues_linearly():
-    from scripts.intensity import map_landmarks
+    from scripts.data.intensity import map_landmarks
 
     source, target = np.array([0.1, 0.5, 1.0]), np.array([0.2, 0.4, 1.0])
     mapped = map_landmarks(np.array([0.0, 0.1, 0.3, 0.5, 1.0, 1.5]), source, target)
@@ -403,7 +403,7 @@ def test_landmark_map_hits_its_landmarks_and_continues_linearly():
 
 
 def test_landmark_normalisation_matches_the_training_landmarks(brain_image):
-    from scripts.intensity import LANDMARK_PERCENTILES, TRAINING_LANDMARKS
+    from scripts.data.intensity import LANDMARK_PERCENTILES, TRAINING_LANDMARKS
 
     image, inside = brain_image
     for modality in ("T1w", "T2w", "FLAIR"):
@@ -416,8 +416,8 @@ def test_landmark_normalisation_matches_the_training_landmarks(brain_image):
 
 
 def test_training_landmarks_are_derived_from_a_dataset(tmp_path, brain_image):
-    from scripts.intensity import LANDMARK_PERCENTILES
-    from scripts.intensity_landmarks import training_landmarks
+    from intensity_landmarks import training_landmarks
+    from scripts.data.intensity import LANDMARK_PERCENTILES
 
     image, inside = brain_image
     for subject, gain in (("sub-01", 1.0), ("sub-02", 2.0)):
@@ -434,7 +434,7 @@ def test_training_landmarks_are_derived_from_a_dataset(tmp_path, brain_image):
 
 
 def test_coverage_table_marks_and_reads_back_the_covered_rows():
-    from scripts.sim_vs_real import STATISTICS, claimed_rows, coverage_table, uncovered
+    from sim_vs_real import STATISTICS, claimed_rows, coverage_table, uncovered
 
     def row(value, **changes):
         return {"contrast": "T1w", **{s: value for s in STATISTICS}, **changes}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts import registration
+from scripts.data import registration
 
 SPACING = 2.0  # mm; a 40^3 volume at 2 mm covers a small brain-sized field of view quickly
 SIZE = 40

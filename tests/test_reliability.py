@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-import scripts.inference_engine
-import scripts.volume_io
+import scripts.engine.inference_engine
+import scripts.engine.volume_io
 from conftest import BUNDLE_ROOT
 from helpers import (
     FAST,
@@ -29,12 +29,12 @@ from helpers import (
     write_raw_nifti,
 )
 from scripts.cli import literal_override
+from scripts.engine.evaluation import Method, run_evaluation
+from scripts.engine.inference_engine import load_datalist, load_network_weights, run_batch, run_inference
+from scripts.engine.volume_io import atomic_path, load_volume, save_nifti
 from scripts.errors import TEXT_FIELDS, UserInputError, check_bundle_run, text_field_refusals
-from scripts.evaluation import Method, run_evaluation
-from scripts.inference_engine import load_datalist, load_network_weights, run_batch, run_inference
 from scripts.prompt import prompt_from_image, tokenize
 from scripts.simulator import simulate
-from scripts.volume_io import atomic_path, load_volume, save_nifti
 
 # What a prompt would run if anything evaluated it: creates the file PWNED in the working directory.
 CODE = "$__import__('os').system('touch PWNED')"
@@ -179,7 +179,7 @@ def test_refuses_to_overwrite_the_input(tmp_path):
 def test_dicom_series_too_large_is_refused_with_the_numbers(tmp_path, monkeypatch):
     folder = str(tmp_path / "series")
     write_dicom_series(folder, (100 * np.random.rand(16, 12, 6)).astype(np.int16))
-    monkeypatch.setattr(scripts.volume_io, "available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(scripts.engine.volume_io, "available_memory_bytes", lambda: 1000)
     with pytest.raises(UserInputError) as raised:
         load_volume(folder)
     # 4 float32 working copies of 16 x 12 x 6 voxels = 18432 bytes
@@ -189,7 +189,7 @@ def test_dicom_series_too_large_is_refused_with_the_numbers(tmp_path, monkeypatc
 def test_flip_averaging_counts_its_extra_memory_before_any_work(tmp_path, monkeypatch):
     image = write_nifti(tmp_path / "scan.nii.gz", (0.2 + np.random.rand(5, 5, 5)).astype(np.float32), np.eye(4))
     # output 10 x 10 x 10 at 0.5 mm: 12 bytes per voxel for one prediction, 20 with flip averaging
-    monkeypatch.setattr(scripts.volume_io, "available_memory_bytes", lambda: 16000)
+    monkeypatch.setattr(scripts.engine.volume_io, "available_memory_bytes", lambda: 16000)
     run_inference(image, "T2w", str(tmp_path / "single"), SamplingNet(), target_spacing=0.5, inferer=FAST,
                   preview=False)
     with pytest.raises(UserInputError) as raised:
@@ -280,7 +280,7 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch, interr
         open(filename, "wb").write(before[: len(before) // 2])
         raise interruption("killed mid-write")
 
-    monkeypatch.setattr(scripts.volume_io.nib, "save", half_then_interrupt)
+    monkeypatch.setattr(scripts.engine.volume_io.nib, "save", half_then_interrupt)
     with pytest.raises(interruption):
         save_nifti(np.zeros((4, 4, 4)), np.eye(4), path)
     assert open(path, "rb").read() == before and files_in(tmp_path / "out") == ["image.nii.gz"]
@@ -576,7 +576,7 @@ print(len(names), "modules")
 
 @pytest.fixture(scope="module")
 def small_weights(tmp_path_factory):
-    from scripts.tumsyn_net import build_tumsyn_net
+    from scripts.nets.tumsyn_net import build_tumsyn_net
 
     path = tmp_path_factory.mktemp("weights") / "model.pt"
     torch.save(build_tumsyn_net("small").state_dict(), path)
@@ -685,7 +685,7 @@ def test_batch_rows_sharing_a_file_name_or_input_each_get_their_output(tmp_path,
         os.utime(paths["image"], (1, 1))
 
     caplog.clear()
-    with caplog.at_level("INFO", logger="scripts.inference_engine"):
+    with caplog.at_level("INFO", logger="scripts.engine.inference_engine"):
         run_batch(cases, str(out), SamplingNet(), inferer=FAST, preview=False)
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("skipping") for m in messages) == 3 and not any(m.startswith("wrote") for m in messages)
@@ -694,7 +694,7 @@ def test_batch_rows_sharing_a_file_name_or_input_each_get_their_output(tmp_path,
     # siteB's scan replaced under the same name: its row is no longer the one recorded, so it is redone
     write_nifti(tmp_path / "siteB" / "sub-01_T1w.nii.gz", blob_volume((12, 12, 12), np.eye(4), (4, 4, 4)), np.eye(4))
     caplog.clear()
-    with caplog.at_level("INFO", logger="scripts.inference_engine"):
+    with caplog.at_level("INFO", logger="scripts.engine.inference_engine"):
         run_batch(cases, str(out), SamplingNet(), inferer=FAST, preview=False)
     assert [os.path.getmtime(p["image"]) == 1 for p in written] == [True, False, True]
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote")] == [
@@ -776,7 +776,7 @@ def test_evaluate_writes_the_pairs_it_could_score_and_reports_the_others(in_tmp,
     (in_tmp / "b_input.nii.gz").write_bytes(b"garbage")
     (in_tmp / "pairs.json").write_text(json.dumps([{"input": f"{n}_input.nii.gz", "target": f"{n}_target.nii.gz",
                                                     "prompt": "T2w", "subject": n} for n in "ab"]))
-    with caplog.at_level("ERROR", logger="scripts.evaluation"), pytest.raises(UserInputError) as raised:
+    with caplog.at_level("ERROR", logger="scripts.engine.evaluation"), pytest.raises(UserInputError) as raised:
         run_evaluation(None, "out", [Method("identity", None, "identity")], FAST, datalist="pairs.json")
     assert one_line(raised).startswith("evaluate: 1 of 2 cases failed (metrics of the other 1 written to out); "
                                        "first: b input->T2w: ") and "b_input.nii.gz: not a readable" in one_line(raised)
@@ -794,29 +794,29 @@ def _no_space(*arguments, **keywords):
 def test_a_full_disk_names_the_file_and_leaves_no_case_that_looks_finished(tmp_path, monkeypatch, failing):
     image, out = _good_image(tmp_path), tmp_path / "out"
     first = run_inference(image, "T2w", str(out), SamplingNet(), inferer=FAST)  # a finished earlier run
-    publish = scripts.volume_io._publish
+    publish = scripts.engine.volume_io._publish
 
     def publish_but_the_sidecar(temporary, path):
         (_no_space if path.endswith(".json") else publish)(temporary, path)
 
-    target, replacement = {"image": (scripts.volume_io.nib, "save"),
-                           "preview": (scripts.inference_engine, "save_preview"),
-                           "sidecar": (scripts.inference_engine.json, "dump"),
-                           "sidecar_rename": (scripts.volume_io, "_publish")}[failing]
+    target, replacement = {"image": (scripts.engine.volume_io.nib, "save"),
+                           "preview": (scripts.engine.inference_engine, "save_preview"),
+                           "sidecar": (scripts.engine.inference_engine.json, "dump"),
+                           "sidecar_rename": (scripts.engine.volume_io, "_publish")}[failing]
     monkeypatch.setattr(target, replacement, publish_but_the_sidecar if failing == "sidecar_rename" else _no_space)
     with pytest.raises(UserInputError) as raised:
         run_batch([{"input_image": image, "prompt": "T2w"}], str(out), SamplingNet(), inferer=FAST, overwrite=True)
     assert one_line(raised).startswith(f"{first['image']}: could not write this case's files (OSError: [Errno 28] "
                                        f"No space left on device)")
     assert not any(name.startswith(".tmp-") for name in files_in(out))
-    finished = scripts.inference_engine.is_finished(first)
+    finished = scripts.engine.inference_engine.is_finished(first)
     # failed before any rename: the earlier case stands; failed among the renames: the new image has no sidecar
     assert finished is (failing != "sidecar_rename")
     assert files_in(out) == (["good_T2w.nii.gz", "good_T2w.png"] if failing == "sidecar_rename" else
                              ["good_T2w.json", "good_T2w.nii.gz", "good_T2w.png"])
     monkeypatch.undo()
     run_batch([{"input_image": image, "prompt": "T2w"}], str(out), SamplingNet(), inferer=FAST)
-    assert scripts.inference_engine.is_finished(first)
+    assert scripts.engine.inference_engine.is_finished(first)
 
 
 def test_a_killed_runs_temporary_files_are_removed_by_the_next_run(tmp_path):
@@ -825,7 +825,7 @@ def test_a_killed_runs_temporary_files_are_removed_by_the_next_run(tmp_path):
     image, out = _good_image(tmp_path), tmp_path / "out"
     killed = subprocess.run([sys.executable, "-c", (
         "import os, signal, sys\n"
-        "from scripts.volume_io import atomic_path\n"
+        "from scripts.engine.volume_io import atomic_path\n"
         "with atomic_path(sys.argv[1]) as temporary:\n"
         "    open(temporary, 'wb').write(b'half an image')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(out / "good_T2w.nii.gz")], env=python_environment())
@@ -880,7 +880,7 @@ def test_a_declared_huge_grid_is_refused_before_any_allocation(tmp_path, monkeyp
     import tracemalloc
 
     path = write_raw_nifti(tmp_path / "forged.nii.gz", (1000, 1000, 1000), b"\0" * 4096)
-    monkeypatch.setattr(scripts.volume_io, "available_memory_bytes", lambda: 2**50)  # memory would allow it
+    monkeypatch.setattr(scripts.engine.volume_io, "available_memory_bytes", lambda: 2**50)  # memory would allow it
     tracemalloc.start()
     try:
         with pytest.raises(UserInputError) as raised:

@@ -331,7 +331,7 @@ def test_config_runs_the_simulator(tmp_path):
 
 
 def _peak_over_p99(image, mask):
-    from scripts.intensity import white_matter_peak
+    from scripts.data.intensity import white_matter_peak
     return white_matter_peak(image[mask]) / np.percentile(image[mask], 99)
 
 
@@ -466,7 +466,7 @@ SIM_VS_REAL_DOC = os.path.join(os.path.dirname(BUNDLE_ROOT), "docs", "sim_vs_rea
 def test_realism_covers_the_real_case_where_the_doc_says_so():
     """docs/sim_vs_real.md's 2 mm table, recomputed: every real value of a row marked covered lies inside the range
     of the subjects simulated with realism=True (one per training site, 2 mm grid, real case block-averaged)."""
-    from scripts.sim_vs_real import COARSE_CHECK, COARSE_HEADING, claimed_rows, coarse_statistics, uncovered
+    from sim_vs_real import COARSE_CHECK, COARSE_HEADING, claimed_rows, coarse_statistics, uncovered
 
     with open(SIM_VS_REAL_DOC) as handle:
         claimed = claimed_rows(handle.read(), COARSE_HEADING)
@@ -481,7 +481,7 @@ def test_realism_covers_the_real_case_where_the_doc_says_so():
 @pytest.mark.skipif(not os.path.isdir(REAL), reason="the real case (../shared/data/real) is absent")
 def test_realism_covers_the_real_case_at_1mm_where_the_doc_says_so():
     """The done-bar table of docs/sim_vs_real.md (1 mm, 27 realism subjects), recomputed (about 15 min)."""
-    from scripts.sim_vs_real import (
+    from sim_vs_real import (
         HEADING,
         REALISM_CHECK,
         claimed_rows,

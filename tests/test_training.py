@@ -16,10 +16,11 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
 from helpers import python_environment
-from scripts import bids_data, bids_datalist, sr_patches, text_embedding_checks, trainers
+from scripts.data import bids_data, bids_datalist
+from scripts.nets.tumsyn_net import build_tumsyn_net
 from scripts.prompt import MODALITIES, Prompt, tokenize
-from scripts.prompt_dropout import RandPromptDropoutd
-from scripts.tumsyn_net import build_tumsyn_net
+from scripts.train import sr_patches, text_embedding_checks, trainers
+from scripts.train.prompt_dropout import RandPromptDropoutd
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs")
 STAGE1 = os.path.join(CONFIGS, "stage1_train.yaml")
@@ -489,7 +490,7 @@ def test_stage2_patches_leave_the_uncopied_cache_intact(dataset, tmp_path):
 
 @pytest.mark.parametrize("method", ["percentile", "wm_peak"])
 def test_stage2_intensity_normalisation_scales_training_and_validation_images(dataset, tmp_path, method):
-    from scripts.intensity import WM_PEAK_LEVEL, white_matter_peak
+    from scripts.data.intensity import WM_PEAK_LEVEL, white_matter_peak
 
     def landmark(image):
         values = np.asarray(image, dtype=np.float32)
@@ -546,8 +547,8 @@ def test_sweep_smoothness_tells_a_smooth_embedding_from_a_scrambled_one():
 
 
 def test_shipped_text_encoder_separates_modalities_and_orders_times(dataset):
-    from scripts.inference_engine import load_network_weights
-    from scripts.tumsyn_net import build_tumsyn_net
+    from scripts.engine.inference_engine import load_network_weights
+    from scripts.nets.tumsyn_net import build_tumsyn_net
 
     network = load_network_weights(build_tumsyn_net("small", conditioning="text"), SHIPPED_MODEL)
     prompts = [image.prompt for image in bids_data.scan_bids(dataset)]
@@ -587,7 +588,7 @@ STAGE2_TINY = dict(lr_size=[8, 8, 8], num_queries=512, patches_per_volume=4, bat
 
 
 def test_stage1_config_learns_retrieval_above_chance(dataset, tmp_path):
-    from scripts.bmlip import load_text_encoder
+    from scripts.nets.bmlip import load_text_encoder
 
     # prompt-field dropout off: this fixed budget is too short to learn retrieval and unknown fields at once
     workflow = _workflow(STAGE1, dataset, tmp_path, max_epochs=40, val_interval=20, val_fraction=0.34, device="cpu",
@@ -611,8 +612,8 @@ def test_stage1_config_learns_retrieval_above_chance(dataset, tmp_path):
 @pytest.fixture(scope="module")
 def text_encoder_path(tmp_path_factory):
     """An untrained small text tower in the stage-1 export format (stage 2 only needs it frozen)."""
-    from scripts.bmlip import build_text_encoder, save_text_encoder
-    from scripts.network_scales import text_encoder_config
+    from scripts.nets.bmlip import build_text_encoder, save_text_encoder
+    from scripts.nets.network_scales import text_encoder_config
 
     path = str(tmp_path_factory.mktemp("stage1") / "text_encoder.pt")
     torch.manual_seed(0)
@@ -639,8 +640,8 @@ def test_stage2_config_lowers_validation_l1(dataset, tmp_path, text_encoder_path
     assert -1 <= trained["val_ssim"] <= 1  # computed; too short a budget to assert its gain
     assert os.path.isfile(tmp_path / "checkpoints" / "model_best.pt")
     # the exported deployable weights load into the inference config's network definition
-    from scripts.inference_engine import load_network_weights
-    from scripts.tumsyn_net import build_tumsyn_net
+    from scripts.engine.inference_engine import load_network_weights
+    from scripts.nets.tumsyn_net import build_tumsyn_net
 
     load_network_weights(build_tumsyn_net("small", conditioning="text", input_skip=False), str(tmp_path / "model.pt"))
 

@@ -48,7 +48,7 @@ def test_checkpoint_exports_to_torchscript_with_the_same_output(tmp_path):
 
 def test_onnx_export_matches_eager_in_onnxruntime(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
-    from scripts.export import export_onnx
+    from scripts.engine.export import export_onnx
 
     workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="infer")
     workflow.initialize()
@@ -67,7 +67,7 @@ def test_onnx_export_matches_eager_in_onnxruntime(tmp_path):
     with pytest.raises(ValueError, match="window"):
         export_onnx(network, str(tmp_path / "bad.onnx"), window=(16, 16))
     # why export_onnx adapts the network: as it is, ChannelLayerNorm's movedim exports to a Transpose with a
-    # negative axis that onnxruntime refuses (scripts/export.py)
+    # negative axis that onnxruntime refuses (scripts/engine/export.py)
     raw = str(tmp_path / "raw.onnx")
     torch.onnx.export(network.eval(), (torch.zeros(1, 1, 16, 16, 16),), raw, dynamo=False, opset_version=20)
     with pytest.raises(Exception, match="perm"):
@@ -104,7 +104,9 @@ def test_packaged_archive_installs_through_monai_download_and_runs_inference(tmp
     for required in ("configs/inference.yaml", "configs/metadata.json", "models/model.pt", "scripts/__init__.py",
                      "docs/README.md", "LICENSE"):
         assert f"{name}/{required}" in members
-    assert not [m for m in members if "/output/" in m or "/data/" in m or "__pycache__" in m or m.endswith(".pyc")]
+    # the bundle's datasets and outputs stay out (scripts/data/ is code)
+    assert not [m for m in members if m.startswith((f"{name}/output/", f"{name}/data/")) or "__pycache__" in m
+                or m.endswith(".pyc")]
 
     # what `python -m monai.bundle download --name NAME --bundle_dir DIR --url file://ZIP` calls
     download(name=name, bundle_dir=str(tmp_path / "installed"), url=f"file://{archive}")
@@ -138,7 +140,7 @@ def test_training_configs_log_to_tensorboard_and_take_monai_mlflow_tracking(stag
     workflow = ConfigWorkflow(config_file=config, workflow_type="train", tracking="mlflow", output_dir=str(tmp_path))
     for engine in ("train", "validate"):
         targets = [handler["_target_"] for handler in workflow.parser[f"{engine}#handlers"]]
-        assert "scripts.trainers.EngineLogs" in targets and targets[-1] == "MLFlowHandler", targets
+        assert "scripts.train.trainers.EngineLogs" in targets and targets[-1] == "MLFlowHandler", targets
         assert workflow.parser[f"{engine}#handlers"][-1]["_disabled_"] == "@is_not_rank0"
     assert workflow.parser.get_parsed_content("is_not_rank0") is False  # one process: rank 0
     assert workflow.parser.get_parsed_content("tracking_uri").endswith(f"{tmp_path}/mlruns.db")

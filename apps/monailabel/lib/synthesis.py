@@ -3,7 +3,8 @@ synthesized volume as a NIfTI file and the params returned to the client.
 
 It needs only MONAI and the bundle (not monailabel), so it runs in the bundle's own environment as well as the
 server's. Loading, prompt resolution, the output grid and the NIfTI writing are the bundle's
-``scripts.inference_engine.run_inference``; the network and inferer are the ones ``configs/inference.yaml`` defines.
+``scripts.engine.inference_engine.run_inference``; the network and inferer are the ones ``configs/inference.yaml``
+defines.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Synthesis:
                  default_prompt: str = "T2w"):
         # The inferer parsed now, in the same import of ``scripts`` as the engine, so the engine's Prompt objects are
         # the inferer's (MONAI Label re-imports the bundle's ``scripts`` on its own config accesses).
-        self.engine = importlib.import_module("scripts.inference_engine")
+        self.engine = importlib.import_module("scripts.engine.inference_engine")
         self.inferer = bundle_config.get_parsed_content("inferer", instantiate=True)
         self.network = network
         self.ckpt_path = ckpt_path

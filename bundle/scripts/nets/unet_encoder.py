@@ -1,14 +1,14 @@
 """The small scale's stage-2 image encoder: a 3D U-Net whose output features keep the input's grid.
 
-The paper's encoder (``scripts.resnet_encoder``) never downsamples, so on a CPU budget (16 channels, 4 blocks) it sees
-about 19 voxels around a voxel: 19 mm at the 1 mm grid users bring, less than a sulcus and its neighbours. Telling
+The paper's encoder (``scripts.nets.resnet_encoder``) never downsamples, so on a CPU budget (16 channels, 4 blocks) it
+sees about 19 voxels around a voxel: 19 mm at the 1 mm grid users bring, less than a sulcus and its neighbours. Telling
 CSF from white matter in a contrast that inverts them needs more context than that. A U-Net (Ronneberger et al.,
 MICCAI 2015; in 3D Cicek et al., MICCAI 2016) reaches ~80 voxels at the same cost by working at 1/2, 1/4 and 1/8 of
 the grid and bringing the result back to full resolution through skip connections, so the LIIF decoder still reads one
 latent code per input voxel. The target prompt steers the coarsest level too (``bottleneck_fusion``), so the
 features that travel back up already depend on the contrast asked for.
 
-No normalisation layers, for the reason given in ``scripts.resnet_encoder``; inputs whose size is not a multiple of
+No normalisation layers, for the reason given in ``scripts.nets.resnet_encoder``; inputs whose size is not a multiple of
 the total downsampling are zero-padded (the background of a skull-stripped scan) and the output cropped back.
 """
 
@@ -39,7 +39,7 @@ class UNetEncoder3d(nn.Module):
     doubles it (trilinear upsampling, concatenation with the level's skip, two convolutions). The full-resolution
     level has one convolution each way: it holds 8x the voxels of the next, and most of a CPU step went there.
     ``bottleneck_fusion``: a module ``(features, condition) -> features`` applied at the coarsest level (the
-    prompt's cross-attention, ``scripts.text_guidance.TextGuidedFusion``); None leaves the encoder unconditioned.
+    prompt's cross-attention, ``scripts.nets.text_guidance.TextGuidedFusion``); None leaves the encoder unconditioned.
     ``condition_dim``, ``condition_channels``: the condition also enters with the image, projected to that many
     constant channels beside it, so every level computes features of the asked contrast. The bottleneck's gate
     alone steered too little at a CPU budget: asked for FLAIR, PD or T1w from a T1w, a model trained so returned

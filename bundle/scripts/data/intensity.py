@@ -19,7 +19,7 @@ simulated). The shipped weights were trained with the percentile, so it stays th
 images of that modality (Nyul & Udupa, MRM 1999, 42:1072-1081; the decile landmarks of Nyul, Udupa & Zhang, IEEE
 TMI 2000, 19:143-150): after the percentile scaling, the brain's percentiles ``LANDMARK_PERCENTILES`` are mapped
 piecewise linearly onto ``TRAINING_LANDMARKS[modality]``, the mean of the same percentiles over the simulated
-training images (``scripts.intensity_landmarks`` derives the table), extrapolated linearly beyond the end landmarks.
+training images (``bench/intensity_landmarks.py`` derives the table), extrapolated linearly beyond the end landmarks.
 Measured on the real case it helps one task and hurts the others (docs/real_data.md), so nothing uses it by default.
 """
 
@@ -37,7 +37,7 @@ BACKGROUND_FRACTION = 0.2
 NEGATIVE_FRACTION = 0.05
 LANDMARK_PERCENTILES = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)
 # Mean brain percentiles of the default training images after percentile scaling, per modality:
-# ``python -m scripts.intensity_landmarks data/simulated`` (from bundle/; 20 subjects, seed 0, nine training sites).
+# ``python ../bench/intensity_landmarks.py data/simulated`` (from bundle/; 20 subjects, seed 0, nine training sites).
 TRAINING_LANDMARKS: dict[str, tuple[float, ...]] = {
     "FLAIR": (0.0702, 0.3809, 0.5179, 0.5924, 0.6403, 0.6777, 0.7101, 0.7428, 0.7804, 0.8326, 1.0),
     "PD": (0.1405, 0.6393, 0.6894, 0.7219, 0.7495, 0.7755, 0.8016, 0.83, 0.8641, 0.9111, 1.0),
@@ -48,11 +48,12 @@ TRAINING_LANDMARKS: dict[str, tuple[float, ...]] = {
     "T2w": (0.1216, 0.2647, 0.2952, 0.3344, 0.3807, 0.4285, 0.477, 0.5304, 0.5964, 0.7015, 1.0),
 }
 
-# ``intensity_scales: auto`` (scripts.synthesis_engine): the test-time input factors per kind of contrast pair, for the
-# contrasts measured on real scans (docs/real_data.md). A real input's prediction was better with the input scaled down
-# when the pair inverts the tissue order (T2w: CSF brightest, WM darkest; T1w, T1CE, FLAIR: CSF darkest) and scaled up
-# when it keeps it; chosen on the shared real case at 4 mm with flip averaging, then checked on two held-out cases and
-# on seven pairs outside the chosen tasks. Other pairs (same contrast, PD, SWI, T2star, unknown input) keep 1.0.
+# ``intensity_scales: auto`` (scripts.engine.synthesis_engine): the test-time input factors per kind of contrast pair,
+# for the contrasts measured on real scans (docs/real_data.md). A real input's prediction was better with the input
+# scaled down when the pair inverts the tissue order (T2w: CSF brightest, WM darkest; T1w, T1CE, FLAIR: CSF darkest) and
+# scaled up when it keeps it; chosen on the shared real case at 4 mm with flip averaging, then checked on two held-out
+# cases and on seven pairs outside the chosen tasks. Other pairs (same contrast, PD, SWI, T2star, unknown input) keep
+# 1.0.
 AUTO_SCALES = {"inverts": (0.6, 0.8), "keeps": (1.8, 2.0)}
 TISSUE_ORDER = {"T1w": "CSF darkest", "T1CE": "CSF darkest", "FLAIR": "CSF darkest", "T2w": "CSF brightest"}
 

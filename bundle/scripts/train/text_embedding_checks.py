@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from scipy.stats import spearmanr
 
-from .prompt import Prompt, PromptError, tokenize
+from ..prompt import Prompt, PromptError, tokenize
 
 SWEPT_FIELDS = ("tr", "te", "ti")
 # Multiples of a prompt's own time: 9 steps of 2^(1/4) from half to twice the value.

@@ -14,7 +14,7 @@ subject, and each contrast of the subject is then measured on that segmentation:
 - ``z/xy grad``: mean absolute intensity difference between neighbours along the slice axis (z) over that in-plane,
   inside the brain eroded by 3 mm (below 1 for thick 2D slices resampled to 1 mm).
 
-    python -m scripts.sim_vs_real --real ../../shared/data/real/bids --simulated data/simulated \
+    python ../bench/sim_vs_real.py --real ../../shared/data/real/bids --simulated data/simulated \
         --output ../docs/sim_vs_real.md --limit 9 --realism_subjects 27      # from bundle/
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -30,12 +31,15 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .errors import UserInputError
-from .intensity import white_matter_peak
-from .ood import TRAINING_SITES
-from .prompt import bids_modality
-from .simulator import simulate
-from .volume_io import atomic_path
+# a research tool outside the bundle: the bundle's code comes from its folder, as `monai.bundle run` finds it
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle"))
+
+from scripts.data.intensity import white_matter_peak  # noqa: E402
+from scripts.engine.ood import TRAINING_SITES  # noqa: E402
+from scripts.engine.volume_io import atomic_path  # noqa: E402
+from scripts.errors import UserInputError  # noqa: E402
+from scripts.prompt import bids_modality  # noqa: E402
+from scripts.simulator import simulate  # noqa: E402
 
 CONTRASTS = ("T1w", "T2w", "FLAIR", "T1CE")
 STATISTICS = ("WM/GM", "CSF/GM", "lesion/WM", "peak/p99", "noise", "rim", "z/xy grad")
@@ -180,7 +184,7 @@ def coarse_statistics(real_dir: str, voxel_mm: int, num_subjects: int, seed: int
                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Statistics of the real dataset block-averaged ``voxel_mm`` times and of ``realism_statistics`` subjects
     simulated on a ``voxel_mm`` grid."""
-    from .evaluation import downsample_bids
+    from scripts.engine.evaluation import downsample_bids
 
     with tempfile.TemporaryDirectory() as temporary:
         real = dataset_statistics(downsample_bids(real_dir, temporary, voxel_mm), label="real")
@@ -284,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     clean = dataset_statistics(args.simulated, limit=args.limit)
     calibrated = realism_statistics(args.realism_subjects, args.realism_seed, keep_dir=args.realism_dir)
     coarse_real, coarse = coarse_statistics(args.real, **COARSE_CHECK)
-    command = (f"python -m scripts.sim_vs_real --real {args.real} --simulated {args.simulated} --output {args.output}"
+    command = (f"python ../bench/sim_vs_real.py --real {args.real} --simulated {args.simulated} --output {args.output}"
                + (f" --limit {args.limit}" if args.limit else "")
                + f" --realism_subjects {args.realism_subjects} --realism_seed {args.realism_seed}"
                + (f" --heldout {args.heldout}" if args.heldout else ""))

@@ -31,14 +31,14 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from tqdm import tqdm
 
+from ..data.intensity import AUTO_SCALES, CLIP_MAX
+from ..data.intensity import METHODS as INTENSITY_METHODS
+from ..data.intensity import auto_intensity_scales
+from ..errors import UserInputError, config_flag, config_null, config_positive_numbers
+from ..nets.liif import make_coord
+from ..prompt import MODALITIES, Prompt, tokenize
 from .coarse_pass import block_averaged, coarse_pass_applies, with_coarse_low_frequencies
-from .errors import UserInputError, config_flag, config_null, config_positive_numbers
 from .guided_filter import guides, input_guided
-from .intensity import AUTO_SCALES, CLIP_MAX
-from .intensity import METHODS as INTENSITY_METHODS
-from .intensity import auto_intensity_scales
-from .liif import make_coord
-from .prompt import MODALITIES, Prompt, tokenize
 
 # Latent voxels kept around the ones a query reads: the decoder reads the 2 latent voxels around a coordinate per
 # axis and the latent is a 3x3x3 convolution of the features, so 2 voxels of margin make slab edges invisible.
@@ -225,7 +225,7 @@ class _LatentSlab:
 
     def __init__(self, channels: int, capacity: int, plane: Sequence[int], device: torch.device, low: int = 0):
         # Channels-last storage seen as [channels, rows, H, W]: each latent code is one contiguous row, which the
-        # decoder gathers without a transposing copy (scripts.liif).
+        # decoder gathers without a transposing copy (scripts.nets.liif).
         self.sums = torch.zeros((capacity, *plane, channels), device=device).permute(3, 0, 1, 2)
         self.weights = torch.zeros((1, capacity, *plane), device=device)
         self.low = self.high = low  # input rows held
@@ -344,7 +344,7 @@ def _read_box(decode_mask: np.ndarray | torch.Tensor | None, corner: Sequence[in
 def channels_last_convolutions(network: torch.nn.Module) -> torch.nn.Module:
     """Store every ``Conv3d`` weight of ``network`` channels-last (in place, values unchanged); returns it.
 
-    The network then keeps its feature maps channels-last too (``scripts.layout``; CUDA does so by itself), the
+    The network then keeps its feature maps channels-last too (``scripts.nets.layout``; CUDA does so by itself), the
     layout in which oneDNN runs the fusion block's depth-wise convolution 5x faster.
     """
     for module in network.modules():
@@ -410,7 +410,7 @@ class TUMSynInferer(Inferer):
     many voxels (``synthesize_volume``); None: whole windows.
     ``channels_last``: put the network's 3D convolution weights in channels-last layout (same values) before the
     run, so oneDNN runs them without layout reorders (bench/README.md).
-    ``input_normalisation``: how ``synthesize_image`` scales the input (``scripts.intensity.METHODS``): the default
+    ``input_normalisation``: how ``synthesize_image`` scales the input (``scripts.data.intensity.METHODS``): the default
     ``percentile`` is what the shipped weights were trained with; ``landmarks`` maps the input's percentiles onto
     the training images' of its modality (opt-in: measured on a real case in docs/real_data.md).
     ``flip_averaging``: the prediction is the mean of the network's predictions on the volume's 8 mirror images
@@ -420,14 +420,14 @@ class TUMSynInferer(Inferer):
     by each of these factors (clipped as the normalisation clips): a real scan's intensity scale relative to the
     training images is unknown (a bright tail or a tumour moves its 99th percentile), and the network's output
     depends on it, so this averages over the plausible scales; (1.0,): the input as normalised; ``"auto"``: the
-    factors ``scripts.intensity.auto_intensity_scales`` gives the call's (input modality, prompt modality) pair,
+    factors ``scripts.data.intensity.auto_intensity_scales`` gives the call's (input modality, prompt modality) pair,
     measured on real scans (``resolved``). With ``flip_averaging``, every scale of every mirror image:
     len(scales) x 8 network runs.
     ``guided_filter_radius``: the (averaged) prediction re-drawn with the input's fine structure by a guided filter
-    of this radius in output voxels, keeping the prediction's intensities (``scripts.guided_filter``; skipped where
-    the output is over 1.5x finer than the input along an axis); 0: the network's prediction as it is.
+    of this radius in output voxels, keeping the prediction's intensities (``scripts.engine.guided_filter``; skipped
+    where the output is over 1.5x finer than the input along an axis); 0: the network's prediction as it is.
     ``coarse_pass``: the (averaged) prediction's low frequencies taken from the same averaged prediction on the
-    input block-averaged 2x, where that copy's voxels stay within the trained sizes (``scripts.coarse_pass``; the
+    input block-averaged 2x, where that copy's voxels stay within the trained sizes (``scripts.engine.coarse_pass``; the
     call's ``input_spacing`` says the input's voxel sizes; unknown: no coarse pass). Before the guided filter.
     """
 

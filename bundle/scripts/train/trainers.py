@@ -34,11 +34,11 @@ from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler, Tens
 from monai.inferers import Inferer
 from monai.utils import evenly_divisible_all_gather, set_determinism
 
-from . import metrics
-from .bmlip import save_text_encoder
-from .errors import config_flag
-from .synthesis_engine import synthesize_volume
-from .volume_io import atomic_path
+from ..engine import metrics
+from ..engine.synthesis_engine import synthesize_volume
+from ..engine.volume_io import atomic_path
+from ..errors import config_flag
+from ..nets.bmlip import save_text_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class WholeVolumeInferer(Inferer):
 
 
 class BrainImageQuality(Metric):
-    """Mean over validation volumes of PSNR, SSIM (``scripts.metrics``: data range 1) or L1 inside the brain (the
+    """Mean over validation volumes of PSNR, SSIM (``scripts.engine.metrics``: data range 1) or L1 inside the brain (the
     target's non-zero voxels), on the normalised intensities the network predicts. Sums across DDP processes."""
 
     MEASURES = {"psnr": metrics.psnr, "ssim": metrics.ssim,

@@ -37,11 +37,11 @@ SCALES = {
         "text": {"width": 32, "heads": 4, "layers": 2, "output_dim": 64},
         "encoder": {"type": "resnet", "channels": 16, "blocks": (1, 1, 1, 1)},
         "fusion": {"heads": 4, "mlp_ratio": 2},
-        # Input skip (scripts/tumsyn_net.py): against the same recipe without it, +1.9 to +5.5 dB PSNR on every row
+        # Input skip (scripts/nets/tumsyn_net.py): against the same recipe without it, +1.9 to +5.5 dB PSNR on every row
         # of the simulated benchmark (docs/small_model_measurements.md).
         "decoder": {"hidden": (64, 64), "input_skip": True},
     },
-    # Experimental, not shipped: the small scale's text tower with a U-Net encoder (scripts/unet_encoder.py) that
+    # Experimental, not shipped: the small scale's text tower with a U-Net encoder (scripts/nets/unet_encoder.py) that
     # sees 122 voxels instead of 25, the prompt at its input (8 constant channels) and coarsest level, no input
     # skip (with the U-Net the skip collapsed to the identity). A 35-minute CPU run did not yet beat the small
     # weights (bench/README.md, "The U-Net scale").

@@ -51,7 +51,7 @@ class ResNetEncoder3d(nn.Module):
         self.body = nn.Sequential(*stages, Conv3d(channels, channels, kernel_size=3, padding=1))
 
     def forward(self, image: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``condition`` is unused: the paper fuses the prompt after the encoder (``scripts.tumsyn_net``)."""
+        """``condition`` is unused: the paper fuses the prompt after the encoder (``scripts.nets.tumsyn_net``)."""
         stem = self.stem(image)
         if is_channels_last(self.body[-1].weight):  # a one-channel image gives the stem no layout to follow
             stem = stem.contiguous(memory_format=torch.channels_last_3d)

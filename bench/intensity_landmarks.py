@@ -1,11 +1,12 @@
-"""Derive ``scripts.intensity.TRAINING_LANDMARKS``: per modality, the mean brain percentiles of the training images.
+"""Derive ``scripts.data.intensity.TRAINING_LANDMARKS``: per modality, the mean brain percentiles of the training
+images.
 
 Each native (no ``acq-``) image of a simulated BIDS dataset is normalised exactly as training normalises it (the
 default percentile method), and its brain's ``LANDMARK_PERCENTILES`` are averaged over the images of that modality.
 The table in ``intensity.py`` was made from the default training set (``configs/simulate.yaml``: 20 subjects, seed 0,
 the nine training site presets) by
 
-    python -m scripts.intensity_landmarks data/simulated      # from bundle/; prints the table as Python
+    python ../bench/intensity_landmarks.py data/simulated      # from bundle/; prints the table as Python
 
 Its effect on real scans is measured with the evaluate config itself, once per input normalisation
 (``docs/real_data.md``): ``configs/evaluate.yaml --input_normalisation landmarks``.
@@ -15,13 +16,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import nibabel as nib
 import numpy as np
 
-from .errors import UserInputError
-from .intensity import image_landmarks, normalize_intensity
-from .prompt import bids_modality
+# a research tool outside the bundle: the bundle's code comes from its folder, as `monai.bundle run` finds it
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle"))
+
+from scripts.data.intensity import image_landmarks, normalize_intensity  # noqa: E402
+from scripts.errors import UserInputError  # noqa: E402
+from scripts.prompt import bids_modality  # noqa: E402
 
 
 def training_landmarks(dataset_dir: str) -> dict[str, tuple[float, ...]]:

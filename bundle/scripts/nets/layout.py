@@ -4,7 +4,7 @@ oneDNN runs 3D convolutions on channels-last input several times faster than on 
 depth-wise convolution 5x, bench/README.md), but on a CPU a convolution's output follows its input's layout, a
 1x1x1 convolution returns channels-first whatever its input, and ``torch.cat`` beside a one-channel image returns
 channels-first through a strided copy. CUDA picks channels-last by itself once the weights are
-(``scripts.synthesis_engine.channels_last_convolutions``).
+(``scripts.engine.synthesis_engine.channels_last_convolutions``).
 """
 
 from typing import Optional

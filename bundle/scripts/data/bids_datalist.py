@@ -6,13 +6,13 @@ groups the images of each subject/session, marks the co-registered ones (same sh
 one per modality) as the stage-2 pairs, splits train/validation/test by subject (seeded, so no subject's anatomy is
 in two splits) and records every image it left out, and why. Nothing is skipped silently.
 
-    python -m scripts.bids_datalist DATASET_DIR --output datalist.json [--val_fraction 0.2] [--test_fraction 0.1]
+    python -m scripts.data.bids_datalist DATASET_DIR --output datalist.json [--val_fraction 0.2] [--test_fraction 0.1]
         [--seed 0] [--require RepetitionTime EchoTime]
 
 The JSON holds paths relative to ``dataset_dir``. The stage configs read it through ``stage1_datalists`` /
-``stage2_datalists`` here, which return what ``scripts.bids_data`` returns for a scanned folder::
+``stage2_datalists`` here, which return what ``scripts.data.bids_data`` returns for a scanned folder::
 
-    --datalists "$__import__('scripts.bids_datalist').bids_datalist.stage2_datalists('datalist.json')"
+    --datalists "$__import__('scripts.data.bids_datalist').bids_datalist.stage2_datalists('datalist.json')"
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import os
 import nibabel as nib
 import numpy as np
 
+from ..prompt import CONTEXT_LENGTH, MODALITIES, PromptError, bids_modality, count_tokens, prompt_from_bids
 from .bids_data import (
     BidsImage,
     check_stage2_datalists,
@@ -34,7 +35,6 @@ from .bids_data import (
     stage2_subjects,
     subsample_pairs,
 )
-from .prompt import CONTEXT_LENGTH, MODALITIES, PromptError, bids_modality, count_tokens, prompt_from_bids
 
 # Sidecar fields without which an image is left out by default: TR and TE set the contrast the prompt describes.
 DEFAULT_REQUIRED_FIELDS = ("RepetitionTime", "EchoTime")
@@ -162,7 +162,7 @@ def _co_registered(records: list[dict], tolerance: float) -> tuple[list[dict], l
     for record in (r for g in grids if g is not best for r in g):
         left_out.append((record["image"], f"not on the session's shared grid {best[0]['shape']} "
                                           f"(shape {record['shape']} or affine differs by > {tolerance} mm); "
-                                          "co-register it first (scripts.registration)"))
+                                          "co-register it first (scripts.data.registration)"))
     return paired, left_out
 
 
@@ -225,14 +225,15 @@ def write_datalist(datalist: dict, path: str) -> str:
 
 
 def read_datalist(path: str, split: str) -> list[BidsImage]:
-    """The images of one split of a written datalist as ``scripts.bids_data`` records.
+    """The images of one split of a written datalist as ``scripts.data.bids_data`` records.
 
     A record's ``subject`` is the subject and session (``sub-01_ses-2``), so each session's co-registered images
     pair only with each other; ``on_truth_grid`` marks the co-registered (paired) ones."""
     with open(path) as handle:
         datalist = json.load(handle)
     if split not in datalist or "dataset_dir" not in datalist:
-        raise ValueError(f"{path}: expected a datalist with 'dataset_dir' and {split!r} (from scripts.bids_datalist)")
+        raise ValueError(f"{path}: expected a datalist with 'dataset_dir' and {split!r} "
+                         "(from scripts.data.bids_datalist)")
     root = datalist["dataset_dir"]
     records = []
     for session in datalist[split]:
@@ -258,7 +259,7 @@ def stage2_datalists(path: str, max_val_pairs: int | None = None, seed: int = 0,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m scripts.bids_datalist", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.data.bids_datalist", description=__doc__.splitlines()[0])
     parser.add_argument("dataset_dir")
     parser.add_argument("--output", required=True, help="the JSON datalist to write")
     parser.add_argument("--val_fraction", type=float, default=0.2)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserInputError
-from .prompt import CONTEXT_LENGTH, MODALITIES, PromptError, bids_modality, count_tokens, prompt_from_bids, tokenize
+from ..errors import UserInputError
+from ..prompt import CONTEXT_LENGTH, MODALITIES, PromptError, bids_modality, count_tokens, prompt_from_bids, tokenize
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ def ensure_dataset(dataset_dir: str, simulate_if_missing: bool, num_subjects: in
         if not simulate_if_missing:
             raise UserInputError(f"dataset_dir {dataset_dir!r}: no such folder (expected a BIDS dataset)")
         if not distributed or torch.distributed.get_rank() == 0:
-            from .simulator import simulate
+            from ..simulator import simulate
 
             simulate(dataset_dir, num_subjects, seed, realism=realism)
     if distributed:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
-from .errors import UserInputError, one_line
+from ..errors import UserInputError, one_line
 
 NAN_POLICIES = ("refuse", "repair")
 

@@ -7,7 +7,7 @@ in ``output_dir`` (the reference and each moving image resampled onto the refere
 given, with its JSON sidecar copied so prompts can still be read) plus the ITK transform of each moving image;
 an input is never overwritten.
 
-    python -m scripts.registration --reference sub-01_T1w.nii.gz --moving sub-01_T2w.nii.gz sub-01_FLAIR.nii.gz
+    python -m scripts.data.registration --reference sub-01_T1w.nii.gz --moving sub-01_T2w.nii.gz sub-01_FLAIR.nii.gz
         --output_dir OUT [--mask sub-01_desc-brain_mask.nii.gz] [--transform rigid|affine]
 """
 
@@ -19,7 +19,7 @@ import shutil
 
 import numpy as np
 
-from .volume_io import atomic_path
+from ..engine.volume_io import atomic_path
 
 TRANSFORMS = ("rigid", "affine")
 SHRINK_FACTORS = (4, 2, 1)  # the pyramid: coarse levels find the gross pose, the full resolution refines it
@@ -157,7 +157,7 @@ def register_subject(reference: str, moving: list[str], output_dir: str, mask: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m scripts.registration", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.data.registration", description=__doc__.splitlines()[0])
     parser.add_argument("--reference", required=True, help="the image every other one is registered to")
     parser.add_argument("--moving", nargs="+", required=True, help="the images to register")
     parser.add_argument("--output_dir", required=True, help="folder of the new files (never an input's folder)")

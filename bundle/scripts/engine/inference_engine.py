@@ -1,6 +1,6 @@
 """Whole-volume inference: any scan + a target prompt -> the requested contrast at the requested voxel size.
 
-The engine (windows, latent slab, decoding) and its MONAI ``Inferer`` are ``scripts.synthesis_engine``.
+The engine (windows, latent slab, decoding) and its MONAI ``Inferer`` are ``scripts.engine.synthesis_engine``.
 
 Geometry (``output_grid``): the output tiles the input's field of view at the target voxel size (rounded so the
 FOV edges coincide), keeps the input's orientation and direction cosines (oblique stays oblique), and the network
@@ -31,13 +31,13 @@ import torch
 
 import scripts
 
+from ..data.intensity import normalize_intensity
+from ..errors import UserInputError, check_bundle_run, config_null, one_line, quoted
+from ..prompt import MODALITIES, Prompt, PromptError, canonical_modality, prompt_from_image, tokenize
 from .coarse_pass import COARSE_PASS_VOLUMES
-from .errors import UserInputError, check_bundle_run, config_null, one_line, quoted
 from .guided_filter import GUIDED_FILTER_VOLUMES, guides
-from .intensity import normalize_intensity
 from .ood import ood_warnings
 from .preview import save_preview
-from .prompt import MODALITIES, Prompt, PromptError, canonical_modality, prompt_from_image, tokenize
 from .synthesis_engine import AUTO, TUMSynInferer, foreground_mask
 from .volume_io import Volume, atomic_paths, check_memory, load_volume, remove_stale_temporaries, write_nifti_file
 
@@ -338,7 +338,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
     paths = output_paths(input_image, target.modality, output_dir, output_subfolder, output_suffix)
     _refuse_overwriting_inputs(paths, [str(input_image), reference])
     record = record or case_record(input_image, prompt, target_spacing, input_modality, volume_index)
-    # warnings, not refusals (scripts/ood.py)
+    # warnings, not refusals (scripts/engine/ood.py)
     out_of_distribution = ood_warnings(volume, target, source_modality)
     auto_scales = inferer.intensity_scales == AUTO
     if auto_scales and source_modality is None:
@@ -369,7 +369,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "mirror_images_averaged": len(inferer.mirror_axes),
         "intensity_scales_averaged": list(inferer.intensity_scales),
         "intensity_scales_auto": auto_scales,
-        # 0 where the output is too much finer than the input to be guided by it (scripts/guided_filter.py)
+        # 0 where the output is too much finer than the input to be guided by it (scripts/engine/guided_filter.py)
         "guided_filter_radius": inferer.guided_filter_radius if guides(volume.array.shape, synthesized.shape) else 0,
         # false where the input's voxels are too coarse to be block-averaged within the trained sizes
         "coarse_pass": inferer.runs_coarse_pass(volume.spacing),

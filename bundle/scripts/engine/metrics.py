@@ -1,8 +1,8 @@
 """Image-quality measures for evaluation: everything is computed inside the brain, on normalised intensities.
 
 Normalisation (stated in every output table): each image is divided by the 99th percentile of its brain voxels and
-clipped to [0, 1.5] (``scripts.intensity``); PSNR uses a data range of 1.0 over brain voxels; SSIM is MONAI's 3D SSIM
-(Gaussian window 11, sigma 1.5, data range 1.0) over the brain's bounding box with the background set to 0.
+clipped to [0, 1.5] (``scripts.data.intensity``); PSNR uses a data range of 1.0 over brain voxels; SSIM is MONAI's
+3D SSIM (Gaussian window 11, sigma 1.5, data range 1.0) over the brain's bounding box with the background set to 0.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from monai.metrics import SSIMMetric
 
-from scripts.intensity import normalize_intensity
+from scripts.data.intensity import normalize_intensity
 
 DATA_RANGE = 1.0
 LUT_BINS = 256

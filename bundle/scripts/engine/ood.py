@@ -12,9 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .intensity import normalize_intensity, white_matter_peak
-from .prompt import Prompt
-from .simulator.presets import PRESETS
+from ..data.intensity import normalize_intensity, white_matter_peak
+from ..prompt import Prompt
+from ..simulator.presets import PRESETS
 from .volume_io import Volume
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ MAX_BRAIN_ML = 2500.0
 MIN_BACKGROUND_FRACTION = 0.15
 # Field of view of the non-zero region along any axis: a brain spans 130-180 mm (ibid.).
 FOV_MM = (60.0, 300.0)
-# Histogram of the normalised brain: the bright-half peak over the 99th percentile. Measured by scripts/sim_vs_real.py
+# Histogram of the normalised brain: the bright-half peak over the 99th percentile. Measured by bench/sim_vs_real.py
 # (docs/sim_vs_real.md): 0.35-0.93 over the simulated training images (T2w lowest: bright CSF fills the top), 0.29-0.60
 # on the real case; below 0.25 no image, simulated or real, had that shape.
 PEAK_OVER_P99 = (0.25, 1.0)
@@ -47,7 +47,7 @@ def trained_voxel_range() -> tuple[float, float]:
 
 def trained_parameter_ranges(modality: str) -> dict[str, tuple[float, float]]:
     """TR/TE/TI/FA (ms, degrees) ranges over the training sites' protocols for ``modality`` (both field strengths)."""
-    from .simulator.presets import _BASE_15T  # noqa: PLC0415 - 1.5 T timings replace a 3 T site's defaults
+    from ..simulator.presets import _BASE_15T  # noqa: PLC0415 - 1.5 T timings replace a 3 T site's defaults
 
     protocols = [PRESETS[name].protocols[modality] for name in TRAINING_SITES] + [_BASE_15T[modality]]
     ranges = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from monai.transforms import MapTransform, Randomizable
 
-from .prompt import Prompt, tokenize
+from ..prompt import Prompt, tokenize
 
 # Prompt fields a user may not know, as groups dropped together: the scanner is one template field (strength, vendor).
 DROPPABLE_FIELDS = (("age",), ("sex",), ("field_strength", "manufacturer"), ("voxel_size",), ("tr",), ("te",), ("ti",),

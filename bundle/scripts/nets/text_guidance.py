@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..prompt import MODALITIES
 from .layout import Conv3d, pointwise
-from .prompt import MODALITIES
 
 
 class TextAdapter(nn.Module):

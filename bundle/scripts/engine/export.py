@@ -13,7 +13,7 @@ What blocks which exporter (torch 2.14.1, onnxruntime 1.32):
   with a negative axis in ``perm``, which ONNX Runtime rejects ("Invalid attribute perm {0, -1, 1, 2, 3}"). The
   export therefore swaps those norms for ``_PermutedChannelNorm``: the same LayerNorm weights, positive axes only.
 
-    python -m scripts.export --output model.onnx [--ckpt_path models/model.pt] [--scale small] [--size 64 64 64]
+    python -m scripts.engine.export --output model.onnx [--ckpt_path models/model.pt] [--scale small] [--size 64 64 64]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import os
 import torch
 from torch import nn
 
-from . import BUNDLE_ROOT
-from .text_guidance import ChannelLayerNorm
+from .. import BUNDLE_ROOT
+from ..nets.text_guidance import ChannelLayerNorm
 
 ONNX_OPSET = 20  # >= 17 for LayerNormalization; 20 is fully supported by onnxruntime 1.32
 
@@ -70,10 +70,10 @@ def export_onnx(network: nn.Module, path: str, window: tuple[int, int, int] = (6
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ..nets.tumsyn_net import build_tumsyn_net
     from .inference_engine import load_network_weights
-    from .tumsyn_net import build_tumsyn_net
 
-    parser = argparse.ArgumentParser(prog="python -m scripts.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.engine.export", description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument("--ckpt_path", default=os.path.join(BUNDLE_ROOT, "models", "model.pt"))
     parser.add_argument("--scale", default="small", help="network scale of the checkpoint (small|paper)")

@@ -14,12 +14,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..errors import config_flag
+from ..prompt import MODALITIES, Prompt, tokenize
 from .bmlip import build_text_encoder, load_text_encoder
-from .errors import config_flag
 from .layout import cat_channels
 from .liif import LIIFDecoder, make_coord
 from .network_scales import scale_config, text_encoder_config
-from .prompt import MODALITIES, Prompt, tokenize
 from .resnet_encoder import ResNetEncoder3d
 from .text_guidance import ModalityEmbedding, TextConditioner, TextGuidedFusion
 from .unet_encoder import UNetEncoder3d
@@ -32,9 +32,9 @@ QUERY_CHUNK_SIZE = 16384
 
 
 class TUMSynNet(nn.Module):
-    """``encode``/``query``/``forward`` as specified in the shared interface (see ``scripts.liif`` for coordinates).
+    """``encode``/``query``/``forward`` as specified in the shared interface (``scripts.nets.liif``: coordinates).
 
-    Sizes come from ``scripts.network_scales`` through ``build_tumsyn_net``.
+    Sizes come from ``scripts.nets.network_scales`` through ``build_tumsyn_net``.
 
     Args:
         text_encoder: stage-1 text tower (frozen here); required for ``conditioning="text"``, ignored otherwise.
@@ -43,8 +43,9 @@ class TUMSynNet(nn.Module):
             ``output_dim``.
         channels, blocks: the ``resnet`` encoder's width and BasicBlocks per stage; for the ``unet`` encoder,
             ``channels`` are its widths per level (finest first) and ``blocks`` is unused.
-        encoder: "resnet" (the paper's: full resolution throughout, ``scripts.resnet_encoder``) or "unet" (the
-            experimental unet scale's: a U-Net whose coarsest level the prompt also steers, ``scripts.unet_encoder``).
+        encoder: "resnet" (the paper's: full resolution throughout, ``scripts.nets.resnet_encoder``) or "unet"
+            (the experimental unet scale's: a U-Net whose coarsest level the prompt also steers,
+            ``scripts.nets.unet_encoder``).
         condition_channels: the ``unet`` encoder's constant input channels projected from the condition.
         fusion_heads, fusion_mlp_ratio: cross-attention heads and feed-forward expansion.
         decoder_hidden: LIIF MLP hidden sizes.
@@ -183,7 +184,7 @@ def build_tumsyn_net(
     input_skip: Optional[bool] = None,
     query_chunk_size: int = QUERY_CHUNK_SIZE,
 ) -> TUMSynNet:
-    """TUMSynNet at a named scale (``scripts.network_scales``), for configs.
+    """TUMSynNet at a named scale (``scripts.nets.network_scales``), for configs.
 
     With ``conditioning="text"`` the text encoder is loaded from ``text_encoder_path`` (a stage-1 export), or built
     untrained at the scale's size when no path is given (its weights then come from a full checkpoint such as

@@ -2,7 +2,7 @@
 
 Every case is (subject, task, method): the method predicts the task's target image from the task's source image
 and the target's own prompt (read from its sidecar, as a user would write it, ``None`` where a value is unknown);
-the prediction is resampled onto the target's grid and compared inside the brain (``scripts.metrics``): the
+the prediction is resampled onto the target's grid and compared inside the brain (``scripts.engine.metrics``): the
 simulator's brain mask on simulated data, elsewhere the voxels where target and source are both non-zero.
 Methods: ``tumsyn`` (the shipped model), ``onehot`` (the same network conditioned on the target modality only) when
 its weights exist, ``task-specific`` (the one-hot network trained on one (source, target) pair only, run on the cases
@@ -29,15 +29,15 @@ import torch
 from monai.bundle import ConfigParser
 from scipy.ndimage import map_coordinates
 
-from .bids_data import parse_tasks
+from ..data.bids_data import parse_tasks
+from ..data.intensity import AUTO_SCALES, normalize_intensity
+from ..errors import UserInputError, config_null, one_line
+from ..prompt import BIDS_SUFFIX, MODALITIES, Prompt, PromptError, bids_modality, prompt_from_bids, prompt_from_image
+from ..simulator import simulate
 from .coarse_pass import COARSE_FACTOR, MAX_COARSE_VOXEL_MM
-from .errors import UserInputError, config_null, one_line
 from .guided_filter import MAX_UPSAMPLING
 from .inference_engine import load_network_weights, read_datalist_rows, synthesize_image, target_prompt
-from .intensity import AUTO_SCALES, normalize_intensity
 from .metrics import compare, oracle_lookup_table, tissue_volumes
-from .prompt import BIDS_SUFFIX, MODALITIES, Prompt, PromptError, bids_modality, prompt_from_bids, prompt_from_image
-from .simulator import simulate
 from .synthesis_engine import AUTO, TUMSynInferer
 from .volume_io import atomic_path, load_volume, save_nifti
 

@@ -6,7 +6,7 @@ voxel is not a point sample: it averages the high-res signal over its slab with 
 whose FWHM is the slice thickness), as an MR slice-selective excitation does (the slice profile is approximately the
 Fourier transform of the RF pulse: Bernstein et al., Handbook of MRI Pulse Sequences, 2004, ch. 2). Query points
 ``x`` (voxel-centre index coordinates in the patch) map to the network's normalised coordinates of the low-res patch
-as ``-1 + 2 (x + 0.5) / P`` (voxel centres, align_corners=False, see scripts.liif.make_coord); the cell of one
+as ``-1 + 2 (x + 0.5) / P`` (voxel centres, align_corners=False, see scripts.nets.liif.make_coord); the cell of one
 high-res output voxel is ``2 / P``.
 
 The low-res input size ``n`` is fixed so samples of different scales batch together; the patch size follows as

@@ -17,7 +17,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.ndimage import map_coordinates  # noqa: E402
 
-from .intensity import normalize_intensity  # noqa: E402
+from ..data.intensity import normalize_intensity  # noqa: E402
 from .volume_io import Volume, atomic_path  # noqa: E402
 
 VIEWS = ("sagittal", "coronal", "axial")

@@ -1,0 +1,1 @@
+"""Data preparation: BIDS datasets and datalists, intensity normalisation, registration."""

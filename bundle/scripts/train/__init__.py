@@ -1,0 +1,1 @@
+"""Training: the MONAI engines' handlers and batch preparation, super-resolution patches, prompt dropout."""
