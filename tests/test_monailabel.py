@@ -79,6 +79,20 @@ def world_centroid(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return (affine @ [*voxels, 1])[:3]
 
 
+def assert_synthesized_in_place(image, data, source, params):
+    """The template prompt's result: FOV 40 x 48 x 40 mm at its (1.0, 1.5, 2.0) mm, i.e. 40 x 32 x 20 voxels (not the
+    input's 20 x 24 x 16), in the input's world position and orientation."""
+    assert data.shape == (40, 32, 20)
+    np.testing.assert_allclose(image.header.get_zooms()[:3], (1.0, 1.5, 2.0), atol=1e-5)
+    np.testing.assert_allclose(corners_world(image.affine, data.shape), corners_world(source.affine, source.shape),
+                               atol=1e-4)
+    np.testing.assert_allclose(np.sign(image.affine[:3, :3]), np.sign(source.affine[:3, :3]))  # LAS stays LAS
+    # The synthesized head lies where the input's does (an axis flip would move it by ~6 mm).
+    assert np.linalg.norm(world_centroid(data, image.affine) - world_centroid(source.get_fdata(), source.affine)) < 1.5
+    assert np.isfinite(data).all() and data.max() > 0 and (data == 0).any()
+    assert params["output_shape"] == [40, 32, 20] and params["target_prompt"] == TEMPLATE
+
+
 @pytest.fixture(scope="module")
 def bundle_synthesis():
     """The app's synthesis of this repository's bundle (its inference config and shipped weights), default T2w."""
@@ -102,16 +116,8 @@ def test_synthesis_super_resolves_to_the_prompt_voxel_size_in_world_space(bundle
 
     # the result is a fresh temporary NIfTI (MONAI Label sends it, then deletes it), nothing else is left behind
     assert os.listdir(tempfile.tempdir) == [os.path.basename(result)] and result.endswith(".nii.gz")
-    # FOV 40 x 48 x 40 mm at the prompt's (1.0, 1.5, 2.0) mm: 40 x 32 x 20 voxels, not the input's 20 x 24 x 16.
-    assert data.shape == (40, 32, 20) and data.dtype == np.float32
-    np.testing.assert_allclose(image.header.get_zooms()[:3], (1.0, 1.5, 2.0), atol=1e-5)
-    np.testing.assert_allclose(corners_world(image.affine, data.shape), corners_world(source.affine, source.shape),
-                               atol=1e-4)
-    np.testing.assert_allclose(np.sign(image.affine[:3, :3]), np.sign(source.affine[:3, :3]))  # LAS stays LAS
-    # The synthesized head lies where the input's does (an axis flip would move it by ~6 mm).
-    assert np.linalg.norm(world_centroid(data, image.affine) - world_centroid(source.get_fdata(), source.affine)) < 1.5
-    assert np.isfinite(data).all() and data.max() > 0 and (data == 0).any()
-    assert params["output_shape"] == [40, 32, 20] and params["target_prompt"] == TEMPLATE
+    assert data.dtype == np.float32
+    assert_synthesized_in_place(image, data, source, params)
     assert set(params) == set(synthesis.RESULT_FIELDS)
 
 
@@ -308,16 +314,7 @@ def test_infer_super_resolves_to_the_prompt_voxel_size_in_world_space(served):
     data = np.asarray(image.dataobj, dtype=np.float32)
     source = nib.load(os.path.join(studies, "sim01_T1w.nii.gz"))
 
-    # FOV 40 x 48 x 40 mm at the prompt's (1.0, 1.5, 2.0) mm: 40 x 32 x 20 voxels, not the input's 20 x 24 x 16.
-    assert data.shape == (40, 32, 20)
-    np.testing.assert_allclose(image.header.get_zooms()[:3], (1.0, 1.5, 2.0), atol=1e-5)
-    np.testing.assert_allclose(corners_world(image.affine, data.shape), corners_world(source.affine, source.shape),
-                               atol=1e-4)
-    np.testing.assert_allclose(np.sign(image.affine[:3, :3]), np.sign(source.affine[:3, :3]))  # LAS stays LAS
-    # The synthesized head lies where the input's does (an axis flip would move it by ~6 mm).
-    assert np.linalg.norm(world_centroid(data, image.affine) - world_centroid(source.get_fdata(), source.affine)) < 1.5
-    assert np.isfinite(data).all() and data.max() > 0 and (data == 0).any()
-    assert params["output_shape"] == [40, 32, 20] and params["target_prompt"] == TEMPLATE
+    assert_synthesized_in_place(image, data, source, params)
     print(f"infer (super-resolution) took {seconds:.1f} s")
 
 
