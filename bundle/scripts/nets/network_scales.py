@@ -41,18 +41,15 @@ SCALES = {
         # of the simulated benchmark (docs/small_model_measurements.md).
         "decoder": {"hidden": (64, 64), "input_skip": True},
     },
-    # Experimental, not shipped: the small scale's text tower with a U-Net encoder (scripts/nets/unet_encoder.py) that
-    # sees 122 voxels instead of 25, the prompt at its input (8 constant channels) and coarsest level, no input
-    # skip (with the U-Net the skip collapsed to the identity). A 35-minute CPU run did not yet beat the small
-    # weights (bench/README.md, "The U-Net scale").
-    "unet": {
-        "crop": 64,
-        "vit": {"patch_size": 16, "hidden_size": 192, "mlp_dim": 768, "num_layers": 4, "num_heads": 4},
-        "text": {"width": 32, "heads": 4, "layers": 2, "output_dim": 64},
-        "encoder": {"type": "unet", "channels": (16, 32, 64, 128), "condition_channels": 8},
-        "fusion": {"heads": 4, "mlp_ratio": 2},
-        "decoder": {"hidden": (64, 64), "input_skip": False},
-    },
+}
+# Experimental, not shipped: the small scale's stage 1 and text tower with a U-Net encoder
+# (scripts/nets/unet_encoder.py) that sees 122 voxels instead of 25, the prompt at its input (8 constant channels) and coarsest level, no input skip
+# (with the U-Net the skip collapsed to the identity). CPU runs did not yet beat the small weights (bench/README.md,
+# "The U-Net scale").
+SCALES["unet"] = {
+    **SCALES["small"],
+    "encoder": {"type": "unet", "channels": (16, 32, 64, 128), "condition_channels": 8},
+    "decoder": {"hidden": (64, 64), "input_skip": False},
 }
 
 
