@@ -43,9 +43,9 @@ SCALES = {
     },
 }
 # Experimental, not shipped: the small scale's stage 1 and text tower with a U-Net encoder
-# (scripts/nets/unet_encoder.py) that sees 122 voxels instead of 25, the prompt at its input (8 constant channels) and coarsest level, no input skip
-# (with the U-Net the skip collapsed to the identity). CPU runs did not yet beat the small weights (bench/README.md,
-# "The U-Net scale").
+# (scripts/nets/unet_encoder.py) that sees 122 voxels instead of 25, the prompt at its input (8 constant channels) and
+# coarsest level, no input skip (with the U-Net the skip collapsed to the identity). CPU runs did not yet beat the small
+# weights (bench/README.md, "The U-Net scale").
 SCALES["unet"] = {
     **SCALES["small"],
     "encoder": {"type": "unet", "channels": (16, 32, 64, 128), "condition_channels": 8},
