@@ -409,11 +409,16 @@ def test_build_from_text_encoder_checkpoint_and_torchscript_export(tmp_path):
 
 def test_unet_scale_sees_far_and_every_prompt_steers_it():
     """The experimental ``unet`` scale: features on the input grid for any size (padded to its 8-voxel multiple
-    inside), a prompt that reaches the output through the input channels, gradients everywhere, TorchScript."""
+    inside), a prompt-free encoder whose latent the prompt modulates, gradients everywhere, TorchScript."""
     torch.manual_seed(0)
     net = build_tumsyn_net("unet").train()
     assert net.encoder.out_channels == 16 and not net.input_skip and net.fusion is None
+    assert net.encoder.bottleneck_fusion is None and net.encoder.condition_projection is None
     image = torch.rand(2, 1, 13, 10, 17)
+    with torch.no_grad():
+        t2w, flair = (net(image[:1], tokens_for(m)) for m in ("T2w", "FLAIR"))
+        assert (t2w - flair).abs().mean() == 0  # the modulation starts as the identity for every prompt
+        net.modulation.mlp[-1].weight.normal_(0, 0.1)
     prediction = net(image, tokens_for("T2w", "FLAIR"))
     assert prediction.shape == image.shape
     prediction.mean().backward()
@@ -426,6 +431,35 @@ def test_unet_scale_sees_far_and_every_prompt_steers_it():
             warnings.simplefilter("ignore", DeprecationWarning)
             scripted = torch.jit.script(net)
         assert torch.allclose(scripted(image[:1]), net(image[:1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("conditioning", ["text", "onehot"])
+def test_several_targets_of_one_encoding_match_the_single_target_path(conditioning):
+    """``forward_targets``: K target contrasts decoded from one encoding equal K single-target calls (what
+    inference runs), and a network whose prompt enters its encoder refuses them in one line."""
+    torch.manual_seed(0)
+    net = build_tumsyn_net("unet", conditioning=conditioning).eval()
+    net.modulation.mlp[-1].weight.data.normal_(0, 0.1)
+    image = torch.rand(2, 1, 16, 12, 8)
+    coords = torch.rand(2, 50, 3) * 2 - 1
+    cell = torch.full_like(coords, 0.1)
+    names = ("T2w", "FLAIR", "T1w")
+    if conditioning == "text":
+        targets = torch.stack([tokens_for(*names)] * 2)
+        single = [dict(tokens=tokens_for(name).expand(2, -1)) for name in names]
+        several = dict(tokens=targets)
+    else:
+        targets = torch.tensor([[MODALITIES.index(name) for name in names]] * 2)
+        single = [dict(modality=targets[:, k]) for k in range(len(names))]
+        several = dict(modality=targets)
+    with torch.no_grad():
+        together = net(image, coords=coords, cell=cell, **several)
+        assert together.shape == (2, 50, 3)
+        for k, inputs in enumerate(single):
+            torch.testing.assert_close(together[..., k : k + 1], net(image, coords=coords, cell=cell, **inputs),
+                                       rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="several per image need condition_site='latent'"):
+        tiny_net()(image, torch.stack([tokens_for(*names)] * 2), coords, cell)
 
 
 def test_small_model_size_and_parameter_counts():

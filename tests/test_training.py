@@ -213,9 +213,32 @@ def test_random_patches_draw_same_contrast_targets_at_their_share():
     patches = parser["train"]["preprocessing"]["transforms"][2]
     assert patches["_target_"].endswith("RandSRPatchesd") and patches["same_contrast_prob"] == "@same_contrast_prob"
     assert patches["native_prob"] == "@native_prob"
-    for scale, shares in (("small", (0.0, 0.0)), ("unet", (0.2, 0.5)), ("paper", (0.0, 0.0))):
-        parser["scale"] = scale  # each scale's recipe: the shipped small one draws two different contrasts
-        assert (parser.get_parsed_content("same_contrast_prob"), parser.get_parsed_content("native_prob")) == shares
+    assert patches["num_targets"] == "@num_targets"
+    for scale, recipe in (("small", (0.0, 0.0, 1)), ("unet", (0.0, 0.5, 7)), ("paper", (0.0, 0.0, 1))):
+        parser["scale"] = scale  # each scale's recipe: the unet one decodes every contrast of each input patch
+        assert tuple(parser.get_parsed_content(key) for key in ("same_contrast_prob", "native_prob", "num_targets")
+                     ) == recipe
+    parser["train_tasks"] = ["T1w->T2w"]  # a task-specific model has one target
+    assert parser.get_parsed_content("num_targets") == 1
+
+
+def test_random_patches_hold_every_target_of_one_input():
+    ramp = _ramp((24, 24, 24))
+    data = {"images": np.stack([ramp, 2 * ramp, 3 * ramp]), "tokens": torch.arange(3)[:, None].repeat(1, 90),
+            "modalities": torch.tensor([5, 0, 2]), "prompts": ["PD", "T1w", "FLAIR"], "subject": "sub-x"}
+    transform = sr_patches.RandSRPatchesd(lr_size=(6, 6, 6), num_samples=30, num_queries=16, num_targets=4)
+    transform.set_random_state(seed=0)
+    samples = transform(data)
+    for sample in samples:
+        assert sample["label"].shape == (16, 4) and sample["tokens"].shape == (4, 90)
+        assert sorted(sample["modality"][:3].tolist()) == [0, 2, 5]  # every contrast, then repeats
+        assert [data["prompts"][[5, 0, 2].index(int(m))] for m in sample["modality"]] == sample["prompt"]
+        assert torch.equal(sample["tokens"][:, 0], torch.tensor([[5, 0, 2].index(int(m)) for m in sample["modality"]]))
+        factors = torch.tensor([{5: 1.0, 0: 2.0, 2: 3.0}[int(m)] for m in sample["modality"]])
+        torch.testing.assert_close(sample["label"], sample["label"][:, :1] / factors[0] * factors)  # one position
+    assert {int(s["input_modality"]) for s in samples} == {5, 0, 2}
+    with pytest.raises(ValueError, match="num_targets must be >= 1, and 1 with tasks"):
+        sr_patches.RandSRPatchesd(num_targets=3, tasks=[(5, 0)])
 
 
 def test_random_patches_keep_the_truth_grid_at_their_share():
@@ -458,6 +481,16 @@ def test_prompt_dropout_drops_fields_but_never_the_modality():
     assert 0.02 < np.mean([out["prompt"] == unknown for out in outputs]) < 0.09  # ~0.05: everything unknown
     with pytest.raises(ValueError, match="field_prob"):
         RandPromptDropoutd(field_prob=1.5)
+
+
+def test_prompt_dropout_drops_each_prompt_of_several_targets_on_its_own():
+    prompts = [FULL_PROMPT, FULL_PROMPT.replace("FLAIR", "T2w")]
+    transform = RandPromptDropoutd(field_prob=0.5, all_fields_prob=0.0)
+    transform.set_random_state(seed=0)
+    outputs = [transform({"prompt": prompts, "tokens": tokenize(prompts)}) for _ in range(20)]
+    assert all([Prompt.parse(p).modality for p in out["prompt"]] == ["FLAIR", "T2w"] for out in outputs)
+    assert all(torch.equal(out["tokens"], tokenize(out["prompt"])) for out in outputs)
+    assert any(out["prompt"][0].replace("FLAIR", "T2w") != out["prompt"][1] for out in outputs)  # drawn per prompt
 
 
 @pytest.mark.parametrize("config", [STAGE1, STAGE2])

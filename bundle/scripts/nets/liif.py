@@ -20,7 +20,7 @@ Coordinates: normalised to [-1, 1] per axis of the tensor's (D, H, W) order, vox
 (``align_corners=False``); ``cell`` is the output voxel size in the same unit.
 """
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -97,7 +97,10 @@ class LIIFDecoder(nn.Module):
             latent = cat_channels(latent, image.to(latent.dtype))
         return latent
 
-    def query(self, latent: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    def query(self, latent: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor,
+              modulation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """``[B, N, 1]`` intensities; with ``modulation``, a (scale, shift) pair ``[B, K, hidden[0]]`` applied to the
+        codes of K targets (``scripts.nets.text_guidance.LatentModulation``), ``[B, N, K]``."""
         batch, width = latent.shape[0], latent.shape[1]
         size = torch.tensor(latent.shape[2:], dtype=coords.dtype, device=coords.device)
         # Continuous voxel index: latent centres sit at integers 0 .. n-1.
@@ -133,11 +136,21 @@ class LIIFDecoder(nn.Module):
         hidden_width = width - int(self.input_residual)  # the input image, if kept, is the last channel
         position_input = torch.cat([offset, cell_in_voxels], dim=-1).view(-1, 6)
         # code + position_projection(offset, cell) in one pass; addmm reads the code columns in place (no copy).
-        hidden = torch.addmm(codes[:, :hidden_width], position_input, self.position_projection.weight.t())
-        prediction = self.mlp(hidden).view(weight.shape)  # [B, N, corners used]
+        if modulation is None:
+            hidden = torch.addmm(codes[:, :hidden_width], position_input, self.position_projection.weight.t())
+            prediction = self.mlp(hidden).view(weight.shape)  # [B, N, corners used]
+            if self.input_residual:
+                prediction = prediction + codes[:, -1].view(weight.shape)
+            return (prediction * weight).sum(dim=-1, keepdim=True)
+        # K targets of one encoding: [B, K, N x corners, hidden] rows, the codes modulated per target.
+        scale, shift = modulation[0].unsqueeze(2), modulation[1].unsqueeze(2)
+        points, used_corners = weight.shape[1], weight.shape[2]
+        rows = codes[:, :hidden_width].view(batch, 1, -1, hidden_width)
+        position = self.position_projection(position_input).view(batch, 1, -1, hidden_width)
+        prediction = self.mlp(rows * scale + shift + position).view(batch, -1, points, used_corners)  # [B, K, N, used]
         if self.input_residual:
-            prediction = prediction + codes[:, -1].view(weight.shape)
-        return (prediction * weight).sum(dim=-1, keepdim=True)
+            prediction = prediction + codes[:, -1].view(batch, 1, points, used_corners)
+        return (prediction * weight.unsqueeze(1)).sum(dim=-1).transpose(1, 2)
 
     def query_in_chunks(
         self, latent: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor, chunk_size: int

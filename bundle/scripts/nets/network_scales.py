@@ -42,13 +42,14 @@ SCALES = {
         "decoder": {"hidden": (64, 64), "input_skip": True},
     },
 }
-# Experimental, not shipped: the small scale's stage 1 and text tower with a U-Net encoder
-# (scripts/nets/unet_encoder.py) that sees 122 voxels instead of 25, the prompt at its input (8 constant channels) and
-# coarsest level, no input skip (with the U-Net the skip collapsed to the identity). CPU runs did not yet beat the small
-# weights (bench/README.md, "The U-Net scale").
+# Experimental, not shipped: the small scale's stage 1 and text tower with a prompt-free U-Net encoder
+# (scripts/nets/unet_encoder.py) that sees 122 voxels instead of 25, and the prompt as a scale and shift of the LIIF
+# latent (FiLM), so training decodes every target contrast of a patch from one encoding (bench/README.md, "The U-Net
+# scale"). No input skip: with the U-Net the skip collapsed to the identity.
 SCALES["unet"] = {
     **SCALES["small"],
-    "encoder": {"type": "unet", "channels": (16, 32, 64, 128), "condition_channels": 8},
+    "encoder": {"type": "unet", "channels": (16, 32, 64, 128)},
+    "fusion": {"site": "latent"},
     "decoder": {"hidden": (64, 64), "input_skip": False},
 }
 

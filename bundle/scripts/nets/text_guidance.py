@@ -2,6 +2,8 @@
 
 - ``TextConditioner``: frozen stage-1 text encoder -> unit-norm pooled embedding -> trainable ``TextAdapter``.
 - ``ModalityEmbedding``: the paper's one-hot baseline, a learned vector per target modality.
+- ``LatentModulation``: the condition as a per-channel scale and shift of the LIIF latent codes (FiLM), so one
+  prompt-free encoding serves every target contrast.
 - ``TextGuidedFusion``: multi-head cross-attention in which the conditioning vector is the query over all voxel
   features; its output is a per-channel gate on the features. The cost is linear in the number of voxels (one
   query per head), unlike voxel-as-query attention, so whole volumes fit in memory. Then channel LayerNorm and a
@@ -10,6 +12,7 @@
 """
 
 import math
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +69,26 @@ class ModalityEmbedding(nn.Module):
 
     def forward(self, modality: torch.Tensor) -> torch.Tensor:
         return self.embedding(modality)
+
+
+class LatentModulation(nn.Module):
+    """``condition [..., cond_dim] -> (scale, shift) [..., channels]``: feature-wise linear modulation (FiLM; Perez et
+    al., AAAI 2018) of the decoder's latent codes by the target prompt.
+
+    The image encoder then never sees the prompt, so one encoding of a training patch is decoded into every target
+    contrast of its subject in the same step. The last layer starts at zero: every target begins as the identity
+    modulation and the prompt's effect grows from there.
+    """
+
+    def __init__(self, cond_dim: int, channels: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(cond_dim, cond_dim), nn.GELU(), nn.Linear(cond_dim, 2 * channels))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, condition: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        scale, shift = self.mlp(condition).chunk(2, dim=-1)
+        return 1 + scale, shift
 
 
 class ChannelLayerNorm(nn.Module):

@@ -2,6 +2,8 @@
 
 image -> ResNet encoder (full resolution) -> fusion with the target-prompt embedding -> LIIF latent, queried at any
 continuous coordinate. With ``input_skip`` the decoder also sees the input image and corrects it (see ``TUMSynNet``).
+With ``condition_site="latent"`` the prompt instead scales and shifts the LIIF latent codes, and the encoder is
+prompt-free: ``forward`` then decodes K targets of one encoding (``tokens [B, K, L]``) in one pass.
 Conditioning is either the frozen stage-1 text encoder ("text", the paper's model) or a
 learned vector per target modality ("onehot", the paper's ablation).
 
@@ -21,11 +23,12 @@ from .layout import cat_channels
 from .liif import LIIFDecoder, make_coord
 from .network_scales import scale_config, text_encoder_config
 from .resnet_encoder import ResNetEncoder3d
-from .text_guidance import ModalityEmbedding, TextConditioner, TextGuidedFusion
+from .text_guidance import LatentModulation, ModalityEmbedding, TextConditioner, TextGuidedFusion
 from .unet_encoder import UNetEncoder3d
 
 CONDITIONINGS = ("text", "onehot")
 ENCODERS = ("resnet", "unet")
+CONDITION_SITES = ("features", "latent")
 DEFAULT_MODALITY = "T1w"  # what forward(image) synthesises when no prompt is given
 # Points decoded at once: each decoder layer then holds 16384 x 8 corners x 256 x 4 bytes = 0.13 GB at paper scale.
 QUERY_CHUNK_SIZE = 16384
@@ -44,10 +47,12 @@ class TUMSynNet(nn.Module):
         channels, blocks: the ``resnet`` encoder's width and BasicBlocks per stage; for the ``unet`` encoder,
             ``channels`` are its widths per level (finest first) and ``blocks`` is unused.
         encoder: "resnet" (the paper's: full resolution throughout, ``scripts.nets.resnet_encoder``) or "unet"
-            (the experimental unet scale's: a U-Net whose coarsest level the prompt also steers,
-            ``scripts.nets.unet_encoder``).
+            (``scripts.nets.unet_encoder``).
+        condition_site: "features" (the paper's: cross-attention fusion of the encoder's features; with the unet
+            encoder, at its coarsest level and as ``condition_channels`` constant input channels) or "latent" (FiLM of
+            the LIIF latent codes, ``LatentModulation``; the encoder never sees the prompt).
         condition_channels: the ``unet`` encoder's constant input channels projected from the condition.
-        fusion_heads, fusion_mlp_ratio: cross-attention heads and feed-forward expansion.
+        fusion_heads, fusion_mlp_ratio: cross-attention heads and feed-forward expansion ("features" only).
         decoder_hidden: LIIF MLP hidden sizes.
         input_skip: the decoder sees the input image beside the fused features and predicts a correction that is
             added to the input interpolated at the query (``LIIFDecoder``'s input residual; super-resolution
@@ -64,19 +69,22 @@ class TUMSynNet(nn.Module):
         cond_dim: Optional[int],
         channels: Union[int, Sequence[int]],
         blocks: Optional[Sequence[int]],
-        fusion_heads: int,
-        fusion_mlp_ratio: int,
+        fusion_heads: Optional[int],
+        fusion_mlp_ratio: Optional[int],
         decoder_hidden: Sequence[int],
         input_skip: bool = False,
         query_chunk_size: int = QUERY_CHUNK_SIZE,
         encoder: str = "resnet",
         condition_channels: int = 0,
+        condition_site: str = "features",
     ):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder: expected one of {ENCODERS}, got {encoder!r}")
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning: expected one of {CONDITIONINGS}, got {conditioning!r}")
+        if condition_site not in CONDITION_SITES:
+            raise ValueError(f"condition_site: expected one of {CONDITION_SITES}, got {condition_site!r}")
         if conditioning == "text":
             if text_encoder is None:
                 raise ValueError("text_encoder: required for conditioning='text' (build_tumsyn_net builds one)")
@@ -93,17 +101,19 @@ class TUMSynNet(nn.Module):
             self.conditioner = ModalityEmbedding(cond_dim)
         # The prompt's fusion block: after the full-resolution ResNet (the paper), or at the U-Net's coarsest level,
         # where it costs 1/512 of the voxels and its effect still reaches every output voxel on the way back up.
+        on_features = condition_site == "features"
         if encoder == "unet":
-            fusion = TextGuidedFusion(channels[-1], cond_dim, fusion_heads, fusion_mlp_ratio)
+            fusion = TextGuidedFusion(channels[-1], cond_dim, fusion_heads, fusion_mlp_ratio) if on_features else None
             self.encoder = UNetEncoder3d(1, channels, bottleneck_fusion=fusion, condition_dim=cond_dim,
-                                         condition_channels=condition_channels)
+                                         condition_channels=condition_channels if on_features else 0)
             self.fusion = None
         else:
             self.encoder = ResNetEncoder3d(1, channels, blocks)
-            self.fusion = TextGuidedFusion(channels, cond_dim, fusion_heads, fusion_mlp_ratio)
+            self.fusion = TextGuidedFusion(channels, cond_dim, fusion_heads, fusion_mlp_ratio) if on_features else None
         width = self.encoder.out_channels
         self.input_skip = bool(input_skip)
         self.decoder = LIIFDecoder(width + int(self.input_skip), decoder_hidden, input_residual=self.input_skip)
+        self.modulation = None if on_features else LatentModulation(cond_dim, decoder_hidden[0])
         # Defaults for forward(image): not persistent, so a changed default never invalidates a checkpoint.
         self.register_buffer("default_tokens", tokenize(Prompt(modality=DEFAULT_MODALITY).render()), persistent=False)
         self.register_buffer(
@@ -141,13 +151,26 @@ class TUMSynNet(nn.Module):
             condition = condition.expand(batch, condition.shape[1])
         elif condition.shape[0] != batch:
             raise ValueError(f"{self.conditioning} condition: batch {condition.shape[0]} != image batch {batch}")
+        if self.modulation is not None:
+            scale, shift = self.modulation(condition)
+            latent = self.encode_shared(image)
+            width = scale.shape[1]
+            codes = latent[:, :width] * scale.to(latent.dtype)[:, :, None, None, None] \
+                + shift.to(latent.dtype)[:, :, None, None, None]
+            return cat_channels(codes, latent[:, width:]) if self.input_skip else codes
         features = self.encoder(image, condition)
         if self.fusion is not None:
             features = self.fusion(features, condition)
+        return self._project(features, image)
+
+    def encode_shared(self, image: torch.Tensor) -> torch.Tensor:
+        """The prompt-free latent of ``condition_site="latent"``, before any target's modulation."""
+        return self._project(self.encoder(image), image)
+
+    def _project(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         if not self.input_skip:
             return self.decoder.project(features)
-        image = image.to(features.dtype)
-        return self.decoder.project(cat_channels(features, image), image)
+        return self.decoder.project(cat_channels(features, image.to(features.dtype)), image.to(features.dtype))
 
     def query(self, features: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor,
               chunk_size: Optional[int] = None) -> torch.Tensor:
@@ -164,7 +187,11 @@ class TUMSynNet(nn.Module):
         cell: Optional[torch.Tensor] = None,
         modality: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``[B, 1, D, H, W]`` on the input grid when ``coords`` is None, else ``[B, N, 1]`` at ``coords``."""
+        """``[B, 1, D, H, W]`` on the input grid when ``coords`` is None, else ``[B, N, 1]`` at ``coords``; with K
+        targets per image (``tokens [B, K, L]`` or ``modality [B, K]``, ``condition_site="latent"``), ``[B, N, K]``."""
+        targets = tokens if self.conditioning == "text" else modality
+        if targets is not None and targets.dim() == (3 if self.conditioning == "text" else 2):
+            return self.forward_targets(image, targets, coords, cell)
         features = self.encode(image, tokens, modality)
         if coords is not None:
             if cell is None:
@@ -175,6 +202,21 @@ class TUMSynNet(nn.Module):
         input_voxel = 2.0 / torch.tensor(size, dtype=image.dtype, device=image.device)
         prediction = self.query(features, grid, input_voxel.expand_as(grid))
         return prediction.transpose(1, 2).reshape(image.shape)
+
+    def forward_targets(self, image: torch.Tensor, targets: torch.Tensor, coords: Optional[torch.Tensor],
+                        cell: Optional[torch.Tensor]) -> torch.Tensor:
+        """K targets decoded from one encoding of each image: ``[B, N, K]`` at ``coords [B, N, 3]``, for prompts
+        (``[B, K, L]`` tokens) or modalities (``[B, K]``); training sees every target contrast of a patch at the
+        cost of one encoder pass."""
+        if self.modulation is None:
+            raise ValueError("targets: several per image need condition_site='latent' (a prompt-free encoder)")
+        if coords is None or cell is None:
+            raise ValueError("coords, cell: required with several targets per image")
+        batch, count = targets.shape[:2]
+        text = self.conditioning == "text"
+        condition = self.embed_condition(targets.flatten(0, 1) if text else None,
+                                         None if text else targets.flatten()).view(batch, count, -1)
+        return self.decoder.query(self.encode_shared(image), coords, cell, self.modulation(condition))
 
 
 def build_tumsyn_net(
@@ -206,8 +248,9 @@ def build_tumsyn_net(
         blocks=numbers["encoder"].get("blocks"),
         encoder=numbers["encoder"]["type"],
         condition_channels=numbers["encoder"].get("condition_channels", 0),
-        fusion_heads=numbers["fusion"]["heads"],
-        fusion_mlp_ratio=numbers["fusion"]["mlp_ratio"],
+        condition_site=numbers["fusion"].get("site", "features"),
+        fusion_heads=numbers["fusion"].get("heads"),
+        fusion_mlp_ratio=numbers["fusion"].get("mlp_ratio"),
         decoder_hidden=numbers["decoder"]["hidden"],
         input_skip=numbers["decoder"]["input_skip"] if input_skip is None else config_flag(input_skip, "input_skip"),
         query_chunk_size=query_chunk_size,

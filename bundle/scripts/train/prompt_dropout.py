@@ -20,7 +20,7 @@ class RandPromptDropoutd(Randomizable, MapTransform):
 
     With probability ``all_fields_prob`` every droppable field is dropped at once (the prompt of a scan whose
     acquisition is entirely unknown); otherwise each field of ``DROPPABLE_FIELDS`` is dropped independently with
-    probability ``field_prob``.
+    probability ``field_prob``. A list of prompts (several targets of one sample) is dropped prompt by prompt.
     """
 
     def __init__(self, prompt_key: str = "prompt", tokens_key: str = "tokens", field_prob: float = 0.2,
@@ -39,13 +39,19 @@ class RandPromptDropoutd(Randomizable, MapTransform):
         else:
             self._dropped = [group for group in DROPPABLE_FIELDS if self.R.rand() < self.field_prob]
 
-    def __call__(self, data: dict) -> dict:
+    def _drop(self, prompt: str) -> str:
         self.randomize()
         if not self._dropped:
+            return prompt
+        return Prompt.parse(prompt).replace(**{field: None for group in self._dropped for field in group}).render()
+
+    def __call__(self, data: dict) -> dict:
+        single = isinstance(data[self.prompt_key], str)
+        prompts = [data[self.prompt_key]] if single else list(data[self.prompt_key])
+        dropped = [self._drop(prompt) for prompt in prompts]
+        if dropped == prompts:
             return data
-        prompt = Prompt.parse(data[self.prompt_key])
-        dropped = prompt.replace(**{field: None for group in self._dropped for field in group}).render()
+        tokens = tokenize(dropped)
         out = dict(data)
-        out[self.prompt_key] = dropped
-        out[self.tokens_key] = tokenize(dropped)[0]
+        out[self.prompt_key], out[self.tokens_key] = (dropped[0], tokens[0]) if single else (dropped, tokens)
         return out

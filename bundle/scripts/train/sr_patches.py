@@ -99,25 +99,27 @@ def degrade(volume: np.ndarray, geometry: PatchGeometry, profile: str = "gaussia
     return region.astype(np.float32)
 
 
-def query(target: np.ndarray, geometry: PatchGeometry, points: np.ndarray) -> dict[str, torch.Tensor]:
+def query(targets: list[np.ndarray], geometry: PatchGeometry, points: np.ndarray) -> dict[str, torch.Tensor]:
     """Network inputs and targets for patch-relative high-res index coordinates ``points [N, 3]``.
 
-    ``label`` is the target trilinearly interpolated at the points (zero outside the volume).
+    ``label [N, K]`` holds the K ``targets`` trilinearly interpolated at the points (zero outside the volume).
     """
     size = np.asarray(geometry.hr_size, dtype=np.float64)
     coords = -1.0 + 2.0 * (points + 0.5) / size
-    values = map_coordinates(target, (points + np.asarray(geometry.start)).T, order=1, mode="constant", cval=0.0)
+    where = (points + np.asarray(geometry.start)).T
+    values = [map_coordinates(target, where, order=1, mode="constant", cval=0.0) for target in targets]
     return {
         "coords": torch.as_tensor(coords, dtype=torch.float32),
         "cell": torch.as_tensor(np.broadcast_to(2.0 / size, points.shape).copy(), dtype=torch.float32),
-        "label": torch.as_tensor(values, dtype=torch.float32)[:, None],
+        "label": torch.as_tensor(np.stack(values, axis=1), dtype=torch.float32),
     }
 
 
-def _sample(source: np.ndarray, target: np.ndarray, geometry: PatchGeometry, points: np.ndarray, profile: str) -> dict:
+def _sample(source: np.ndarray, targets: list[np.ndarray], geometry: PatchGeometry, points: np.ndarray,
+            profile: str) -> dict:
     return {
         "image": torch.as_tensor(degrade(source, geometry, profile))[None],
-        **query(target, geometry, points),
+        **query(targets, geometry, points),
         "patch_start": torch.tensor(geometry.start),
         "patch_size": torch.tensor(geometry.hr_size),
     }
@@ -144,13 +146,21 @@ class RandSRPatchesd(Randomizable, MapTransform):
 
     ``native_prob``: the share of samples whose input keeps the truth grid (scale 1 on every axis): the ~1 mm scans
     users bring, which a draw from ``scale_range`` alone rarely gives. 0 draws as before the option.
+
+    ``num_targets`` > 1 (without ``tasks``; ``same_contrast_prob`` is then unused): each sample holds that many targets
+    of one input, the subject's contrasts in random order (repeated when it has fewer), with ``label [num_queries, K]``
+    and the targets' ``tokens [K, L]``, ``modality [K]`` and ``prompt`` (a list): what
+    ``TUMSynNet.forward_targets`` trains on. 1 gives the single-target items above.
     """
 
     def __init__(self, keys="images", lr_size=(20, 20, 20), num_samples: int = 1, num_queries: int = 4096,
                  scale_range=(1.0, 4.0), anisotropic_prob: float = 0.5, inplane_scale_range=(1.0, 1.5),
                  thickness_ratio_range=(0.8, 1.2), profile: str = "gaussian", foreground_prob: float = 0.9,
-                 tasks=None, same_contrast_prob: float = 0.0, native_prob: float = 0.0):
+                 tasks=None, same_contrast_prob: float = 0.0, native_prob: float = 0.0, num_targets: int = 1):
         MapTransform.__init__(self, keys)
+        self.num_targets = int(num_targets)
+        if self.num_targets < 1 or (self.num_targets > 1 and tasks is not None):
+            raise ValueError(f"RandSRPatchesd: num_targets must be >= 1, and 1 with tasks; got {num_targets}")
         for name, share in (("same_contrast_prob", same_contrast_prob), ("native_prob", native_prob)):
             if not 0.0 <= float(share) <= 1.0:
                 raise ValueError(f"RandSRPatchesd: {name} must lie in [0, 1], got {share}")
@@ -226,6 +236,9 @@ class RandSRPatchesd(Randomizable, MapTransform):
         pairs = self._task_pairs(data)
         samples = []
         for _ in range(self.num_samples):
+            if self.num_targets > 1:
+                samples.append(self._multi_target_sample(data, volumes))
+                continue
             if pairs is not None:
                 source, target = pairs[self.R.randint(len(pairs))]
             elif self.same_contrast_prob and self.R.rand() < self.same_contrast_prob:
@@ -234,12 +247,26 @@ class RandSRPatchesd(Randomizable, MapTransform):
                 source, target = self.R.choice(volumes.shape[0], size=2, replace=False)
             geometry = self.randomize(volumes.shape[1:], self._centre(volumes[target]))
             points = self.R.uniform(-0.5, np.asarray(geometry.hr_size) - 0.5, size=(self.num_queries, 3))
-            sample = _sample(volumes[source], volumes[target], geometry, points, self.profile)
+            sample = _sample(volumes[source], [volumes[target]], geometry, points, self.profile)
             sample.update(tokens=data["tokens"][target], modality=data["modalities"][target],
                           input_modality=data["modalities"][source], prompt=data["prompts"][target],
                           subject=data["subject"])
             samples.append(sample)
         return samples
+
+    def _multi_target_sample(self, data, volumes: np.ndarray) -> dict:
+        count = volumes.shape[0]
+        source = self.R.randint(count)
+        order = np.concatenate([self.R.permutation(count) for _ in range(-(-self.num_targets // count))])
+        targets = [int(t) for t in order[: self.num_targets]]
+        geometry = self.randomize(volumes.shape[1:], self._centre(volumes[source]))
+        points = self.R.uniform(-0.5, np.asarray(geometry.hr_size) - 0.5, size=(self.num_queries, 3))
+        sample = _sample(volumes[source], [volumes[t] for t in targets], geometry, points, self.profile)
+        sample.update(tokens=torch.as_tensor(np.asarray(data["tokens"])[targets]),
+                      modality=torch.as_tensor(np.asarray(data["modalities"])[targets]),
+                      input_modality=data["modalities"][source], prompt=[data["prompts"][t] for t in targets],
+                      subject=data["subject"])
+        return sample
 
 
 class SRValidationVolumed(MapTransform):
