@@ -8,6 +8,7 @@ import torch
 
 from scripts.data.intensity import TISSUE_ORDER
 from scripts.engine.synthesis_engine import (
+    FastConvolutions,
     TUMSynInferer,
     _fitted_windows,
     _read_box,
@@ -47,6 +48,16 @@ class CountingNet(torch.nn.Module):
     def query(self, latent, coords, cell, chunk_size=None):
         return self.network.query(latent, coords, cell, chunk_size)
 
+    @property
+    def decoder(self):
+        return self.network.decoder
+
+
+class CoordinatesOnlyNet(CountingNet):
+    """A network without a LIIF ``decoder``: the engine can only ``query`` it at coordinates."""
+
+    decoder = None
+
 
 @pytest.fixture(scope="module")
 def network():
@@ -69,17 +80,37 @@ def test_background_skipping_changes_no_decoded_voxel(network, out_shape):
     assert skipping.windows < full.windows  # windows that only background reads were not encoded
 
 
-def test_the_decoder_gets_the_engines_chunks_whole():
+@pytest.mark.parametrize("out_shape", [(24, 20, 18), (24, 20, 36)])
+def test_the_decoder_gets_the_engines_chunks_whole(out_shape):
     # The network's own chunk (query_chunk_size) is smaller than the engine's: the engine's setting must win, or a
-    # GPU's large chunks would be cut back into many small decoder calls.
+    # GPU's large chunks would be cut back into many small decoder calls. On the input grid the engine decodes each
+    # voxel from its own latent code (query_latent_centres), elsewhere at coordinates (query).
     torch.manual_seed(0)
     network = build_tumsyn_net("small", query_chunk_size=500).eval()
-    sizes, query = [], network.decoder.query
-    network.decoder.query = lambda latent, coords, cell: sizes.append(coords.shape[1]) or query(latent, coords, cell)
+    sizes = {"query": [], "query_latent_centres": []}
+    for name, calls in sizes.items():
+        method = getattr(network.decoder, name)
+        setattr(network.decoder, name, lambda latent, points, *rest, method=method, calls=calls:
+                calls.append(points.shape[1]) or method(latent, points, *rest))
     image = head_like((24, 20, 18), seed=2)
-    synthesize_volume(network, image, tokenize(T2W), (24, 20, 18), roi_size=(12, 12, 12), query_chunk=2000,
+    synthesize_volume(network, image, tokenize(T2W), out_shape, roi_size=(12, 12, 12), query_chunk=2000,
                       progress=False)
-    assert max(sizes) == 2000 and sum(sizes) == 24 * 20 * 18
+    used, unused = ("query_latent_centres", "query") if out_shape == (24, 20, 18) else ("query", "query_latent_centres")
+    assert max(sizes[used]) == 2000 and sum(sizes[used]) == math.prod(out_shape) and not sizes[unused]
+
+
+def test_on_the_input_grid_each_voxel_is_decoded_from_its_own_code(network):
+    """The engine's decoding on the input grid (``query_latent_centres``) gives the network's own prediction there
+    (``query`` at the voxel centres), whole and through windows (against the engine's coordinate path)."""
+    image, tokens, shape = head_like((20, 18, 16), seed=4), tokenize(T2W), (20, 18, 16)
+    with torch.inference_mode():
+        direct = network(image[None], tokens)[0]
+    whole = synthesize_volume(network, image, tokens, shape, roi_size=(64, 64, 64), progress=False)
+    torch.testing.assert_close(whole, direct, atol=1e-5, rtol=0)
+    windowed = synthesize_volume(network, image, tokens, shape, roi_size=(12, 12, 12), progress=False)
+    by_coordinates = synthesize_volume(CoordinatesOnlyNet(network), image, tokens, shape, roi_size=(12, 12, 12),
+                                       progress=False)
+    torch.testing.assert_close(windowed, by_coordinates, atol=1e-5, rtol=0)
 
 
 def test_inferer_skips_background_by_default_with_the_written_result(network):
@@ -96,23 +127,30 @@ def test_decode_mask_must_match_the_output_grid(network):
                           progress=False)
 
 
-def test_queries_on_latent_centres_decode_only_that_code():
-    """On the input grid (sizes whose coordinates round off-centre in float32) the prediction is the centre code's."""
+@pytest.mark.parametrize("input_residual", [False, True])
+def test_latent_centres_decode_their_own_code_as_query_does_there(input_residual):
+    """On the input grid (sizes whose coordinates round off-centre in float32) ``query`` weighs the centre code alone
+    up to that rounding; ``query_latent_centres`` decodes that code alone (offset 0, cell 1 latent voxel)."""
     torch.manual_seed(0)
-    decoder = LIIFDecoder(4, [16, 16]).eval()
+    decoder = LIIFDecoder(4, [16, 16], input_residual=input_residual).eval()
     shape = [7, 11, 13]
-    latent = torch.randn(1, 16, *shape)
+    latent = torch.randn(1, 16 + input_residual, *shape)
     coords = make_coord(shape)[None]
     cell = (2 / torch.tensor(shape, dtype=torch.float32)).expand_as(coords)
+    index = torch.randperm(math.prod(shape))[None, :300]
     with torch.inference_mode():
-        decoded = decoder.query(latent, coords, cell)
+        centres = decoder.query_latent_centres(latent, index)
+        queried = decoder.query(latent, coords, cell)[:, index[0]]
+        codes = latent.flatten(2).transpose(1, 2)[:, index[0]]
         offset_and_cell = torch.cat([torch.zeros(1, 3), torch.ones(1, 3)], dim=1)  # cell = 1 latent voxel
-        by_hand = decoder.mlp(latent.flatten(2).transpose(1, 2) + decoder.position_projection(offset_and_cell))
-        # A query 1e-3 voxel off the centres (not snapped) blends in its neighbours continuously.
-        nudged = decoder.query(latent, coords + 1e-3 * 2 / torch.tensor(shape), cell)
-    torch.testing.assert_close(decoded, by_hand, atol=1e-5, rtol=0)
-    difference = (nudged - decoded).abs().max()
-    assert 0 < difference < 0.02 * decoded.abs().max()
+        by_hand = decoder.mlp(codes[..., :16] + decoder.position_projection(offset_and_cell))
+        by_hand = by_hand + codes[..., 16:] if input_residual else by_hand
+        # A query 1e-3 voxel off the centres blends in its neighbours continuously.
+        nudged = decoder.query(latent, coords + 1e-3 * 2 / torch.tensor(shape), cell)[:, index[0]]
+    torch.testing.assert_close(centres, by_hand, atol=1e-6, rtol=0)
+    torch.testing.assert_close(queried, centres, atol=1e-5, rtol=0)
+    difference = (nudged - centres).abs().max()
+    assert 0 < difference < 0.02 * centres.abs().max()
 
 
 def test_engine_blends_the_input_residual_exactly():
@@ -140,10 +178,12 @@ def test_channels_last_latent_decodes_identically():
     latent = torch.randn(2, 16, 5, 6, 7)
     coords = torch.rand(2, 300, 3) * 2.2 - 1.1  # off the latent centres, some beyond the outermost ones
     cell = torch.full_like(coords, 0.1)
+    index = torch.randint(0, 5 * 6 * 7, (2, 100))
+    channels_last = latent.contiguous(memory_format=torch.channels_last_3d)
     with torch.inference_mode():
-        strided = decoder.query(latent, coords, cell)
-        rows = decoder.query(latent.contiguous(memory_format=torch.channels_last_3d), coords, cell)
-    assert torch.equal(rows, strided)
+        assert torch.equal(decoder.query(channels_last, coords, cell), decoder.query(latent, coords, cell))
+        assert torch.equal(decoder.query_latent_centres(channels_last, index),
+                           decoder.query_latent_centres(latent, index))
 
 
 def test_channels_last_convolutions_keep_the_output(network):
@@ -154,6 +194,52 @@ def test_channels_last_convolutions_keep_the_output(network):
     fast = TUMSynInferer(T2W, roi_size=(12, 12, 12), progress=False)(image[None], net)
     assert net.decoder.unfold_projection.weight.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("groups", [1, 16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_fast_convolutions_run_small_cpu_windows_on_onednn_with_nn_conv3d_results(groups, layout):
+    # 16 x 20 x 24 = 7680 <= 20480: PyTorch's own choice for this batch-1 window is its slow reference kernel.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(16, 16, kernel_size=3, padding=1, groups=groups)
+    image = torch.randn(1, 16, 20, 24, 30).contiguous(memory_format=layout).requires_grad_()
+    with torch.profiler.profile() as profiler, FastConvolutions():
+        output = conv(image)
+    kernels = {event.key for event in profiler.key_averages()}
+    assert "aten::mkldnn_convolution" in kernels and "aten::slow_conv3d_forward" not in kernels
+    expected = conv(image)
+    assert torch.allclose(output, expected, atol=1e-5)
+    gradients = torch.autograd.grad(output.square().sum(), [image, conv.weight])
+    expected_gradients = torch.autograd.grad(expected.square().sum(), [image, conv.weight])
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        assert torch.allclose(gradient, expected_gradient, atol=1e-3, rtol=1e-4)
+    with FastConvolutions(), torch.autocast("cpu", dtype=torch.bfloat16):  # nn.Conv3d's autocast dtype stays
+        assert conv(image).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the route taken there")
+def test_fast_convolutions_run_gpu_depthwise_channels_first_and_return_channels_last():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(32, 32, kernel_size=3, padding=1, groups=32).cuda()
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    image = torch.randn(1, 32, 20, 24, 30, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+    with FastConvolutions():
+        output = conv(image)
+    assert output.is_contiguous(memory_format=torch.channels_last_3d)
+    expected = torch.nn.functional.conv3d(image.contiguous(), conv.weight.contiguous(), conv.bias, padding=1,
+                                          groups=32)
+    assert torch.allclose(output, expected, atol=1e-5)
+
+
+def test_the_engine_encodes_its_windows_within_fast_convolutions(network):
+    """The engine's small windows (16 channels x 12 x 12 <= 20480) run on oneDNN, not on PyTorch's reference kernel,
+    while the network itself stays plain."""
+    image = head_like((20, 18, 16), seed=5)
+    with torch.profiler.profile() as profiler:
+        synthesize_volume(network, image, tokenize(T2W), (20, 18, 16), roi_size=(12, 12, 12), progress=False)
+    kernels = {event.key for event in profiler.key_averages()}
+    assert "aten::mkldnn_convolution" in kernels and "aten::slow_conv3d_forward" not in kernels
+    assert all(type(module) is torch.nn.Conv3d for module in network.modules() if isinstance(module, torch.nn.Conv3d))
 
 
 def test_window_sizes_up_to_zero_span_the_whole_axis(network):

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from scripts.nets.bmlip import BMLIP, BMLIPLoss, build_text_encoder, load_text_encoder, save_text_encoder
-from scripts.nets.layout import Conv3d
 from scripts.nets.liif import LIIFDecoder, make_coord
 from scripts.nets.network_scales import scale_config, text_encoder_config
 from scripts.nets.resnet_encoder import ResNetEncoder3d
@@ -336,41 +335,6 @@ def test_input_skip_feeds_the_image_to_the_decoder_and_corrects_it():
         assert between.item() == pytest.approx(image[0, 0, 1:3, 1:3, 1:3].mean().item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("groups", [1, 16])
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
-def test_conv3d_runs_small_cpu_windows_on_onednn_with_nn_conv3d_results(groups, layout):
-    # 16 x 20 x 24 = 7680 <= 20480: PyTorch's own choice for this batch-1 window is its slow reference kernel.
-    torch.manual_seed(0)
-    conv = Conv3d(16, 16, kernel_size=3, padding=1, groups=groups)
-    reference = torch.nn.Conv3d(16, 16, kernel_size=3, padding=1, groups=groups)
-    reference.load_state_dict(conv.state_dict())
-    image = torch.randn(1, 16, 20, 24, 30).contiguous(memory_format=layout).requires_grad_()
-    with torch.profiler.profile() as profiler:
-        output = conv(image)
-    kernels = {event.key for event in profiler.key_averages()}
-    assert "aten::mkldnn_convolution" in kernels and "aten::slow_conv3d_forward" not in kernels
-    expected = reference(image)
-    assert torch.allclose(output, expected, atol=1e-5)
-    gradients = torch.autograd.grad(output.square().sum(), [image, conv.weight])
-    expected_gradients = torch.autograd.grad(expected.square().sum(), [image, reference.weight])
-    for gradient, expected_gradient in zip(gradients, expected_gradients):
-        assert torch.allclose(gradient, expected_gradient, atol=1e-3, rtol=1e-4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # nn.Conv3d's autocast dtype, not oneDNN in float32
-        assert conv(image).dtype == reference(image).dtype == torch.bfloat16
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the route taken there")
-def test_conv3d_runs_gpu_depthwise_channels_first_and_returns_channels_last():
-    torch.manual_seed(0)
-    conv = Conv3d(32, 32, kernel_size=3, padding=1, groups=32).cuda()
-    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
-    image = torch.randn(1, 32, 20, 24, 30, device="cuda").contiguous(memory_format=torch.channels_last_3d)
-    output = conv(image)
-    assert output.is_contiguous(memory_format=torch.channels_last_3d)
-    expected = F.conv3d(image.contiguous(), conv.weight.contiguous(), conv.bias, padding=1, groups=32)
-    assert torch.allclose(output, expected, atol=1e-5)
-
-
 def test_bad_inputs_stop_with_clear_messages():
     net = tiny_net()
     with pytest.raises(ValueError, match=r"image: expected shape \[B, 1, D, H, W\]"):
@@ -431,6 +395,19 @@ def test_unet_scale_sees_far_and_every_prompt_steers_it():
             warnings.simplefilter("ignore", DeprecationWarning)
             scripted = torch.jit.script(net)
         assert torch.allclose(scripted(image[:1]), net(image[:1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", ["small", "unet"])
+def test_the_network_exports_with_torch_export_as_it_is(scale):
+    """Plain PyTorch modules and a decoder without data-dependent shapes: ``torch.export`` takes the network as
+    built, and the exported program gives the eager outputs."""
+    torch.manual_seed(0)
+    net = build_tumsyn_net(scale).eval()
+    image = torch.rand(1, 1, 8, 8, 8)
+    exported = torch.export.export(net, (image,))
+    other = torch.rand(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(other), net(other), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("conditioning", ["text", "onehot"])

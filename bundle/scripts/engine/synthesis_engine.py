@@ -7,8 +7,10 @@ kept: latent channels x (roi_size[0] + 5) x H x W floats (about 0.7 GB for the s
 plane with the default 64-voxel windows), plus ``query_chunk`` queries at a time and the predictions of the output
 rows one window row completes, whatever the number of slices.
 Where time goes (bench/README.md): the encoder. So windows are shrunk to tile each axis evenly, windows only
-background reads are skipped, and (``crop_margin``) the others are cut to the head they see; the slab is stored
-channels-last, the layout the decoder gathers codes from fastest.
+background reads are skipped, and (``crop_margin``) the others are cut to the head they see; windows are encoded
+within ``FastConvolutions`` (the kernel measured fastest per convolution); the slab is stored channels-last, the
+layout the decoder gathers codes from fastest; on an output grid equal to the input's each output voxel is decoded
+from its own latent code (``LIIFDecoder.query_latent_centres``) instead of 8.
 
 ``TUMSynInferer``: the MONAI ``Inferer`` that holds the engine's settings (``configs/inference.yaml``'s
 ``inferer``) and runs it on a batch of normalised volumes, optionally averaging the predictions of its 8 mirror
@@ -29,13 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from ..data.intensity import AUTO_SCALES, CLIP_MAX
 from ..data.intensity import METHODS as INTENSITY_METHODS
 from ..data.intensity import auto_intensity_scales
 from ..errors import UserInputError, config_flag, config_null, config_positive_numbers
-from ..nets.liif import make_coord
+from ..nets.layout import is_channels_last
+from ..nets.liif import LIIFDecoder, make_coord
 from ..prompt import MODALITIES, Prompt, tokenize
 from .coarse_pass import block_averaged, coarse_pass_applies, with_coarse_low_frequencies
 from .guided_filter import guides, input_guided
@@ -119,7 +123,8 @@ def synthesize_volume(
     ``image [1, D, H, W]`` is normalised; ``tokens [1, L]`` (or ``modality [1]``) is the target condition. Output
     voxel j of n along an axis of n_in input voxels sits at normalised coordinate -1 + (2j + 1) / n. Runs on the
     network's device and returns float32 on the CPU. ``network``: what ``TUMSynNet`` offers (``embed_condition``
-    once per volume, ``encode`` per window, ``query``).
+    once per volume, ``encode`` per window, ``query``; on the input grid, ``decoder.query_latent_centres`` when its
+    ``decoder`` is a ``LIIFDecoder``).
 
     ``decode_mask`` (bool, ``out_shape``; e.g. ``foreground_mask``): only its voxels are decoded, the rest are 0,
     and windows no such voxel reads are not encoded. Every decoded voxel equals the unmasked result (a query reads
@@ -163,6 +168,9 @@ def synthesize_volume(
     rows_ratio = in_shape[0] / out_shape[0]
     first_latent_row = np.floor((np.arange(out_shape[0]) + 0.5) * rows_ratio - 0.5).astype(int)
     plane_coords = make_coord(out_shape[1:]).to(device)  # [H' * W', 2], shared by every output row
+    # On the input grid every output voxel is a latent voxel: its own code decodes it, the 7 other corners weigh 0.
+    decoder = getattr(network, "decoder", None)
+    centres = decoder if out_shape == in_shape and isinstance(decoder, LIIFDecoder) else None
     plane_size = plane_coords.shape[0]
     output = torch.empty(out_shape, dtype=torch.float32)
     flat_mask = None if decode_mask is None else decode_mask.reshape(-1)
@@ -185,7 +193,8 @@ def synthesize_volume(
                 for _, group in itertools.groupby(batch, key=lambda item: [high - low for low, high in item[1]]):
                     group = list(group)
                     crops = torch.stack([image[(slice(None), *_slices(box))] for _, box in group])
-                    encoded = network.encode(crops, condition=condition).float()
+                    with FastConvolutions():
+                        encoded = network.encode(crops, condition=condition).float()
                     if slab is None:
                         slab = _LatentSlab(encoded.shape[1], roi[0] + 2 * QUERY_HALO + 1, in_shape[1:], device,
                                            slab_low)
@@ -209,7 +218,7 @@ def synthesize_volume(
                 else:
                     _decode_rows(network, slab.blended(final_high), slab.low, rows_ratio, next_row, last_row,
                                  plane_coords, out_shape, destination, query_chunk,
-                                 None if flat_mask is None else flat_mask[rows])
+                                 None if flat_mask is None else flat_mask[rows], centres)
                 next_row = last_row
             if next_row < out_shape[0]:  # forget the rows no later output row reads
                 slab_low = max(slab_low, min(max(int(first_latent_row[next_row]) - QUERY_HALO, 0), final_high))
@@ -266,9 +275,10 @@ class _LatentSlab:
 
 def _decode_rows(network, latent: torch.Tensor, slab_low: int, rows_ratio: float, first: int, stop: int,
                  plane_coords: torch.Tensor, out_shape: tuple[int, ...], destination: torch.Tensor,
-                 query_chunk: int, mask: torch.Tensor | None = None) -> None:
+                 query_chunk: int, mask: torch.Tensor | None = None, centres: LIIFDecoder | None = None) -> None:
     """Query output rows ``[first, stop)`` from the latent slab that starts at input row ``slab_low``; with a
-    ``mask`` (flat, bool, like ``destination``) only its voxels, the others are set to 0."""
+    ``mask`` (flat, bool, like ``destination``) only its voxels, the others are set to 0. ``centres``: the output
+    grid is the input grid, decoded by this decoder's ``query_latent_centres``."""
     device, slab_rows, plane_size = latent.device, latent.shape[1], plane_coords.shape[0]
     # Cell in the slab's normalised unit: along the first axis one output row spans rows_ratio input rows.
     cell = torch.tensor([2 * rows_ratio / slab_rows, 2 / out_shape[1], 2 / out_shape[2]], device=device)
@@ -284,12 +294,15 @@ def _decode_rows(network, latent: torch.Tensor, slab_low: int, rows_ratio: float
     for begin in range(0, total, query_chunk):
         end = min(begin + query_chunk, total)
         flat = (torch.arange(begin, end, device=device) if selected is None else selected_on_device[begin:end])
-        rows = first + torch.div(flat, plane_size, rounding_mode="floor")
-        input_row = (rows.double() + 0.5) * rows_ratio - 0.5  # continuous input index of each output row
-        row_coord = (-1 + 2 * (input_row - slab_low + 0.5) / slab_rows).float()
-        coords = torch.cat([row_coord[:, None], plane_coords[flat % plane_size]], dim=1)[None]
-        # The chunk is already query_chunk points: one pass (the network's own default chunk may be smaller).
-        prediction = network.query(latent[None], coords, cell.expand_as(coords), chunk_size=query_chunk)
+        if centres is not None:  # output voxel = latent voxel, at the same flat index past the slab's first rows
+            prediction = centres.query_latent_centres(latent[None], (flat + (first - slab_low) * plane_size)[None])
+        else:
+            rows = first + torch.div(flat, plane_size, rounding_mode="floor")
+            input_row = (rows.double() + 0.5) * rows_ratio - 0.5  # continuous input index of each output row
+            row_coord = (-1 + 2 * (input_row - slab_low + 0.5) / slab_rows).float()
+            coords = torch.cat([row_coord[:, None], plane_coords[flat % plane_size]], dim=1)[None]
+            # The chunk is already query_chunk points: one pass (the network's own default chunk may be smaller).
+            prediction = network.query(latent[None], coords, cell.expand_as(coords), chunk_size=query_chunk)
         predictions[begin:end] = prediction.reshape(-1)
     if selected is None:
         destination.copy_(predictions)
@@ -351,6 +364,39 @@ def channels_last_convolutions(network: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, torch.nn.Conv3d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
     return network
+
+
+class FastConvolutions(TorchFunctionMode):
+    """A context in which ``F.conv3d`` (what ``nn.Conv3d`` calls) runs on the kernel measured fastest for the
+    network's shapes (``bench/conv_paths.py``, bench/README.md), with ``F.conv3d``'s results; ``synthesize_volume``
+    encodes its windows within it, so the network stays plain PyTorch:
+    - on a CPU (float32, no autocast), always oneDNN. For batch 1, PyTorch picks its reference kernel instead when
+      batch x channels x depth x height <= 20480 (a heuristic made for small 2D images): windows cut at the head's
+      edge then ran 10-16x slower per voxel at 16 channels, and the U-Net's coarse levels always take it;
+    - on a GPU, a grouped (depth-wise) convolution on channels-first tensors, whatever the input's layout, and the
+      input's layout back: cuDNN's channels-last grouped kernel took 6-10x longer (an H100, fp32 and bf16).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return (_routed_conv3d if func is F.conv3d else func)(*args, **(kwargs or {}))
+
+
+def _routed_conv3d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+                   dilation=1, groups: int = 1) -> torch.Tensor:
+    """``F.conv3d`` on the kernel ``FastConvolutions`` chooses."""
+    if groups > 1 and input.is_cuda and is_channels_last(input):
+        output = F.conv3d(input.contiguous(), weight.contiguous(), bias, stride, padding, dilation, groups)
+        return output.contiguous(memory_format=torch.channels_last_3d)
+    # Under CPU autocast F.conv3d computes in the autocast dtype: leave that to it, as a padding given by name.
+    if (input.device.type == "cpu" and input.dtype == torch.float32 and not isinstance(padding, str)
+            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()):
+        return torch.ops.aten.mkldnn_convolution(input, weight, bias, _triple(padding), _triple(stride),
+                                                 _triple(dilation), groups)
+    return F.conv3d(input, weight, bias, stride, padding, dilation, groups)
+
+
+def _triple(value: int | Sequence[int]) -> list[int]:
+    return [value] * 3 if isinstance(value, int) else list(value)
 
 
 def foreground_mask(image: torch.Tensor, out_shape: Sequence[int]) -> torch.Tensor:

@@ -14,7 +14,9 @@ An intensity at a continuous coordinate x is decoded from the latent codes aroun
 
 Efficiency: the MLP's first layer is linear in its input [unfolded code, offset, cell], and unfolding followed
 by a linear map is exactly a 3x3x3 convolution with zero padding. ``LIIFDecoder.project`` applies that
-convolution once per volume, so a query only gathers one ``hidden[0]``-vector per corner instead of 27 codes.
+convolution once per volume, so a query only gathers one ``hidden[0]``-vector per corner instead of 27 codes. On an
+output grid equal to the latent's every query sits on a latent centre, where one corner has all the weight:
+``LIIFDecoder.query_latent_centres`` decodes only that code, and the inference engine calls it for such grids.
 
 Coordinates: normalised to [-1, 1] per axis of the tensor's (D, H, W) order, voxel centres at -1 + (2i + 1) / n
 (``align_corners=False``); ``cell`` is the output voxel size in the same unit.
@@ -25,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .layout import Conv3d, cat_channels
+from .layout import cat_channels
 
 # The 8 corners of the latent cube around a query, as binary (lower 0 / upper 1) offsets per axis.
 _CORNER_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)])
@@ -66,7 +68,8 @@ def _gather_codes(latent: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class LIIFDecoder(nn.Module):
     """``project(features [B, C, D, H, W]) -> latent``, then ``query(latent, coords [B, N, 3], cell [B, N, 3])``.
 
-    ``query`` returns ``[B, N, 1]`` intensities; ``query_in_chunks`` does the same with bounded memory. With
+    ``query`` returns ``[B, N, 1]`` intensities; ``query_in_chunks`` does the same with bounded memory;
+    ``query_latent_centres`` decodes the latent's own voxel centres from one code each. With
     ``input_residual``, ``project`` also takes the input image and keeps it as the latent's last channel, which
     ``query`` adds to the MLP's output instead of feeding it to the MLP.
     """
@@ -76,7 +79,7 @@ class LIIFDecoder(nn.Module):
         if not hidden:
             raise ValueError("decoder: expected at least one hidden layer size")
         # First MLP layer, split: its unfolded-feature part as a convolution, its (offset, cell) part as a linear map.
-        self.unfold_projection = Conv3d(in_channels, hidden[0], kernel_size=3, padding=1)
+        self.unfold_projection = nn.Conv3d(in_channels, hidden[0], kernel_size=3, padding=1)
         self.position_projection = nn.Linear(6, hidden[0], bias=False)
         layers: List[nn.Module] = []
         for width_in, width_out in zip(hidden, list(hidden[1:]) + [1]):
@@ -109,48 +112,54 @@ class LIIFDecoder(nn.Module):
         # per-axis linear weights. Beyond the outermost centres the query is clamped for the weights (LIIF clamps
         # coordinates likewise); the lower corner stops at n-2 so the upper one stays a distinct, inside centre.
         inside = torch.minimum(position.clamp(min=0), size - 1)
-        # A query meant to sit on a latent centre lands up to ~size x float32 epsilon off it (the coordinate's
-        # rounding); snapping it there makes its upper-corner weights exactly 0, so the corner skip below applies to
-        # output grids equal to the input grid of any size, for a change of the order of that rounding.
-        nearest = inside.round()
-        snap = (inside - nearest).abs() <= 4.76837158203125e-07 * size  # 4 float32 epsilons (a literal: TorchScript)
-        inside = torch.where(snap, nearest, inside)
         lower = torch.minimum(inside.floor(), (size - 2).clamp(min=0))
         upper_fraction = inside - lower  # [B, N, 3]
         # Per-axis (lower, upper) weights multiplied out over the corners, in the order of _CORNER_OFFSETS.
         axis_weight = torch.stack([1 - upper_fraction, upper_fraction], dim=-1)  # [B, N, 3, 2]
         weight = (axis_weight[:, :, 0, :, None] * axis_weight[:, :, 1, None, :]).flatten(2)
         weight = (weight[..., None] * axis_weight[:, :, 2, None, :]).flatten(2)  # [B, N, 8]
-        # Corners no query weighs are skipped, an exact saving: when every query sits on a latent centre (the output
-        # grid is the input grid) only the lower corner counts, 8x fewer codes to decode.
-        used = torch.nonzero(weight.flatten(0, 1).gt(0).any(dim=0)).squeeze(1)
-        weight = weight.index_select(2, used)
-        corner_offsets = self.corner_offsets[used]
 
-        corners = torch.minimum(lower.long().unsqueeze(2) + corner_offsets, (size.long() - 1).view(1, 1, 1, 3))
-        offset = position.unsqueeze(2) - corners.to(position.dtype)  # true offset in latent voxels, [B, N, used, 3]
+        corners = torch.minimum(lower.long().unsqueeze(2) + self.corner_offsets, (size.long() - 1).view(1, 1, 1, 3))
+        offset = position.unsqueeze(2) - corners.to(position.dtype)  # true offset in latent voxels, [B, N, 8, 3]
         cell_in_voxels = (cell * size / 2).unsqueeze(2).expand_as(offset)
 
         flat_index = (corners[..., 0] * latent.shape[3] + corners[..., 1]) * latent.shape[4] + corners[..., 2]
-        codes = _gather_codes(latent, flat_index.reshape(batch, -1)).view(-1, width)  # [B * N * used, width]
+        codes = _gather_codes(latent, flat_index.reshape(batch, -1)).view(-1, width)  # [B * N * 8, width]
         hidden_width = width - int(self.input_residual)  # the input image, if kept, is the last channel
         position_input = torch.cat([offset, cell_in_voxels], dim=-1).view(-1, 6)
         # code + position_projection(offset, cell) in one pass; addmm reads the code columns in place (no copy).
         if modulation is None:
             hidden = torch.addmm(codes[:, :hidden_width], position_input, self.position_projection.weight.t())
-            prediction = self.mlp(hidden).view(weight.shape)  # [B, N, corners used]
+            prediction = self.mlp(hidden).view(weight.shape)  # [B, N, 8]
             if self.input_residual:
                 prediction = prediction + codes[:, -1].view(weight.shape)
             return (prediction * weight).sum(dim=-1, keepdim=True)
-        # K targets of one encoding: [B, K, N x corners, hidden] rows, the codes modulated per target.
+        # K targets of one encoding: [B, K, N x 8, hidden] rows, the codes modulated per target.
         scale, shift = modulation[0].unsqueeze(2), modulation[1].unsqueeze(2)
-        points, used_corners = weight.shape[1], weight.shape[2]
+        points, corners_per_point = weight.shape[1], weight.shape[2]
         rows = codes[:, :hidden_width].view(batch, 1, -1, hidden_width)
         position = self.position_projection(position_input).view(batch, 1, -1, hidden_width)
-        prediction = self.mlp(rows * scale + shift + position).view(batch, -1, points, used_corners)  # [B, K, N, used]
+        prediction = self.mlp(rows * scale + shift + position).view(batch, -1, points, corners_per_point)
         if self.input_residual:
-            prediction = prediction + codes[:, -1].view(batch, 1, points, used_corners)
-        return (prediction * weight.unsqueeze(1)).sum(dim=-1).transpose(1, 2)
+            prediction = prediction + codes[:, -1].view(batch, 1, points, corners_per_point)
+        return (prediction * weight.unsqueeze(1)).sum(dim=-1).transpose(1, 2)  # [B, N, K]
+
+    def query_latent_centres(self, latent: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``[B, M, 1]`` intensities at the centres of the latent voxels ``index [B, M]`` (flat indices into the
+        latent's D x H x W) for output voxels the size of a latent voxel.
+
+        What ``query`` gives there: at a centre one corner weighs 1 and the other 7 weigh 0, so only that code is
+        decoded (offset 0, cell 1 latent voxel), with 8x fewer MLP rows. For an output grid equal to the latent's,
+        which the caller knows (``scripts.engine.synthesis_engine``); coordinates computed for such a grid land up to
+        a float32 rounding off the centres, where ``query`` decodes all 8 corners.
+        """
+        codes = _gather_codes(latent, index)  # [B, M, width]
+        hidden_width = latent.shape[1] - int(self.input_residual)
+        centre = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]], dtype=codes.dtype, device=codes.device)  # offset, cell
+        prediction = self.mlp(codes[..., :hidden_width] + self.position_projection(centre))
+        if self.input_residual:
+            prediction = prediction + codes[..., -1:]
+        return prediction
 
     def query_in_chunks(
         self, latent: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor, chunk_size: int

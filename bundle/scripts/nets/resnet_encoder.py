@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .layout import Conv3d, is_channels_last
+from .layout import is_channels_last
 
 RESIDUAL_SCALE = 0.1  # EDSR's residual scaling (Lim et al. 2017, Sec. 3.2)
 
@@ -25,9 +25,9 @@ class BasicBlock3d(nn.Module):
         super().__init__()
         self.residual_scale = RESIDUAL_SCALE
         self.residual = nn.Sequential(
-            Conv3d(channels, channels, kernel_size=3, padding=1),
+            nn.Conv3d(channels, channels, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
-            Conv3d(channels, channels, kernel_size=3, padding=1),
+            nn.Conv3d(channels, channels, kernel_size=3, padding=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,9 +46,9 @@ class ResNetEncoder3d(nn.Module):
         if channels < 1 or not blocks or min(blocks) < 1:
             raise ValueError(f"encoder: expected channels >= 1 and blocks >= 1 per stage, got {channels}, {blocks}")
         self.out_channels = channels
-        self.stem = Conv3d(in_channels, channels, kernel_size=3, padding=1)
+        self.stem = nn.Conv3d(in_channels, channels, kernel_size=3, padding=1)
         stages = [nn.Sequential(*[BasicBlock3d(channels) for _ in range(count)]) for count in blocks]
-        self.body = nn.Sequential(*stages, Conv3d(channels, channels, kernel_size=3, padding=1))
+        self.body = nn.Sequential(*stages, nn.Conv3d(channels, channels, kernel_size=3, padding=1))
 
     def forward(self, image: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``condition`` is unused: the paper fuses the prompt after the encoder (``scripts.nets.tumsyn_net``)."""

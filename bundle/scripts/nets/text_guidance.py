@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..prompt import MODALITIES
-from .layout import Conv3d, pointwise
+from .layout import pointwise
 
 
 class TextAdapter(nn.Module):
@@ -99,7 +99,8 @@ class ChannelLayerNorm(nn.Module):
         self.norm = nn.LayerNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+        last = x.dim() - 1  # a positive axis: the ONNX exporter writes a negative one into Transpose, which is invalid
+        return self.norm(x.movedim(1, last)).movedim(last, 1)
 
 
 class TextToVoxelAttention(nn.Module):
@@ -145,7 +146,7 @@ class GatedDepthwiseFeedForward(nn.Module):
         super().__init__()
         hidden = channels * ratio
         self.expand = nn.Conv3d(channels, 2 * hidden, kernel_size=1)
-        self.depthwise = Conv3d(2 * hidden, 2 * hidden, kernel_size=3, padding=1, groups=2 * hidden)
+        self.depthwise = nn.Conv3d(2 * hidden, 2 * hidden, kernel_size=3, padding=1, groups=2 * hidden)
         self.project = nn.Conv3d(hidden, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

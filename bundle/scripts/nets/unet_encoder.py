@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import Conv3d
-
 NEGATIVE_SLOPE = 0.1  # leaky ReLU: with no normalisation no unit can die for good
 
 
@@ -27,7 +25,7 @@ def conv_block(in_channels: int, out_channels: int, convs: int) -> nn.Sequential
     """``convs`` 3x3x3 convolutions, each followed by a leaky ReLU (one U-Net level)."""
     layers = []
     for index in range(convs):
-        layers += [Conv3d(in_channels if index == 0 else out_channels, out_channels, kernel_size=3, padding=1),
+        layers += [nn.Conv3d(in_channels if index == 0 else out_channels, out_channels, kernel_size=3, padding=1),
                    nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True)]
     return nn.Sequential(*layers)
 
