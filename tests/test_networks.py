@@ -410,6 +410,20 @@ def test_the_network_exports_with_torch_export_as_it_is(scale):
         torch.testing.assert_close(exported.module()(other), net(other), rtol=1e-5, atol=1e-6)
 
 
+def test_unet_encoder_keeps_the_signal_scale_at_initialisation():
+    """No normalisation layer: the initialisation alone must carry the input's scale to the bottleneck and back
+    (PyTorch's default left 1/30 of it at the bottleneck)."""
+    torch.manual_seed(0)
+    encoder = build_tumsyn_net("unet").encoder
+    scales = []
+    for block in (*encoder.down, *encoder.up):
+        block.register_forward_hook(lambda module, inputs, output: scales.append(float(output.std())))
+    image = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        encoder(image)
+    assert min(scales) > float(image.std()) / 3, scales
+
+
 @pytest.mark.parametrize("conditioning", ["text", "onehot"])
 def test_several_targets_of_one_encoding_match_the_single_target_path(conditioning):
     """``forward_targets``: K target contrasts decoded from one encoding equal K single-target calls (what

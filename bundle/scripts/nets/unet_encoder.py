@@ -22,11 +22,18 @@ NEGATIVE_SLOPE = 0.1  # leaky ReLU: with no normalisation no unit can die for go
 
 
 def conv_block(in_channels: int, out_channels: int, convs: int) -> nn.Sequential:
-    """``convs`` 3x3x3 convolutions, each followed by a leaky ReLU (one U-Net level)."""
+    """``convs`` 3x3x3 convolutions, each followed by a leaky ReLU (one U-Net level).
+
+    He initialisation (He et al., ICCV 2015) for the leaky ReLU: with no normalisation layer PyTorch's default
+    shrank the signal about 3x per level, to 1/30 of the input's scale at the bottleneck and a near-constant output
+    at the start of training; on the copy task (1 mm, own contrast) it reached L1 0.040 after 50 steps against 0.059
+    (bench/README.md, "The U-Net scale")."""
     layers = []
     for index in range(convs):
-        layers += [nn.Conv3d(in_channels if index == 0 else out_channels, out_channels, kernel_size=3, padding=1),
-                   nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True)]
+        conv = nn.Conv3d(in_channels if index == 0 else out_channels, out_channels, kernel_size=3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, a=NEGATIVE_SLOPE, nonlinearity="leaky_relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True)]
     return nn.Sequential(*layers)
 
 
