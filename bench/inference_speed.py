@@ -177,9 +177,9 @@ def load_case(source: str, input_name: str, fov_scale: float):
 
 def config_inferer(scale: str, precision: str, overrides: dict):
     """The ``inferer`` of ``configs/inference.yaml`` at ``scale`` (no progress bar), its autocast on for ``bf16``,
-    one network run per volume (intensity scale 1: the loop runs once too; ``auto`` runs a rule pair twice), not
-    guided by the input (the loop is not either), with the given values of its top-level keys (``query_chunk``,
-    ``sw_batch_size``, ``crop_margin``)."""
+    one network run per volume (no input contrast is given, so intensity scale 1: the loop runs once too), not
+    guided by the input (the loop is not either: ``GUIDED_FILTER_RADIUS`` set to 0 in this process), with the given
+    values of its top-level keys (``query_chunk``, ``sw_batch_size``, ``crop_margin``)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -187,9 +187,10 @@ def config_inferer(scale: str, precision: str, overrides: dict):
     parser["inferer"]["progress"] = False
     parser["scale"] = scale
     parser["amp"] = precision == "bf16"
-    parser["intensity_scales"] = [1.0]
-    parser["guided_filter_radius"] = 0
     parser.update(overrides)
+    import scripts.engine.synthesis_engine as engine
+
+    engine.GUIDED_FILTER_RADIUS = 0
     return parser.get_parsed_content("inferer")
 
 

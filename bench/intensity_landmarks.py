@@ -8,8 +8,8 @@ the nine training site presets) by
 
     python ../bench/intensity_landmarks.py data/simulated      # from bundle/; prints the table as Python
 
-Its effect on real scans is measured with the evaluate config itself, once per input normalisation
-(``docs/real_data.md``): ``configs/evaluate.yaml --input_normalisation landmarks``.
+It serves ``normalize_intensity(method="landmarks")``, a training-side normalisation (``stage2_train.yaml``'s
+``intensity_normalisation``); inference does not use it.
 """
 
 from __future__ import annotations

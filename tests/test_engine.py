@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.data.intensity import TISSUE_ORDER
+from scripts.data.intensity import TISSUE_ORDER, pair_intensity_scales
 from scripts.engine.synthesis_engine import (
     FastConvolutions,
     TUMSynInferer,
@@ -18,7 +18,7 @@ from scripts.engine.synthesis_engine import (
 )
 from scripts.nets.liif import LIIFDecoder, make_coord
 from scripts.nets.tumsyn_net import build_tumsyn_net
-from scripts.prompt import tokenize
+from scripts.prompt import Prompt, tokenize
 
 T2W = "Modality: T2w; Voxel size: (1.0, 1.0, 1.0)"
 
@@ -420,76 +420,43 @@ def test_flip_averaging_takes_only_a_yes_or_no():
         TUMSynInferer(flip_averaging="eight")
 
 
-def test_intensity_scales_average_the_predictions_on_the_rescaled_input(network):
-    image = head_like((20, 18, 16), seed=5)  # 0.5-1.5 inside: x 1.4 reaches the normalisation's clip at 1.5
-    out_shape = (20, 18, 16)
-    settings = dict(roi_size=(12, 12, 12), progress=False)
-
-    def prediction(volume, **averaging):
-        return TUMSynInferer(T2W, **settings, **averaging)(volume[None], network, out_shape=out_shape)[0, 0]
-
-    for flips in (False, True):
-        averaged = TUMSynInferer(T2W, **settings, flip_averaging=flips, intensity_scales=[0.7, 1.4])
-        assert averaged.predictions_averaged == (16 if flips else 2)
-        expected = (prediction(image * 0.7, flip_averaging=flips)
-                    + prediction((image * 1.4).clamp(max=1.5), flip_averaging=flips)) / 2
-        torch.testing.assert_close(averaged(image[None], network, out_shape=out_shape)[0, 0], expected,
-                                   atol=1e-5, rtol=0)
-    # The network's output depends on the input's scale, so the average is not the single prediction.
-    assert (expected - prediction(image, flip_averaging=True)).abs().max() > 1e-5  # float noise: ~1e-7
-
-
-@pytest.mark.parametrize("given, expected", [
-    ("[0.6, 0.8, 1, 1.4, 2]", (0.6, 0.8, 1.0, 1.4, 2.0)),
-    ("0.8, 1.25", (0.8, 1.25)),  # a MONAI Label request's text
-    (2, (2.0,)),
-    ([1.0], (1.0,)),
-])
-def test_intensity_scales_are_read_from_lists_text_and_numbers(given, expected):
-    inferer = TUMSynInferer(intensity_scales=given)
-    assert inferer.intensity_scales == expected
-    # A per-request copy changes only what it is given.
-    copy = inferer.with_options(flip_averaging=True)
-    assert copy.intensity_scales == expected and copy.predictions_averaged == 8 * len(expected)
-    assert inferer.with_options(intensity_scales="1").intensity_scales == (1.0,)
-    assert inferer.predictions_averaged == len(expected)
-
-
-@pytest.mark.parametrize("bad", ["[0.8, -1]", "[]", "0", "bright", "[1, \"x\"]", [0.5, float("inf")], True, "autox"])
-def test_intensity_scales_refuse_what_is_not_a_list_of_positive_numbers(bad):
-    with pytest.raises(ValueError, match=r"^intensity_scales: expected a list of positive numbers such as "
-                                         r"\[0.6, 1, 2\] or 'auto', got"):
-        TUMSynInferer(intensity_scales=bad)
-
-
 @pytest.mark.parametrize("source, target, expected", [
     ("T1w", "T2w", (0.6, 0.8)), ("T2w", "FLAIR", (0.6, 0.8)), ("T2w", "T1CE", (0.6, 0.8)),  # tissue order inverted
     ("T1w", "FLAIR", (1.8, 2.0)), ("FLAIR", "T1w", (1.8, 2.0)), ("T1w", "T1CE", (1.8, 2.0)),  # kept
     ("T1w", "T1w", (1.0,)), ("PD", "T1w", (1.0,)), ("T1w", "SWI", (1.0,)), (None, "T2w", (1.0,)),  # not measured
 ])
-def test_auto_intensity_scales_are_picked_by_the_contrast_pair(source, target, expected):
-    inferer = TUMSynInferer(intensity_scales=" Auto ", flip_averaging=True)
-    assert inferer.intensity_scales == "auto" and inferer.predictions_averaged == 16  # at most, before resolving
-    resolved = inferer.resolved(source, target)
-    assert resolved.intensity_scales == expected and resolved.predictions_averaged == 8 * len(expected)
-    assert inferer.intensity_scales == "auto"  # resolving makes a copy
-    assert TUMSynInferer(intensity_scales=[1.4]).resolved(source, target).intensity_scales == (1.4,)  # given: kept
+def test_intensity_scales_are_picked_by_the_contrast_pair(source, target, expected):
+    assert pair_intensity_scales(source, target) == expected
+    inferer = TUMSynInferer(flip_averaging=True)
+    assert inferer.predictions_averaged(source, target) == 8 * len(expected)
 
 
-def test_auto_intensity_scales_run_the_pairs_factors(network):
+def test_the_pairs_intensity_scales_average_the_predictions_on_the_rescaled_input(network):
+    """T1w -> T2w: the mean of the predictions on the input times 0.6 and 0.8; an unknown input: the input as is."""
     image = head_like((16, 14, 12), seed=3)
     settings = dict(roi_size=(12, 12, 12), progress=False)
-    auto = TUMSynInferer(T2W, **settings, intensity_scales="auto")
-    for source, factors in (("T1w", [0.6, 0.8]), ("T2w", [1.0]), (None, [1.0])):
-        expected = TUMSynInferer(T2W, **settings, intensity_scales=factors)(image[None], network)
-        torch.testing.assert_close(auto(image[None], network, source_modality=source), expected, atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="intensity_scales 'auto': expected a prompt"):
-        TUMSynInferer(**settings, intensity_scales="auto")(image[None], network)
+    inferer = TUMSynInferer(T2W, **settings)
+    expected = [synthesize_volume(network, image * factor, tokenize(Prompt.parse(T2W).render()), image.shape[1:],
+                                  decode_mask=foreground_mask(image, image.shape[1:]), roi_size=(12, 12, 12),
+                                  overlap=0.25, progress=False) for factor in (0.6, 0.8, 1.0)]
+    unknown = inferer(image[None], network)[0]
+    assert (unknown - guided(image, expected[2])).abs().max() < 1e-5
+    paired = inferer(image[None], network, source_modality="T1w")[0]
+    assert (paired - guided(image, (expected[0] + expected[1]) / 2)).abs().max() < 1e-5
+
+
+def guided(image, prediction):
+    """``prediction`` re-drawn with the input's structure as the inferer does (GUIDED_FILTER_RADIUS)."""
+    from scripts.engine.guided_filter import input_guided
+    from scripts.engine.synthesis_engine import GUIDED_FILTER_RADIUS
+
+    foreground = foreground_mask(image, image.shape[1:])
+    return input_guided(image, prediction, foreground, GUIDED_FILTER_RADIUS) if GUIDED_FILTER_RADIUS else prediction
 
 
 @pytest.mark.parametrize("field_strength", [1.5, 3.0])
-def test_auto_scales_tissue_order_is_the_simulators(field_strength):
-    """The contrasts ``auto`` sorts by tissue order have that order at the simulator's protocols (mid-range)."""
+def test_pair_scales_tissue_order_is_the_simulators(field_strength):
+    """The contrasts the pair scales sort by tissue order have that order at the simulator's protocols (mid-range)."""
     from scripts.simulator.presets import _BASE_3T, _BASE_15T
     from scripts.simulator.sequences import Sequence, tissue_signal
     from scripts.simulator.tissue import tissue_properties

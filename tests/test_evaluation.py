@@ -1,4 +1,4 @@
-"""The evaluate config with the shipped weights on two held-out simulated subjects: measured quality thresholds."""
+"""The evaluate config with the shipped weights on two held-out simulated subjects, against same-run baselines."""
 
 import csv
 import os
@@ -24,20 +24,35 @@ from scripts.nets.tumsyn_net import build_tumsyn_net
 
 MODEL = os.path.join(BUNDLE_ROOT, "models", "model.pt")
 CONFIG = os.path.join(BUNDLE_ROOT, "configs", "evaluate.yaml")
-# One training-site task, one joint super-resolution task, two zero-shot tasks (a TE outside every training range),
-# on a 2 mm held-out subject of each site, with the config's defaults (intensity_scales auto, guided_filter_radius 1).
-# Per task: the shipped model's minimum PSNR (dB), set from the measured value
-# (docs/small_model_measurements.md: 19.60, 15.74, 15.74, 9.38) minus 1.5 dB, and the measure on which it must beat
-# the identity baseline (for the super-resolution task PSNR does not: the model card says so).
-THRESHOLDS = {"T2w->FLAIR": (18.1, "psnr"), "cor3.2mm PD->T1w": (14.2, "ssim"), "T1w->PD (unseen TE)": (14.2, "psnr"),
-              "T1w->T2w (unseen TE)": (7.9, "psnr")}
-# The shipped one-hot ablation (models/model_onehot.pt), measured 17.00, 18.17, 16.27 dB on the same tasks, minus 1.5.
-ONEHOT_MINIMUM_PSNR = {"T2w->FLAIR": 15.5, "cor3.2mm PD->T1w": 16.6, "T1w->PD (unseen TE)": 14.7}
-# The shipped task-specific models (models/model_task_T2w-FLAIR.pt, model_task_T1w-T2w.pt), measured 17.35 and
-# 8.14 dB on these rows (14.22 and 10.87 at the input's own scale, unguided: the auto factors were chosen for the text
-# model), minus 1.5.
-TASK_SPECIFIC_MINIMUM_PSNR = {"T2w->FLAIR": 15.8, "T1w->T2w (unseen TE)": 6.6}
-EVALUATED_TASKS = list(dict.fromkeys([*THRESHOLDS, *TASK_SPECIFIC_MINIMUM_PSNR]))
+# Every task of scripts.engine.evaluation.TASKS that a 2 mm held-out subject of the clinical and unseen-params sites
+# allows (7 of 14: evaluating all of them on 8 subjects with every method takes over 3 minutes), with the config's
+# defaults. Each quality assertion is against a baseline of the same run, with a fixed margin.
+EVALUATED_TASKS = ["T2w->FLAIR", "cor3.2mm PD->T1w", "sag4mm T1w->T1w", "ax5mm FLAIR->FLAIR",
+                   "T1w->T2w (unseen TE)", "T1w->FLAIR (unseen TR/TE/TI)", "T1w->PD (unseen TE)"]
+SR_MARGIN_DB = 1.0  # super-resolution within a contrast must beat trilinear interpolation of the input by this much
+TASK_SPECIFIC_TASKS = {"T2w->FLAIR", "T1w->T2w (unseen TE)"}  # the pairs of the shipped task-specific models
+CROSS_CONTRAST = [t.name for t in tasks_named(EVALUATED_TASKS) if t.source != t.target]
+SUPER_RESOLUTION = [t.name for t in tasks_named(EVALUATED_TASKS) if t.source == t.target]
+ZERO_SHOT = [t.name for t in tasks_named(EVALUATED_TASKS) if t.group == "zero-shot"]
+T1W_TARGETS = [t.name for t in tasks_named(EVALUATED_TASKS) if t.target == "T1w"]
+# What the shipped small model fails today (measured on these subjects, PSNR dB: text model vs baseline): strict, so a
+# model that passes a row fails the suite until its mark is removed.
+FAILS_LOOKUP_TABLE = {"cor3.2mm PD->T1w", "T1w->T2w (unseen TE)",  # 15.81 vs 16.71; 9.89 vs 14.06
+                      "T1w->FLAIR (unseen TR/TE/TI)"}  # 12.12 vs 13.16
+FAILS_TRILINEAR = {"sag4mm T1w->T1w", "ax5mm FLAIR->FLAIR"}  # 12.41 vs 23.37 + 1; 18.04 vs 17.85 + 1
+FAILS_ONEHOT_ON_ZERO_SHOT = True  # 12.31 vs 12.52 (mean of the three zero-shot rows)
+FAILS_INPUT_VOLUMES = {"cor3.2mm PD->T1w"}  # 34.3 % vs 34.0 % off the truth
+
+
+def _rows(tasks, failing, reason):
+    return [pytest.param(task, marks=pytest.mark.xfail(strict=True, reason=reason)) if task in failing else task
+            for task in tasks]
+
+
+def _mean(rows, task, method, key="psnr"):
+    values = [float(row[key]) for row in rows if row["task"] == task and row["method"] == method and row[key] != ""]
+    assert values, (task, method, key)
+    return float(np.mean(values))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +67,11 @@ def evaluation(tmp_path_factory):
     workflow.run()
     workflow.finalize()
     with open(root / "out" / "metrics.csv") as handle:
-        return root, list(csv.DictReader(handle))
+        rows = list(csv.DictReader(handle))
+    for task in EVALUATED_TASKS:  # the numbers behind the marks below
+        print(task, {method: round(_mean(rows, task, method), 2) for method in
+                     ("tumsyn", "onehot", "identity", "oracle-lut")})
+    return root, rows
 
 
 def test_writes_every_output(evaluation):
@@ -60,21 +79,37 @@ def test_writes_every_output(evaluation):
     for name in ("metrics.csv", "summary.csv", "metrics.md", "metrics.png"):
         assert os.path.getsize(root / "out" / name) > 0
     assert {row["task"] for row in rows} == set(EVALUATED_TASKS)
-    assert {row["method"] for row in rows} >= {"tumsyn", "onehot", TASK_SPECIFIC, "identity"}
+    assert {row["method"] for row in rows} >= {"tumsyn", "onehot", TASK_SPECIFIC, "identity", "oracle-lut"}
     # a task-specific model runs on the cases of its own (source, target) pair only; the table marks the others
-    assert {row["task"] for row in rows if row["method"] == TASK_SPECIFIC} == set(TASK_SPECIFIC_MINIMUM_PSNR)
+    assert {row["task"] for row in rows if row["method"] == TASK_SPECIFIC} == TASK_SPECIFIC_TASKS
     rows_of_table = [line for line in (root / "out" / "metrics.md").read_text().splitlines() if line.startswith("| ")]
     without = {line.split(" | ")[0][2:] for line in rows_of_table if " - | - | - " in line}
-    assert without == set(EVALUATED_TASKS) - set(TASK_SPECIFIC_MINIMUM_PSNR), rows_of_table
+    assert without == set(EVALUATED_TASKS) - TASK_SPECIFIC_TASKS, rows_of_table
+    # the networks' rows are finite scores, the one-hot ablation and task-specific baselines included
+    assert all(np.isfinite(float(row["psnr"])) and -1 <= float(row["pearson"]) <= 1 for row in rows)
 
 
-@pytest.mark.parametrize("task", list(THRESHOLDS))
-def test_shipped_model_meets_its_measured_quality(evaluation, task):
+@pytest.mark.parametrize("task", _rows(CROSS_CONTRAST, FAILS_LOOKUP_TABLE, "the shipped small model is below the "
+                                       "oracle lookup table's PSNR on this task"))
+def test_cross_contrast_at_or_above_the_lookup_table(evaluation, task):
     _, rows = evaluation
-    scores = {row["method"]: row for row in rows if row["task"] == task}
-    minimum_psnr, beats_identity_on = THRESHOLDS[task]
-    assert float(scores["tumsyn"]["psnr"]) > minimum_psnr, scores
-    assert float(scores["tumsyn"][beats_identity_on]) > float(scores["identity"][beats_identity_on]), scores
+    assert _mean(rows, task, "tumsyn") >= _mean(rows, task, "oracle-lut"), task
+
+
+@pytest.mark.parametrize("task", _rows(SUPER_RESOLUTION, FAILS_TRILINEAR, "the shipped small model is below "
+                                       "trilinear interpolation of the input on this task"))
+def test_super_resolution_above_trilinear(evaluation, task):
+    _, rows = evaluation
+    assert _mean(rows, task, "tumsyn") >= _mean(rows, task, "identity") + SR_MARGIN_DB, task
+
+
+@pytest.mark.xfail(FAILS_ONEHOT_ON_ZERO_SHOT, strict=True,
+                   reason="the shipped one-hot ablation is above the text model on the zero-shot rows")
+def test_text_model_at_or_above_the_onehot_ablation_on_zero_shot_rows(evaluation):
+    _, rows = evaluation
+    text = np.mean([_mean(rows, task, "tumsyn") for task in ZERO_SHOT])
+    onehot = np.mean([_mean(rows, task, "onehot") for task in ZERO_SHOT])
+    assert text >= onehot, (text, onehot)
 
 
 def test_baseline_table_counts_cases_above_the_inputs_magnitude():
@@ -106,18 +141,26 @@ def test_resampling_maps_world_space():
     np.testing.assert_allclose(fine[::2, ::2, ::2], image, atol=1e-5)
 
 
-def test_downstream_tissue_volumes_against_the_simulator_truth(evaluation):
+def test_downstream_tissue_volumes_are_reported(evaluation):
     """T1w targets get the paper's Table 2 check: k-means tissue volumes of every method's image against the real
-    image and against the simulator's truth, beside the real image's own error (44.2 % measured on this 2 mm
-    subject: hard k-means classes against partial-volume truth)."""
+    image and against the simulator's truth, beside the real image's own error (hard k-means classes against
+    partial-volume truth)."""
     root, rows = evaluation
-    t1w_rows = [row for row in rows if row["task"] == "cor3.2mm PD->T1w"]
-    assert {row["method"] for row in t1w_rows} >= {"tumsyn", "onehot", "identity"}
-    for row in t1w_rows:
-        assert 0.0 <= float(row["truth_volume_error_pct"]) < 200.0, row
-        assert float(row["real_truth_volume_error_pct"]) < 50.0, row
+    for task in T1W_TARGETS:
+        task_rows = [row for row in rows if row["task"] == task]
+        assert {row["method"] for row in task_rows} >= {"tumsyn", "onehot", "identity"}
+        for row in task_rows:
+            assert float(row["truth_volume_error_pct"]) >= 0.0 and float(row["real_truth_volume_error_pct"]) < 50, row
     assert all(row["truth_volume_error_pct"] == "" for row in rows if row["task"] == "T2w->FLAIR")
     assert "Downstream (paper Table 2)" in (root / "out" / "metrics.md").read_text()
+
+
+@pytest.mark.parametrize("task", _rows(T1W_TARGETS, FAILS_INPUT_VOLUMES, "the shipped small model's synthesized "
+                                       "T1w gives tissue volumes further from the truth than its input's"))
+def test_synthesized_t1w_tissue_volumes_no_further_from_the_truth_than_the_inputs(evaluation, task):
+    _, rows = evaluation
+    model = _mean(rows, task, "tumsyn", "truth_volume_error_pct")
+    assert model <= _mean(rows, task, "identity", "truth_volume_error_pct"), task
 
 
 def test_truth_tissue_volumes_sum_the_simulator_maps(tmp_path):
@@ -135,21 +178,6 @@ def test_truth_tissue_volumes_sum_the_simulator_maps(tmp_path):
     np.testing.assert_allclose(volumes, [inside[0], inside[1] + inside[2], inside[3]], rtol=1e-5)
     (anat / "sub-1_label-CSF_probseg.nii.gz").unlink()
     assert truth_tissue_volumes(str(anat / "sub-1_desc-brain_mask.nii.gz"), (4, 4, 4), affine, mask, 0.008) is None
-
-
-@pytest.mark.parametrize("task", list(ONEHOT_MINIMUM_PSNR))
-def test_shipped_onehot_ablation_meets_its_measured_quality(evaluation, task):
-    """The baseline is a trained model too: a regression in it would silently flatter the text-conditioned one."""
-    _, rows = evaluation
-    (onehot,) = [row for row in rows if row["task"] == task and row["method"] == "onehot"]
-    assert float(onehot["psnr"]) > ONEHOT_MINIMUM_PSNR[task], onehot
-
-
-@pytest.mark.parametrize("task", list(TASK_SPECIFIC_MINIMUM_PSNR))
-def test_shipped_task_specific_baselines_meet_their_measured_quality(evaluation, task):
-    _, rows = evaluation
-    (specific,) = [row for row in rows if row["task"] == task and row["method"] == TASK_SPECIFIC]
-    assert float(specific["psnr"]) > TASK_SPECIFIC_MINIMUM_PSNR[task], specific
 
 
 @pytest.mark.parametrize("override, skip", [(None, True), ("false", False), ("true", True)])

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from helpers import T2W, phantom
 from scripts.engine.guided_filter import guided_filter, guides, input_guided, rank_matched
-from scripts.engine.synthesis_engine import TUMSynInferer, foreground_mask
+from scripts.engine.synthesis_engine import GUIDED_FILTER_RADIUS, TUMSynInferer, foreground_mask
 from scripts.nets.tumsyn_net import build_tumsyn_net
 
 
@@ -67,34 +67,35 @@ def test_input_guided_resamples_the_input_to_a_finer_output_grid():
     assert correlation(guided[0], target, fine_foreground) > correlation(prediction[0], target, fine_foreground)
 
 
-def test_inferer_guides_its_prediction_by_the_input():
+def _unguided(monkeypatch, call):
+    """``call()`` with the inferer's guided filter off."""
+    import scripts.engine.synthesis_engine as engine
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "GUIDED_FILTER_RADIUS", 0)
+        return call()
+
+
+def test_inferer_guides_its_prediction_by_the_input(monkeypatch):
     torch.manual_seed(0)
     network = build_tumsyn_net("small").eval()
     t1w, _, foreground = phantom((16, 16, 16))
-    settings = dict(roi_size=(12, 12, 12), progress=False)
-    plain = TUMSynInferer(T2W, **settings)(t1w[None, None], network)[0]
-    guided = TUMSynInferer(T2W, **settings, guided_filter_radius=1)(t1w[None, None], network)[0]
-    torch.testing.assert_close(guided, input_guided(t1w[None], plain, foreground_mask(t1w[None], (16, 16, 16)), 1))
-    assert (guided - plain).abs().max() > 1e-4
-    unguided = TUMSynInferer(**settings, guided_filter_radius=1).with_options(guided_filter_radius="0")
-    assert unguided.guided_filter_radius == 0
+    inferer = TUMSynInferer(T2W, roi_size=(12, 12, 12), progress=False)
+    plain = _unguided(monkeypatch, lambda: inferer(t1w[None, None], network)[0])
+    guided = inferer(t1w[None, None], network)[0]
+    torch.testing.assert_close(guided, input_guided(t1w[None], plain, foreground_mask(t1w[None], (16, 16, 16)),
+                                                    GUIDED_FILTER_RADIUS))
+    assert GUIDED_FILTER_RADIUS == 1 and (guided - plain).abs().max() > 1e-4
 
 
-def test_thick_slices_are_not_guided_into_a_much_finer_grid():
+def test_thick_slices_are_not_guided_into_a_much_finer_grid(monkeypatch):
     """A 4 mm slice has no 2 mm structure to give: the inferer leaves such a prediction as the network made it."""
     assert guides((16, 16, 8), (16, 16, 12)) and not guides((16, 16, 8), (16, 16, 16))
     torch.manual_seed(0)
     network = build_tumsyn_net("small").eval()
     t1w, _, _ = phantom((16, 16, 8))
-    settings = dict(roi_size=(12, 12, 12), progress=False)
+    inferer = TUMSynInferer(T2W, roi_size=(12, 12, 12), progress=False)
     for out_shape, guided in (((16, 16, 16), False), ((16, 16, 12), True)):
-        plain = TUMSynInferer(T2W, **settings)(t1w[None, None], network, out_shape=out_shape)
-        result = TUMSynInferer(T2W, **settings, guided_filter_radius=1)(t1w[None, None], network, out_shape=out_shape)
+        plain = _unguided(monkeypatch, lambda: inferer(t1w[None, None], network, out_shape=out_shape))
+        result = inferer(t1w[None, None], network, out_shape=out_shape)
         assert torch.equal(result, plain) != guided, out_shape
-
-
-@pytest.mark.parametrize("bad", [-1, 1.5, "wide", True])
-def test_guided_filter_radius_takes_a_whole_number_of_voxels(bad):
-    with pytest.raises(ValueError, match=r"^guided_filter_radius: expected a whole number of output voxels >= 0 \(0: "
-                                         r"off\), got"):
-        TUMSynInferer(guided_filter_radius=bad)

@@ -24,7 +24,7 @@ from helpers import (
     write_nifti,
 )
 from scripts.data.intensity import normalize_intensity
-from scripts.engine.inference_engine import inference_cases, output_grid, run_inference
+from scripts.engine.inference_engine import INPUT_NORMALISATION, inference_cases, output_grid, run_inference
 from scripts.engine.synthesis_engine import gaussian_window, synthesize_volume
 from scripts.engine.volume_io import load_volume
 from scripts.nets.tumsyn_net import build_tumsyn_net
@@ -96,7 +96,8 @@ def test_output_keeps_orientation_and_world_space(tmp_path, name):
     affine = AFFINES[name](shape)
     landmark = affine[:3, :3] @ np.array([13.0, 8.0, 9.0]) + affine[:3, 3]
     path = write_nifti(tmp_path / "sub-01_T1w.nii.gz", blob_volume(shape, affine, landmark), affine)
-    written = run_inference(path, "T2w", str(tmp_path / "out"), SamplingNet(), target_spacing=(0.75, 0.75, 0.75),
+    # the same contrast: intensity factor 1 (the stand-in network only resamples)
+    written = run_inference(path, "T1w", str(tmp_path / "out"), SamplingNet(), target_spacing=(0.75, 0.75, 0.75),
                             inferer=FAST, preview=False)
     output = nib.load(written["image"])
     assert output.get_data_dtype() == np.float32
@@ -105,17 +106,17 @@ def test_output_keeps_orientation_and_world_space(tmp_path, name):
     np.testing.assert_allclose(out_spacing, 0.75, atol=0.02)
     np.testing.assert_allclose(output.affine[:3, :3] / out_spacing,
                                affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0), atol=1e-6)
-    assert np.linalg.norm(world_centroid(written["image"]) - landmark) < 0.35
+    assert np.linalg.norm(world_centroid(written["image"]) - landmark) < 0.4  # the blob's top is clipped at 1.5
 
     # Round trip: the output resampled back onto the input grid is the (normalised) input.
-    source = normalize_intensity(np.asarray(nib.load(path).dataobj, dtype=np.float32))
+    source = normalize_intensity(np.asarray(nib.load(path).dataobj, dtype=np.float32), method=INPUT_NORMALISATION)
     index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), 0).reshape(3, -1).astype(float)
     world = affine[:3, :3] @ index + affine[:3, 3:4]
     out_index = np.linalg.inv(output.affine[:3, :3]) @ (world - output.affine[:3, 3:4])
     back = map_coordinates(np.asarray(output.dataobj), out_index, order=1).reshape(shape)
     interior = (slice(3, -3),) * 3
     error = np.abs(back[interior] - source[interior])
-    assert error.max() < 0.1 and error.mean() < 0.01  # two trilinear interpolations of a 4 mm blob
+    assert error.max() < 0.1 and error.mean() < 0.015  # two trilinear interpolations of a 4 mm blob
 
 
 def test_sidecar_records_prompts_and_spacing(tmp_path):
@@ -225,7 +226,7 @@ def test_integer_and_double_inputs_work(tmp_path, dtype):
     path = write_nifti(tmp_path / "in.nii.gz", data, np.diag([1.2, 1.2, 1.2, 1.0]), dtype)
     written = run_inference(path, T2W_TEMPLATE, str(tmp_path / "out"), SamplingNet(), inferer=FAST, preview=False)
     output = np.asarray(nib.load(written["image"]).dataobj)
-    assert output.dtype == np.float32 and output.shape == (19, 19, 19) and 0.9 < output.max() <= 1.5
+    assert output.dtype == np.float32 and output.shape == (19, 19, 19) and 0.9 < output.max() <= 1.5 + 1e-5
 
 
 def test_background_stays_zero_and_4d_volume_index(tmp_path):
@@ -307,20 +308,9 @@ def test_command_line_contract(tmp_path, bundle_root):
     assert record["target_prompt"].startswith("Age: 70; Gender: None; Scanner: None; Modality: FLAIR; "
                                               "Voxel size: (2.0, 2.0, 2.0)")
     assert nib.load(str(tmp_path / "out" / "scan_FLAIR.nii.gz")).shape == (8, 8, 8)
-    # a plain file name says no contrast: --input_modality does, and picks the default auto intensity scales
+    # a plain file name says no contrast: --input_modality does, and picks the pair's intensity factors
     assert record["input_modality"] == "T1w" and record["intensity_scales_averaged"] == [1.8, 2.0]
-    # the default guided filter: a 2 mm grid from a 1 x 1 x 2 mm input is guided by it; 1 mm from 2 mm slices is not
-    assert record["guided_filter_radius"] == 1
-    command[command.index("--target_spacing") + 1] = "[1, 1, 1]"
-    done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(bundle_root), timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    record = json.load(open(tmp_path / "out" / "scan_FLAIR.json"))
-    assert record["guided_filter_radius"] == 0 and not record["coarse_pass"]  # the coarse pass is opt-in
-    # 1 x 1 x 2 mm block-averaged is 2 x 2 x 4 mm, within the trained voxel sizes: the sidecar says it ran
-    done = subprocess.run(command + ["--coarse_pass", "true"], capture_output=True, text=True,
-                          cwd=os.path.dirname(bundle_root), timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.load(open(tmp_path / "out" / "scan_FLAIR.json"))["coarse_pass"] is True
+    assert record["mirror_images_averaged"] == 1
 
 
 def test_no_argument_run_writes_image_and_preview(bundle_root):
@@ -355,30 +345,6 @@ def test_default_case_synthesizes_the_subjects_t2w_with_its_own_prompt(tmp_path,
         inference_cases(case["input_image"], None, None, None, None, dataset)
 
 
-def test_opt_in_landmark_input_normalisation(tmp_path):
-    """`input_normalisation: landmarks` feeds the network the input mapped onto the training landmarks of the input's
-    modality (from its sidecar); an input whose modality is unknown is one error line, and the default is unchanged."""
-    from scripts.engine.synthesis_engine import TUMSynInferer
-    from scripts.errors import UserInputError
-
-    data = (300 * blob_volume((16, 16, 16), np.eye(4), (8, 8, 8))).astype(np.float32)
-    bids = write_bids_image(str(tmp_path / "bids"), "01", "T1w", data, {"RepetitionTime": 2.3, "EchoTime": 0.003})
-    landmarks = TUMSynInferer(roi_size=(16, 16, 16), progress=False, input_normalisation="landmarks")
-    written = run_inference(bids, "T2w", str(tmp_path / "out"), SamplingNet(), target_spacing=1.0,
-                            inferer=landmarks, preview=False)
-    output = np.asarray(nib.load(written["image"]).dataobj)
-    expected = normalize_intensity(data, method="landmarks", modality="T1w")
-    np.testing.assert_allclose(output, expected, atol=2e-3)  # the stand-in network returns its input
-    assert not np.allclose(expected, normalize_intensity(data), atol=0.05)
-    assert "training images' of its modality" in json.load(open(written["sidecar"]))["intensity"]
-    plain = write_nifti(tmp_path / "plain.nii.gz", data, np.eye(4))  # no sidecar: modality unknown
-    with pytest.raises(UserInputError, match="plain.nii.gz: input_normalisation 'landmarks' needs the input's"):
-        run_inference(plain, "T2w", str(tmp_path / "out2"), SamplingNet(), inferer=landmarks, preview=False)
-    assert not os.path.exists(tmp_path / "out2") or os.listdir(tmp_path / "out2") == []
-    with pytest.raises(UserInputError, match=r"^input_normalisation: expected one of \['percentile'"):
-        TUMSynInferer(input_normalisation="zscore")
-
-
 def test_flip_averaging_keeps_every_voxel_in_place_on_an_oblique_grid(tmp_path):
     """A network that only resamples its input is mirror-symmetric, so averaging its 8 mirror predictions must give
     its single prediction back on any input orientation and output grid: a mirror image flipped back onto the wrong
@@ -396,31 +362,28 @@ def test_flip_averaging_keeps_every_voxel_in_place_on_an_oblique_grid(tmp_path):
         results[flips] = np.asarray(nib.load(written["image"]).dataobj)
         sidecar = json.load(open(written["sidecar"]))
         assert sidecar["mirror_images_averaged"] == (8 if flips else 1)
-        assert sidecar["intensity_scales_averaged"] == [1.0]
     assert results[True].std() > 0.1
     np.testing.assert_allclose(results[True], results[False], atol=1e-5)
 
 
-def test_auto_intensity_scales_follow_the_inputs_contrast(tmp_path):
-    """``intensity_scales: auto`` picks the factors from the input's modality (its BIDS name here) and the prompt's,
-    and the sidecar records the factors used; an input of unknown contrast keeps its scale."""
+def test_input_modality_is_read_from_the_metadata_or_given(tmp_path):
+    """The input's contrast comes from its BIDS name (or sidecar), or from ``input_modality``, which overrides it;
+    it picks the intensity factors of the contrast pair, and the sidecar records both (an input of unknown contrast
+    keeps its scale, with a warning)."""
     from scripts.engine.synthesis_engine import TUMSynInferer
 
     data = (300 * blob_volume((12, 12, 10), np.eye(4), (5.0, 6.0, 4.0))).astype(np.float32)
-    inferer = TUMSynInferer(roi_size=(8, 8, 8), progress=False, intensity_scales="auto")
-    cases = {("sub-01_T1w.nii.gz", "T2w", None): [0.6, 0.8], ("sub-01_T1w.nii.gz", "FLAIR", None): [1.8, 2.0],
-             ("sub-01_T1w.nii.gz", "T1w", None): [1.0], ("plain.nii.gz", "T2w", None): [1.0],
-             ("plain.nii.gz", "T2w", "t1gd"): [0.6, 0.8],  # the user names the contrast the metadata does not give
-             ("sub-01_T1w.nii.gz", "FLAIR", "T2w"): [0.6, 0.8]}  # ... or overrides it
-    for number, ((name, prompt, given), factors) in enumerate(cases.items()):
+    inferer = TUMSynInferer(roi_size=(8, 8, 8), progress=False)
+    cases = {("sub-01_T1w.nii.gz", None): ("T1w", [0.6, 0.8]), ("plain.nii.gz", None): (None, [1.0]),
+             ("plain.nii.gz", "t1gd"): ("T1CE", [0.6, 0.8]), ("sub-01_T1w.nii.gz", "T2w"): ("T2w", [1.0])}
+    for number, ((name, given), (expected, factors)) in enumerate(cases.items()):
         image = write_nifti(tmp_path / name, data, np.eye(4))
-        written = run_inference(image, prompt, str(tmp_path / f"out{number}"), SamplingNet(), inferer=inferer,
+        written = run_inference(image, "T2w", str(tmp_path / f"out{number}"), SamplingNet(), inferer=inferer,
                                 preview=False, input_modality=given)
         sidecar = json.load(open(written["sidecar"]))
-        assert sidecar["intensity_scales_averaged"] == factors and sidecar["intensity_scales_auto"], (name, prompt)
-        assert sidecar["input_modality"] == {"t1gd": "T1CE"}.get(given, given or ("T1w" if "T1w" in name else None))
-        unknown = [warning for warning in sidecar["warnings"] if warning.startswith("intensity_scales auto: the")]
-        assert bool(unknown) == (sidecar["input_modality"] is None), sidecar["warnings"]
+        assert sidecar["input_modality"] == expected and sidecar["intensity_scales_averaged"] == factors, (name, given)
+        unknown = [warning for warning in sidecar["warnings"] if warning.startswith("the input's contrast is unknown")]
+        assert bool(unknown) == (expected is None), sidecar["warnings"]
     with pytest.raises(ValueError, match=r"^input_modality: expected one of T1w, .*got 'T3w'$"):
         run_inference(image, "T2w", str(tmp_path / "refused"), SamplingNet(), inferer=inferer, input_modality="T3w")
     assert not os.path.exists(tmp_path / "refused")

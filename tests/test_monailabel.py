@@ -259,16 +259,13 @@ def require_label_env() -> None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Both servers over a studies folder holding two small simulated scans, started together (start-up is mostly
+    """Both servers over a studies folder holding a small simulated scan, started together (start-up is mostly
     imports, ~30 s on a busy machine, so in parallel they cost about one)."""
     require_label_env()
     root = tmp_path_factory.mktemp("monailabel")
     studies = os.path.join(root, "studies")
     os.makedirs(studies)
     nib.save(nib.Nifti1Image(simulated_scan(), scan_affine()), os.path.join(studies, "sim01_T1w.nii.gz"))
-    # 1.5 mm voxels: 3 mm block-averaged, within the trained sizes, so the coarse pass runs on it
-    nib.save(nib.Nifti1Image(simulated_scan(), np.diag([1.5, 1.5, 1.5, 1.0])),
-             os.path.join(studies, "sim02_T1w.nii.gz"))
     port, default_host_port = free_port(), free_port()
     log_path, default_host_log = os.path.join(root, "loopback.log"), os.path.join(root, "default_host.log")
     server = start_server(copy_app(root / "loopback"), studies, port, ["--host", "127.0.0.1"], log_path)
@@ -329,45 +326,6 @@ def test_modality_prompt_target_spacing_and_a_bad_prompt(served):
         infer(served.url, "sim01_T1w", {"prompt": "Banana"})
     assert error.value.code == 422  # the bundle's one-line reason, not a bare 500
     assert "Banana" in json.loads(error.value.read())["detail"]
-
-
-@pytest.mark.slow
-def test_test_time_averaging_per_request(served):
-    request = {"prompt": "PD", "target_spacing": "4, 4, 5"}
-    single, params = infer(served.url, "sim01_T1w", request)
-    assert params["mirror_images_averaged"] == 1 and params["intensity_scales_averaged"] == [1.0]  # auto: T1w -> PD
-    averaged, params = infer(served.url, "sim01_T1w", {**request, "flip_averaging": "true"})
-    assert params["mirror_images_averaged"] == 8 and averaged.shape == single.shape
-    assert not np.allclose(np.asarray(averaged.dataobj), np.asarray(single.dataobj))
-    scaled, params = infer(served.url, "sim01_T1w", {**request, "intensity_scales": "0.8, 1.25"})
-    assert params["intensity_scales_averaged"] == [0.8, 1.25] and params["mirror_images_averaged"] == 1
-    assert not np.allclose(np.asarray(scaled.dataobj), np.asarray(single.dataobj))
-    _, params = infer(served.url, "sim01_T1w", {**request, "prompt": "T2w", "intensity_scales": "auto"})
-    assert params["intensity_scales_averaged"] == [0.6, 0.8] and params["intensity_scales_auto"]  # T1w -> T2w inverts
-    assert not any(warning.startswith("target T1CE") for warning in params["ood_warnings"])
-    _, params = infer(served.url, "sim01_T1w", {**request, "prompt": "T1CE"})  # the caveat reaches the client
-    assert any(warning.startswith("target T1CE from a pre-contrast T1w") for warning in params["ood_warnings"])
-    _, params = infer(served.url, "sim01_T1w", {**request, "prompt": "T2w", "input_modality": "FLAIR"})
-    assert params["input_modality"] == "FLAIR" and params["intensity_scales_averaged"] == [0.6, 0.8]
-    unguided, params = infer(served.url, "sim01_T1w", {**request, "guided_filter_radius": "0"})
-    assert params["guided_filter_radius"] == 0 and not np.allclose(np.asarray(unguided.dataobj),
-                                                                   np.asarray(single.dataobj))
-    # 2.5 mm slices would be 5 mm when block-averaged: no coarse pass however asked; 1.5 mm voxels get one
-    _, params = infer(served.url, "sim01_T1w", {**request, "coarse_pass": "true"})
-    assert not params["coarse_pass"]
-    fine, params = infer(served.url, "sim02_T1w", request)
-    coarse, coarse_params = infer(served.url, "sim02_T1w", {**request, "coarse_pass": "true"})
-    assert coarse_params["coarse_pass"] and not params["coarse_pass"]
-    assert not np.allclose(np.asarray(coarse.dataobj), np.asarray(fine.dataobj))
-    _, params = infer(served.url, "sim01_T1w", request)
-    # one request's choice does not stick to the served inferer
-    assert params["mirror_images_averaged"] == 1 and params["intensity_scales_averaged"] == [1.0]
-    assert params["guided_filter_radius"] == 1 and not params["coarse_pass"]
-    for option, bad in (("flip_averaging", "often"), ("intensity_scales", "0.8, -1"), ("input_modality", "T3w"),
-                        ("guided_filter_radius", "-2"), ("coarse_pass", "sometimes")):
-        with pytest.raises(urllib.error.HTTPError) as error:
-            infer(served.url, "sim01_T1w", {**request, option: bad})
-        assert error.value.code == 422 and option in json.loads(error.value.read())["detail"]
 
 
 @pytest.mark.slow

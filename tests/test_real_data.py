@@ -1,8 +1,8 @@
 """Real scans: the evaluate config on the real co-registered case, (input, target) datalists, robust normalisation.
 
 The real case (../shared/data/real/bids, one glioma patient) is never part of the repository: those tests skip
-without it. It is block-averaged 4x (4 mm voxels) to keep the test short; docs/real_data.md has the 2 mm
-table and explains why numbers at different voxel sizes differ.
+without it. It is scored at its native 1 mm grid on the four tasks the model must do (the quality gate) and
+block-averaged 4x (4 mm voxels) for everything else; the real case is only measured, never tuned on.
 """
 
 import csv
@@ -34,26 +34,23 @@ REAL = os.path.normpath(os.path.join(BUNDLE_ROOT, "..", "..", "shared", "data", 
 needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="the real case (../shared/data/real) is absent")
 CONFIG = os.path.join(BUNDLE_ROOT, "configs", "evaluate.yaml")
 DOWNSAMPLE = 4
-# Measured with the shipped weights at 4 mm (Pearson r inside the brain), the evaluate config's defaults
-# (intensity_scales auto, guided_filter_radius 1): tumsyn, identity, oracle-lut.
-MEASURED_R = {
-    "T1w->T2w": (0.489, 0.096, 0.490),
-    "T1w->FLAIR": (0.889, 0.835, 0.907),
-    "T1w->T1CE": (0.934, 0.966, 0.968),
-    "T2w->FLAIR": (0.740, 0.255, 0.788),
-    "FLAIR->T1w": (0.849, 0.835, 0.886),
-}
-# Without the guided filter (guided_filter_radius 0, the default before version 0.4.0): tumsyn.
-UNGUIDED_R = {"T1w->T2w": 0.488, "T1w->FLAIR": 0.886, "T1w->T1CE": 0.930, "T2w->FLAIR": 0.755, "FLAIR->T1w": 0.836}
-# With the input at its normalised scale (intensity_scales [1.0], the default before version 0.3.0): tumsyn, one-hot.
-UNSCALED_R = {
-    "T1w->T2w": (0.448, 0.353),
-    "T1w->FLAIR": (0.877, 0.873),
-    "T1w->T1CE": (0.834, 0.854),
-    "T2w->FLAIR": (0.689, 0.705),
-    "FLAIR->T1w": (0.767, 0.834),
+# The baselines at 4 mm (Pearson r inside the brain; no network runs in them): identity, oracle-lut.
+BASELINE_R = {
+    "T1w->T2w": (0.096, 0.490),
+    "T1w->FLAIR": (0.835, 0.907),
+    "T1w->T1CE": (0.966, 0.968),
+    "T2w->FLAIR": (0.255, 0.788),
+    "FLAIR->T1w": (0.835, 0.886),
 }
 R_MARGIN = 0.05
+# The quality gate at the native 1 mm grid: r at least R_MARGIN above the input's own |r| and at most R_MARGIN below
+# the oracle lookup table's r (fitted on the answer). T1w -> T1CE from a pre-contrast input is exempt.
+GATED_TASKS = ["T1w->T2w", "T1w->FLAIR", "T2w->FLAIR", "FLAIR->T1w"]
+# What the shipped small model fails today at 1 mm (r: text model, input |r|, lookup table): T1w->T2w 0.054, 0.438,
+# 0.560; T1w->FLAIR 0.676, 0.654, 0.737; T2w->FLAIR 0.383, 0.335, 0.597; FLAIR->T1w 0.685, 0.656, 0.720. Strict, so a
+# model that passes a row fails the suite until its mark is removed.
+FAILS_ABOVE_INPUT = {"T1w->T2w", "T1w->FLAIR", "T2w->FLAIR", "FLAIR->T1w"}
+FAILS_NEAR_LOOKUP_TABLE = {"T1w->T2w", "T1w->FLAIR", "T2w->FLAIR"}
 
 
 def _evaluate_real_case(root, downsample=DOWNSAMPLE, **overrides):
@@ -68,19 +65,26 @@ def _evaluate_real_case(root, downsample=DOWNSAMPLE, **overrides):
     return root / "out", {(row["task"], row["method"]): float(row["pearson"]) for row in rows}
 
 
+def _report(title, r, tasks):
+    """Print the text model's r beside the input's |r| and the lookup table's (a report, not an assertion)."""
+    print(title)
+    for task in tasks:
+        print(f"  {task}: tumsyn {r[(task, 'tumsyn')]:.3f}, input |r| {abs(r[(task, 'identity')]):.3f}, "
+              f"oracle-lut {r[(task, 'oracle-lut')]:.3f}")
+
+
 @pytest.fixture(scope="module")
 def real_evaluation(tmp_path_factory):
     return _evaluate_real_case(tmp_path_factory.mktemp("real"))
 
 
 @pytest.fixture(scope="module")
-def real_evaluation_unscaled(tmp_path_factory):
-    return _evaluate_real_case(tmp_path_factory.mktemp("real_unscaled"), intensity_scales=[1.0])
-
-
-@pytest.fixture(scope="module")
-def real_evaluation_unguided(tmp_path_factory):
-    return _evaluate_real_case(tmp_path_factory.mktemp("real_unguided"), guided_filter_radius=0)
+def real_evaluation_native(tmp_path_factory):
+    """The text model alone on the gated tasks at the case's own 1 mm grid."""
+    out, r = _evaluate_real_case(tmp_path_factory.mktemp("real_native"), downsample=1, tasks=GATED_TASKS,
+                                 onehot_ckpt_path=None, task_models=None)
+    _report("real case at 1 mm", r, GATED_TASKS)
+    return out, r
 
 
 @pytest.fixture(scope="module")
@@ -96,163 +100,63 @@ def test_real_case_has_every_task_baseline_and_stated_normalisation(real_evaluat
     assert {method for _, method in r} >= {"tumsyn", "identity", "oracle-lut"}
     text = (out / "metrics.md").read_text()
     assert "99th percentile inside the brain" in text and "both non-zero" in text
-    # the bar's "every task beats the input", as metrics.md reports it: met on all but T1w -> T1CE (docs/real_data.md)
-    for task in MEASURED_R:
-        assert f"| {task} | tumsyn | {'0' if task == 'T1w->T1CE' else '1'} of 1 |" in text, task
+    for task in BASELINE_R:
+        assert f"| {task} | tumsyn | " in text, task
     assert os.path.getsize(out / "metrics.png") > 0
+    _report("real case at 4 mm", r, list(BASELINE_R))
 
 
 @needs_real
-@pytest.mark.parametrize("task", list(MEASURED_R))
-def test_real_case_matches_measured_correlations(real_evaluation, task):
+@pytest.mark.parametrize("task", list(BASELINE_R))
+def test_real_case_baselines(real_evaluation, task):
     _, r = real_evaluation
-    for method, measured in zip(("tumsyn", "identity", "oracle-lut"), MEASURED_R[task]):
-        assert r[(task, method)] == pytest.approx(measured, abs=R_MARGIN), (task, method)
+    for method, measured in zip(("identity", "oracle-lut"), BASELINE_R[task]):
+        assert r[(task, method)] == pytest.approx(measured, abs=0.01), (task, method)
     # The lookup table is fitted on the answer: no voxel-wise remapping of the input beats it.
     assert r[(task, "oracle-lut")] >= abs(r[(task, "identity")]) - 1e-6
 
 
 @needs_real
-def test_auto_intensity_scales_raise_the_multi_task_networks_on_every_real_task(
-        real_evaluation, real_evaluation_unscaled):
-    """The default ``intensity_scales: auto`` against the input at its normalised scale: every task of the text model
-    and of the one-hot ablation rises (docs/real_data.md; the factors were chosen on this case for the text model)."""
-    out, auto = real_evaluation
-    assert "intensity scales picked per task (intensity_scales auto: 0.6, 0.8 where" in (out / "metrics.md").read_text()
-    _, unscaled = real_evaluation_unscaled
-    for task, measured in UNSCALED_R.items():
-        for method, value in zip(("tumsyn", "onehot"), measured):
-            assert unscaled[(task, method)] == pytest.approx(value, abs=R_MARGIN), (task, method)
-            assert auto[(task, method)] > unscaled[(task, method)], (task, method)
+@pytest.mark.parametrize("task", [pytest.param(task, marks=pytest.mark.xfail(
+    strict=True, reason="the shipped small model is not 0.05 above the input's |r| at 1 mm on this task"))
+    if task in FAILS_ABOVE_INPUT else task for task in GATED_TASKS])
+def test_real_case_at_1_mm_above_the_input(real_evaluation_native, task):
+    _, r = real_evaluation_native
+    assert r[(task, "tumsyn")] >= abs(r[(task, "identity")]) + R_MARGIN, task
 
 
 @needs_real
-def test_guided_filter_raises_the_text_model_on_four_of_five_real_tasks(real_evaluation, real_evaluation_unguided):
-    """The default guided filter against the network's prediction as it is (docs/real_data.md): r rises on every task
-    but T2w -> FLAIR, whose map is not monotonic (CSF inverted, lesions bright in both), so no window's affine
-    function of the input fits it, and which falls by 0.015."""
-    out, guided = real_evaluation
-    assert "then guided by the input (guided_filter_radius 1" in (out / "metrics.md").read_text()
-    _, unguided = real_evaluation_unguided
-    for task, measured in UNGUIDED_R.items():
-        assert unguided[(task, "tumsyn")] == pytest.approx(measured, abs=R_MARGIN), task
-        if task == "T2w->FLAIR":
-            assert unguided[(task, "tumsyn")] - 0.03 < guided[(task, "tumsyn")] < unguided[(task, "tumsyn")], task
-        else:
-            assert guided[(task, "tumsyn")] > unguided[(task, "tumsyn")], task
-    for key in set(guided) - {key for key in guided if key[1] in ("tumsyn", "onehot", "task-specific")}:
-        assert guided[key] == pytest.approx(unguided[key], abs=1e-6), key  # the baselines run no network
-
-
-# At 2 mm, the text model alone (the 0.4.0 defaults), without and with the coarse pass (version 0.5.0, opt-in).
-TWO_MM_R = {
-    "T1w->T2w": (0.261, 0.352),
-    "T1w->FLAIR": (0.738, 0.756),
-    "T1w->T1CE": (0.876, 0.878),
-    "T2w->FLAIR": (0.607, 0.633),
-    "FLAIR->T1w": (0.774, 0.793),
-}
+@pytest.mark.parametrize("task", [pytest.param(task, marks=pytest.mark.xfail(
+    strict=True, reason="the shipped small model is more than 0.05 below the lookup table's r at 1 mm on this task"))
+    if task in FAILS_NEAR_LOOKUP_TABLE else task for task in GATED_TASKS])
+def test_real_case_at_1_mm_near_the_lookup_table(real_evaluation_native, task):
+    _, r = real_evaluation_native
+    assert r[(task, "tumsyn")] >= r[(task, "oracle-lut")] - R_MARGIN, task
 
 
 @needs_real
-def test_coarse_pass_raises_every_real_task_at_2_mm(tmp_path):
-    """A second pass on the input block-averaged to 4 mm, the low frequencies taken from it (docs/real_data.md): at
-    2 mm every task of the shared case rises, T1w -> T2w from below its 2 mm bar (the input's |r| 0.237 + 0.05) to
-    above it and above the lookup table's 0.316; at 4 mm it does not run (8 mm blocks)."""
-    methods = dict(onehot_ckpt_path=None, task_models=None)
-    out, coarse = _evaluate_real_case(tmp_path / "coarse", downsample=2, coarse_pass=True, **methods)
-    assert "with the low frequencies of the same prediction on the input block-averaged 2x" in (
-        out / "metrics.md").read_text()
-    _, single = _evaluate_real_case(tmp_path / "single", downsample=2, **methods)
-    for task, (measured_single, measured_coarse) in TWO_MM_R.items():
-        assert single[(task, "tumsyn")] == pytest.approx(measured_single, abs=0.01), task
-        assert coarse[(task, "tumsyn")] == pytest.approx(measured_coarse, abs=0.01), task
-        assert coarse[(task, "tumsyn")] > single[(task, "tumsyn")], task
-    bar = abs(single[("T1w->T2w", "identity")]) + R_MARGIN
-    assert coarse[("T1w->T2w", "tumsyn")] > max(bar, single[("T1w->T2w", "oracle-lut")])
-
-
-@needs_real
-def test_where_the_shipped_model_beats_the_input_on_real_data(real_evaluation, real_evaluation_unscaled):
-    """Written down honestly (docs/real_data.md): with the defaults the text model beats the input's |r| on four
-    tasks, FLAIR->T1w by 0.014 (0.849 vs 0.835), and not T1w->T1CE (0.934 vs 0.966: T1CE differs from T1w
-    only by enhancement; the lookup table fitted on the answer reaches 0.968). At the input's own scale it beat the
-    input only where the contrast must be inverted or remapped (T1w->T2w, T2w->FLAIR)."""
+def test_task_specific_baselines_on_real_data(real_evaluation):
+    """The shipped one-pair models on their own pairs at 4 mm, reported beside the baselines."""
     _, r = real_evaluation
-    for task in ("T1w->T2w", "T1w->FLAIR", "T2w->FLAIR", "FLAIR->T1w"):
-        assert r[(task, "tumsyn")] > abs(r[(task, "identity")]), task
-    assert r[("T1w->T1CE", "tumsyn")] < r[("T1w->T1CE", "identity")]
-    _, unscaled = real_evaluation_unscaled
     for task in ("T1w->T2w", "T2w->FLAIR"):
-        assert unscaled[(task, "tumsyn")] > abs(unscaled[(task, "identity")]) + 0.05, task
-    for task in ("T1w->T1CE", "FLAIR->T1w"):
-        assert unscaled[(task, "tumsyn")] < unscaled[(task, "identity")], task
-
-
-# The shipped task-specific baselines (models/model_task_*.pt) on their own pairs, measured at 4 mm with the input at
-# its normalised scale, and with the default auto scales (both guided by the input).
-TASK_SPECIFIC_MEASURED_R = {"T1w->T2w": (0.519, 0.463), "T2w->FLAIR": (0.796, 0.783)}
+        print(f"{task}: task-specific {r[(task, 'task-specific')]:.3f}, oracle-lut {r[(task, 'oracle-lut')]:.3f}, "
+              f"input |r| {abs(r[(task, 'identity')]):.3f}")
+        assert -1 <= r[(task, "task-specific")] <= 1
 
 
 @needs_real
-@pytest.mark.parametrize("task", list(TASK_SPECIFIC_MEASURED_R))
-def test_task_specific_baselines_beat_the_lookup_table_on_real_data(real_evaluation_unscaled, real_evaluation, task):
-    """Each one-pair model synthesizes beyond any grey-level remapping on the real patient at its input's own scale:
-    above the oracle lookup table and more than 0.05 above the input's |r|. The auto factors were chosen for the
-    multi-task text model: they leave the T2w -> FLAIR model where it was and lower the T1w -> T2w one below the
-    lookup table (0.463 vs 0.490)."""
-    _, r = real_evaluation_unscaled
-    unscaled, auto = TASK_SPECIFIC_MEASURED_R[task]
-    assert r[(task, "task-specific")] == pytest.approx(unscaled, abs=R_MARGIN)
-    assert r[(task, "task-specific")] > r[(task, "oracle-lut")]
-    assert r[(task, "task-specific")] > abs(r[(task, "identity")]) + 0.05
-    assert real_evaluation[1][(task, "task-specific")] == pytest.approx(auto, abs=R_MARGIN)
-
-
-# The default evaluation with flip_averaging (each network's prediction averaged over the input's 8 mirror images at
-# each auto factor, then guided by the input), measured at 4 mm: tumsyn, one-hot.
-FLIP_AVERAGED_R = {
-    "T1w->T2w": (0.532, 0.400),
-    "T1w->FLAIR": (0.888, 0.896),
-    "T1w->T1CE": (0.936, 0.933),
-    "T2w->FLAIR": (0.744, 0.737),
-    "FLAIR->T1w": (0.851, 0.872),
-}
-
-
-@needs_real
-def test_flip_averaging_raises_the_networks_on_the_real_tasks(real_evaluation, real_evaluation_flip_averaged):
+def test_flip_averaging_changes_only_the_networks(real_evaluation, real_evaluation_flip_averaged):
+    """The optional flip averaging: the networks' r with and without it are reported; the baselines run no
+    network, so they stay."""
     _, single = real_evaluation
     out, averaged = real_evaluation_flip_averaged
     assert "averaged over 8 mirror images" in (out / "metrics.md").read_text()
     networks = [key for key in single if key[1] in ("tumsyn", "onehot", "task-specific")]
-    assert len(networks) == 2 * len(MEASURED_R) + len(TASK_SPECIFIC_MEASURED_R)
-    # every network on every task rises but the text model's T1w->FLAIR, level (0.888 vs 0.889: the guided filter
-    # had already given it the input's edges that averaging sharpens)
-    rises = [key for key in networks if averaged[key] > single[key]]
-    assert len(rises) >= len(networks) - 1, sorted(set(networks) - set(rises))
-    for key in networks:
-        assert averaged[key] > single[key] - 0.005, key
-    for key in set(single) - set(networks):  # the baselines do not run a network
+    assert networks
+    for key in sorted(networks):
+        print(f"{key}: single {single[key]:.3f}, flip-averaged {averaged[key]:.3f}")
+    for key in set(single) - set(networks):
         assert averaged[key] == pytest.approx(single[key], abs=1e-6), key
-    for task, measured in FLIP_AVERAGED_R.items():
-        for method, value in zip(("tumsyn", "onehot"), measured):
-            assert averaged[(task, method)] == pytest.approx(value, abs=R_MARGIN), (task, method)
-
-
-@needs_real
-@pytest.mark.parametrize("fixture", ["real_evaluation", "real_evaluation_flip_averaged"])
-def test_issue_bar_on_real_data(fixture, request):
-    """The issue's bar, as far as it is met (docs/real_data.md), by the shipped text model with the default
-    intensity scales, with and without flip averaging: T1w->T2w and T1w->FLAIR at least 0.05 above the input's |r|
-    and within 0.05 of the oracle lookup table (the margins are thin: 0.049 / 0.004 single, 0.092 / 0.003
-    flip-averaged); every task but T1w->T1CE above the input."""
-    _, r = request.getfixturevalue(fixture)
-    for task in ("T1w->T2w", "T1w->FLAIR"):
-        model, given, lookup = (r[(task, method)] for method in ("tumsyn", "identity", "oracle-lut"))
-        assert model >= abs(given) + 0.05 and model >= lookup - 0.05, task
-    for task in ("T2w->FLAIR", "FLAIR->T1w"):
-        assert r[(task, "tumsyn")] > abs(r[(task, "identity")]), task
 
 
 @needs_real
@@ -268,7 +172,7 @@ def test_datalist_of_plain_pairs(tmp_path, real_evaluation):
     methods = [Method("identity", None, "identity"), Method("oracle-lut", None, "oracle_lut")]
     rows = run_evaluation(None, str(tmp_path / "out"), methods, TUMSynInferer(progress=False), datalist=str(datalist))
     assert [row["task"] for row in rows] == ["input->FLAIR"] * 2
-    assert rows[1]["pearson"] == pytest.approx(MEASURED_R["T2w->FLAIR"][2], abs=R_MARGIN)
+    assert rows[1]["pearson"] == pytest.approx(BASELINE_R["T2w->FLAIR"][1], abs=0.01)
     datalist.write_text(json.dumps([{"input": "input.nii.gz", "target": "target.nii.gz"}]))
     with pytest.raises(ValueError, match="entry 0: .*not a BIDS-named image"):
         load_pairs(str(datalist))

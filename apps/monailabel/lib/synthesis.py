@@ -24,10 +24,9 @@ from monai.bundle import ConfigParser
 # What of the bundle's JSON sidecar goes back to the client as the result's params.
 RESULT_FIELDS = ("prompt_given", "target_prompt", "source_prompt", "input_spacing", "target_spacing",
                  "output_spacing", "output_shape", "model_version", "intensity", "mirror_images_averaged",
-                 "intensity_scales_averaged", "intensity_scales_auto", "guided_filter_radius", "coarse_pass",
-                 "input_modality", "warnings", "ood_warnings")
-# The bundle inferer's test-time options a request may set (values checked by the engine; blank: the config's).
-REQUEST_OPTIONS = ("flip_averaging", "intensity_scales", "guided_filter_radius", "coarse_pass")
+                 "intensity_scales_averaged", "input_modality", "warnings", "ood_warnings")
+# The bundle inferer's test-time option a request may set (checked by the engine; blank: the config's).
+REQUEST_OPTIONS = ("flip_averaging",)
 # The request params the task shows as its options, all blank (the bundle's choice) but the prompt.
 OPTION_DEFAULTS = {"target_spacing": "", "input_modality": "", **{key: "" for key in REQUEST_OPTIONS}}
 

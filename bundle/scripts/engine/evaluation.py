@@ -30,15 +30,20 @@ from monai.bundle import ConfigParser
 from scipy.ndimage import map_coordinates
 
 from ..data.bids_data import parse_tasks
-from ..data.intensity import AUTO_SCALES, normalize_intensity
+from ..data.intensity import PAIR_SCALES, normalize_intensity
 from ..errors import UserInputError, config_null, one_line
 from ..prompt import BIDS_SUFFIX, MODALITIES, Prompt, PromptError, bids_modality, prompt_from_bids, prompt_from_image
 from ..simulator import simulate
-from .coarse_pass import COARSE_FACTOR, MAX_COARSE_VOXEL_MM
 from .guided_filter import MAX_UPSAMPLING
-from .inference_engine import load_network_weights, read_datalist_rows, synthesize_image, target_prompt
+from .inference_engine import (
+    INPUT_NORMALISATION,
+    load_network_weights,
+    read_datalist_rows,
+    synthesize_image,
+    target_prompt,
+)
 from .metrics import compare, oracle_lookup_table, tissue_volumes
-from .synthesis_engine import AUTO, TUMSynInferer
+from .synthesis_engine import GUIDED_FILTER_RADIUS, TUMSynInferer
 from .volume_io import atomic_path, load_volume, save_nifti
 
 logger = logging.getLogger(__name__)
@@ -567,24 +572,15 @@ NORMALISATION_NOTE = (
 
 def _engine_note(inferer: TUMSynInferer) -> str:
     averaged = len(inferer.mirror_axes)
-    if inferer.intensity_scales == AUTO:
-        scales = ("scales picked per task (intensity_scales auto: "
-                  + "; ".join(f"{', '.join(f'{s:g}' for s in factors)} where the task {kind} the tissue order"
-                              for kind, factors in AUTO_SCALES.items()) + "; 1 otherwise)")
-    else:
-        scales = (f"scale{'s' if len(inferer.intensity_scales) > 1 else ''} "
-                  + ", ".join(f"{scale:g}" for scale in inferer.intensity_scales) + " (intensity_scales)")
-    radius = inferer.guided_filter_radius
-    guidance = (f"then guided by the input (guided_filter_radius {radius}: a guided filter of {radius} output "
-                f"voxel{'s' if radius > 1 else ''} radius, the prediction's intensities kept; not where the output "
-                f"is over {MAX_UPSAMPLING:g}x finer than the input along an axis)" if radius else
-                "not guided by the input (guided_filter_radius 0)")
-    coarse = (f"with the low frequencies of the same prediction on the input block-averaged {COARSE_FACTOR}x "
-              f"(coarse_pass: where those voxels stay within {MAX_COARSE_VOXEL_MM:g} mm)" if inferer.coarse_pass else
-              "without a coarse pass (coarse_pass false)")
-    return (f"Networks' input normalisation: {inferer.input_normalisation}; predictions averaged over "
-            f"{averaged} mirror image{'s' if averaged > 1 else ''} of the input (flip_averaging) at intensity "
-            f"{scales}, {coarse}, {guidance}.\n\n")
+    radius = GUIDED_FILTER_RADIUS
+    guidance = (f"then guided by the input (a guided filter of {radius} output voxel{'s' if radius > 1 else ''} "
+                f"radius, the prediction's intensities kept; not where the output is over {MAX_UPSAMPLING:g}x finer "
+                f"than the input along an axis)" if radius else "not guided by the input")
+    scales = "; ".join(f"{', '.join(f'{s:g}' for s in factors)} where the task {kind} the tissue order"
+                       for kind, factors in PAIR_SCALES.items())
+    return (f"Networks' input normalisation: {INPUT_NORMALISATION}; predictions averaged over {averaged} mirror "
+            f"image{'s' if averaged > 1 else ''} of the input (flip_averaging) at the intensity scales of the task's "
+            f"contrast pair ({scales}; 1 otherwise), {guidance}.\n\n")
 
 
 BASELINES = ("identity", "oracle-lut")

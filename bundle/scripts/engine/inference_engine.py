@@ -31,21 +31,20 @@ import torch
 
 import scripts
 
-from ..data.intensity import normalize_intensity
+from ..data.intensity import normalize_intensity, pair_intensity_scales
 from ..errors import UserInputError, check_bundle_run, config_null, one_line, quoted
 from ..prompt import MODALITIES, Prompt, PromptError, canonical_modality, prompt_from_image, tokenize
-from .coarse_pass import COARSE_PASS_VOLUMES
 from .guided_filter import GUIDED_FILTER_VOLUMES, guides
 from .ood import ood_warnings
 from .preview import save_preview
-from .synthesis_engine import AUTO, TUMSynInferer, foreground_mask
+from .synthesis_engine import GUIDED_FILTER_RADIUS, TUMSynInferer, foreground_mask
 from .volume_io import Volume, atomic_paths, check_memory, load_volume, remove_stale_temporaries, write_nifti_file
 
 logger = logging.getLogger(__name__)
 
 # Bytes per output voxel held at once: the float32 prediction, its resampled mask and a copy on write.
 OUTPUT_BYTES_PER_VOXEL = 12
-# averaging several predictions (flip_averaging, intensity_scales) holds two more: the running sum and the next
+# averaging several predictions (flip_averaging, the pair's factors) holds two more: the running sum and the next
 # prediction (or its flipped copy)
 AVERAGING_BYTES_PER_VOXEL = 8
 
@@ -260,12 +259,12 @@ def _check_output_dir(output_dir: str) -> None:
         raise UserInputError(f"output_dir {output_dir}: no permission to write in {existing}")
 
 
-# The sidecar's statement of the output's intensity scale, per input normalisation.
-INTENSITY_NOTES = {
-    "percentile": "normalised (brain 99th percentile of the input = 1), float32",
-    "wm_peak": "normalised (white-matter peak of the input = 0.8), float32",
-    "landmarks": "normalised (input percentiles mapped onto the training images' of its modality), float32",
-}
+# How the input is normalised (scripts.data.intensity.METHODS; fixed, not a user option): the white-matter peak, which
+# raised both the mean PSNR and the mean r of the shipped weights (trained with the 99th percentile) on simulated
+# validation subjects (bench/results/inference_options_simulated_validation.md).
+INPUT_NORMALISATION = "wm_peak"
+# The sidecar's statement of the output's intensity scale.
+INTENSITY_NOTE = "normalised (white-matter peak of the input = 0.8), float32"
 
 
 def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, inferer: TUMSynInferer,
@@ -273,25 +272,20 @@ def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, i
                      source_modality: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The synthesized image (float32, the input's voxel order) and its affine on the grid tiling the input's FOV at
     ``spacing`` (default: the target prompt's voxel size); the background (the input's zeros) stays 0.
-    ``source_modality`` (the input's contrast) is needed by the ``landmarks`` input normalisation and picks the
-    factors of ``"auto"`` intensity scales (1.0 when unknown)."""
-    if inferer.input_normalisation == "landmarks" and source_modality is None:
-        raise UserInputError(f"{volume.path}: input_normalisation 'landmarks' needs the input's modality, and its "
-                             f"metadata (BIDS name or sidecar, DICOM header) does not give it")
-    inferer = inferer.resolved(source_modality, target.modality)
+    ``source_modality`` (the input's contrast) picks the intensity factors of the contrast pair (1.0 when unknown)."""
     spacing = target.voxel_size if spacing is None else spacing
     out_shape, out_affine = output_grid(volume.array.shape, volume.affine, spacing)
-    per_voxel = (OUTPUT_BYTES_PER_VOXEL + (AVERAGING_BYTES_PER_VOXEL if inferer.predictions_averaged > 1 else 0)
-                 + (4 * GUIDED_FILTER_VOLUMES if inferer.guided_filter_radius else 0)
-                 + (4 * COARSE_PASS_VOLUMES if inferer.runs_coarse_pass(volume.spacing) else 0))
+    averaged = inferer.predictions_averaged(source_modality, target.modality) > 1
+    per_voxel = (OUTPUT_BYTES_PER_VOXEL + (AVERAGING_BYTES_PER_VOXEL if averaged else 0)
+                 + (4 * GUIDED_FILTER_VOLUMES if GUIDED_FILTER_RADIUS and guides(volume.array.shape, out_shape) else 0))
     check_memory(per_voxel * float(np.prod(out_shape)), f"output grid {out_shape} for {volume.path}")
     orientation = _canonical_orientation(volume.affine)
     canonical = nib.orientations.apply_orientation(volume.array, orientation)
-    normalised = normalize_intensity(canonical, method=inferer.input_normalisation, modality=source_modality)
+    normalised = normalize_intensity(canonical, method=INPUT_NORMALISATION)
     image = torch.from_numpy(np.ascontiguousarray(normalised))[None]
     logger.info("%s -> %s grid %s", volume.path, target.render(), out_shape)
     prediction = inferer(image[None], network, prompt=target, out_shape=_reordered(out_shape, orientation),
-                         input_spacing=_reordered(volume.spacing, orientation))[0, 0]
+                         source_modality=source_modality)[0, 0]
     # Background stays background: zero where the input's non-zero mask, resampled to the output grid, is off.
     prediction = (prediction.clamp_(min=0) * foreground_mask(image, prediction.shape)).numpy()
     return np.ascontiguousarray(_from_canonical(prediction, orientation), dtype=np.float32), out_affine
@@ -317,7 +311,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
     """Synthesise one case and write its image, preview and sidecar; returns their paths.
 
     ``input_modality``: the input's contrast, for inputs whose metadata (BIDS name or sidecar, DICOM header) does not
-    say it, or says it wrong; it picks the ``auto`` intensity scales and the ``landmarks`` normalisation.
+    say it, or says it wrong; it picks the intensity factors of the contrast pair.
     ``output_subfolder`` / ``output_suffix``: a batch row's place in ``output_dir`` (``batch_output_name``);
     ``record``: its ``case_record`` (computed here when not given), kept in the sidecar.
     Everything that can be wrong with the input (file, prompt, spacing, memory) is checked before anything is
@@ -340,15 +334,13 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
     record = record or case_record(input_image, prompt, target_spacing, input_modality, volume_index)
     # warnings, not refusals (scripts/engine/ood.py)
     out_of_distribution = ood_warnings(volume, target, source_modality)
-    auto_scales = inferer.intensity_scales == AUTO
-    if auto_scales and source_modality is None:
-        volume.warnings.append("intensity_scales auto: the input's contrast is unknown (no BIDS name, sidecar or DICOM "
-                               "header gives it), so its intensity scale is kept; --input_modality sets it")
-        logger.warning("%s: %s", input_image, volume.warnings[-1])
-    inferer = inferer.resolved(source_modality, target.modality)
 
     # The grid follows the requested numbers, not the prompt's rounding of them (which may round tiny sizes to 0).
     grid_spacing = spacing if spacing is not None else _checked_spacing(target.voxel_size, "prompt 'Voxel size'")
+    if source_modality is None:
+        volume.warnings.append("the input's contrast is unknown (no BIDS name, sidecar or DICOM header gives it), so "
+                               "its intensity scale is kept; --input_modality sets it")
+        logger.warning("%s: %s", input_image, volume.warnings[-1])
     synthesized, out_affine = synthesize_image(volume, target, network, inferer, grid_spacing, source_modality)
     sidecar = {
         "input_image": os.path.abspath(str(input_image)),
@@ -365,14 +357,9 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "output_shape": list(synthesized.shape),
         "reference": None if reference is None else os.path.abspath(reference),
         "model_version": bundle_version(),
-        "intensity": INTENSITY_NOTES[inferer.input_normalisation],
+        "intensity": INTENSITY_NOTE,
         "mirror_images_averaged": len(inferer.mirror_axes),
-        "intensity_scales_averaged": list(inferer.intensity_scales),
-        "intensity_scales_auto": auto_scales,
-        # 0 where the output is too much finer than the input to be guided by it (scripts/engine/guided_filter.py)
-        "guided_filter_radius": inferer.guided_filter_radius if guides(volume.array.shape, synthesized.shape) else 0,
-        # false where the input's voxels are too coarse to be block-averaged within the trained sizes
-        "coarse_pass": inferer.runs_coarse_pass(volume.spacing),
+        "intensity_scales_averaged": list(pair_intensity_scales(source_modality, target.modality)),
         "warnings": volume.warnings,
         "ood_warnings": out_of_distribution,
         "case": record,

@@ -14,9 +14,9 @@ from its own latent code (``LIIFDecoder.query_latent_centres``) instead of 8.
 
 ``TUMSynInferer``: the MONAI ``Inferer`` that holds the engine's settings (``configs/inference.yaml``'s
 ``inferer``) and runs it on a batch of normalised volumes, optionally averaging the predictions of its 8 mirror
-images (``flip_averaging``) and of copies of the input at several intensity scales (``intensity_scales``), with
-the low frequencies of a pass on the input block-averaged 2x (``coarse_pass``), re-drawn with the input's fine
-structure (``guided_filter_radius``).
+images (``flip_averaging``, the one test-time option), always averaging the predictions on the input at the
+intensity factors of its contrast pair (``scripts.data.intensity.pair_intensity_scales``) and re-drawing the result
+with the input's fine structure (``GUIDED_FILTER_RADIUS``).
 """
 
 from __future__ import annotations
@@ -34,14 +34,11 @@ from monai.inferers import Inferer
 from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
-from ..data.intensity import AUTO_SCALES, CLIP_MAX
-from ..data.intensity import METHODS as INTENSITY_METHODS
-from ..data.intensity import auto_intensity_scales
-from ..errors import UserInputError, config_flag, config_null, config_positive_numbers
+from ..data.intensity import CLIP_MAX, pair_intensity_scales
+from ..errors import UserInputError, config_flag, config_null
 from ..nets.layout import is_channels_last
 from ..nets.liif import LIIFDecoder, make_coord
 from ..prompt import MODALITIES, Prompt, tokenize
-from .coarse_pass import block_averaged, coarse_pass_applies, with_coarse_low_frequencies
 from .guided_filter import guides, input_guided
 
 # Latent voxels kept around the ones a query reads: the decoder reads the 2 latent voxels around a coordinate per
@@ -50,6 +47,10 @@ QUERY_HALO = 2
 # The 8 mirror images of a volume: every subset of its 3 axes flipped (test-time augmentation by mirroring, as
 # nnU-Net does: Isensee et al., Nature Methods 2021).
 MIRROR_AXES = tuple(axes for count in range(4) for axes in itertools.combinations(range(3), count))
+# The prediction re-drawn with the input's fine structure by a guided filter of this radius in output voxels
+# (scripts/engine/guided_filter.py; skipped where the output is much finer than the input); 0: off. Chosen on
+# simulated validation subjects (bench/results/inference_options_simulated_validation.md).
+GUIDED_FILTER_RADIUS = 1
 
 
 def _window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -417,24 +418,6 @@ def _mirror_axes(flip_averaging: bool | str) -> tuple[tuple[int, ...], ...]:
     return MIRROR_AXES if config_flag(flip_averaging, "flip_averaging") else ((),)
 
 
-AUTO = "auto"
-
-
-def _intensity_scales(value: Sequence[float] | str) -> tuple[float, ...] | str:
-    """``intensity_scales`` as factors, or ``AUTO`` for the word auto (any case)."""
-    if isinstance(value, str) and value.strip().lower() == AUTO:
-        return AUTO
-    return config_positive_numbers(value, "intensity_scales", alternative=AUTO)
-
-
-def _guided_filter_radius(value: int | str) -> int:
-    text = str(value).strip()
-    if not text.isdigit():
-        raise UserInputError(f"guided_filter_radius: expected a whole number of output voxels >= 0 (0: off), got "
-                             f"{value!r}")
-    return int(text)
-
-
 def _scaled(image: torch.Tensor, scale: float) -> torch.Tensor:
     """The normalised ``image`` multiplied by ``scale`` and clipped as the normalisation clips."""
     return image if scale == 1.0 else (image * scale).clamp_(max=CLIP_MAX)
@@ -443,6 +426,10 @@ def _scaled(image: torch.Tensor, scale: float) -> torch.Tensor:
 def _mirrored(volume: torch.Tensor, axes: Sequence[int], first_axis: int = 0) -> torch.Tensor:
     """``volume`` flipped along the spatial ``axes`` (0-2), counted from dimension ``first_axis``."""
     return volume.flip([first_axis + axis for axis in axes]) if axes else volume
+
+
+def _pair_scales(source_modality: str | None, target_modality: str | None) -> tuple[float, ...]:
+    return (1.0,) if target_modality is None else pair_intensity_scales(source_modality, target_modality)
 
 
 class TUMSynInferer(Inferer):
@@ -456,33 +443,18 @@ class TUMSynInferer(Inferer):
     many voxels (``synthesize_volume``); None: whole windows.
     ``channels_last``: put the network's 3D convolution weights in channels-last layout (same values) before the
     run, so oneDNN runs them without layout reorders (bench/README.md).
-    ``input_normalisation``: how ``synthesize_image`` scales the input (``scripts.data.intensity.METHODS``): the default
-    ``percentile`` is what the shipped weights were trained with; ``landmarks`` maps the input's percentiles onto
-    the training images' of its modality (opt-in: measured on a real case in docs/real_data.md).
-    ``flip_averaging``: the prediction is the mean of the network's predictions on the volume's 8 mirror images
-    (``MIRROR_AXES``), each flipped back: 8x the time; on real scans every task's correlation with the real
-    target rose (docs/real_data.md).
-    ``intensity_scales``: the prediction is the mean of the network's predictions on the normalised input multiplied
-    by each of these factors (clipped as the normalisation clips): a real scan's intensity scale relative to the
-    training images is unknown (a bright tail or a tumour moves its 99th percentile), and the network's output
-    depends on it, so this averages over the plausible scales; (1.0,): the input as normalised; ``"auto"``: the
-    factors ``scripts.data.intensity.auto_intensity_scales`` gives the call's (input modality, prompt modality) pair,
-    measured on real scans (``resolved``). With ``flip_averaging``, every scale of every mirror image:
-    len(scales) x 8 network runs.
-    ``guided_filter_radius``: the (averaged) prediction re-drawn with the input's fine structure by a guided filter
-    of this radius in output voxels, keeping the prediction's intensities (``scripts.engine.guided_filter``; skipped
-    where the output is over 1.5x finer than the input along an axis); 0: the network's prediction as it is.
-    ``coarse_pass``: the (averaged) prediction's low frequencies taken from the same averaged prediction on the
-    input block-averaged 2x, where that copy's voxels stay within the trained sizes (``scripts.engine.coarse_pass``; the
-    call's ``input_spacing`` says the input's voxel sizes; unknown: no coarse pass). Before the guided filter.
+    ``flip_averaging`` (optional, off by default): the prediction is the mean of the network's predictions on the
+    volume's 8 mirror images (``MIRROR_AXES``), each flipped back: 8x the time.
+    Fixed steps, not options: the prediction is the mean over the normalised input times each factor of the call's
+    (input modality, prompt modality) pair (``scripts.data.intensity.pair_intensity_scales``; 1.0 for an unknown
+    input contrast), then guided by the input (``GUIDED_FILTER_RADIUS``). The input is normalised by
+    ``scripts.engine.inference_engine.synthesize_image`` (``INPUT_NORMALISATION``).
     """
 
     def __init__(self, prompt: str | None = None, roi_size: Sequence[int] = (64, 64, 64), overlap: float = 0.25,
                  sigma_scale: float = 0.125, sw_batch_size: int = 1, query_chunk: int = 4096, amp: bool = True,
                  progress: bool = True, skip_background: bool = True, crop_margin: int | None = None,
-                 fit_windows: bool = True, channels_last: bool = True, input_normalisation: str = "percentile",
-                 flip_averaging: bool = False, intensity_scales: Sequence[float] | str = (1.0,),
-                 guided_filter_radius: int = 0, coarse_pass: bool = False):
+                 fit_windows: bool = True, channels_last: bool = True, flip_averaging: bool = False):
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
         crop_margin = config_null(crop_margin)  # --crop_margin null: whole windows
@@ -499,93 +471,44 @@ class TUMSynInferer(Inferer):
                              crop_margin=None if crop_margin is None else int(crop_margin),
                              fit_windows=bool(fit_windows))
         self.skip_background, self.channels_last = bool(skip_background), bool(channels_last)
-        if input_normalisation not in INTENSITY_METHODS:
-            raise UserInputError(f"input_normalisation: expected one of {list(INTENSITY_METHODS)}, got "
-                                 f"{input_normalisation!r}")
-        self.input_normalisation = input_normalisation
         self.mirror_axes = _mirror_axes(flip_averaging)
-        self.intensity_scales = _intensity_scales(intensity_scales)
-        self.guided_filter_radius = _guided_filter_radius(guided_filter_radius)
-        self.coarse_pass = config_flag(coarse_pass, "coarse_pass")
 
-    @property
-    def predictions_averaged(self) -> int:
-        """Network runs averaged into each prediction (with ``"auto"`` scales: at most, before ``resolved``)."""
-        scales = max(map(len, AUTO_SCALES.values())) if self.intensity_scales == AUTO else len(self.intensity_scales)
-        return len(self.mirror_axes) * scales
+    def predictions_averaged(self, source_modality: str | None = None, target_modality: str | None = None) -> int:
+        """Network runs averaged into each prediction of this contrast pair."""
+        return len(self.mirror_axes) * len(_pair_scales(source_modality, target_modality))
 
-    def runs_coarse_pass(self, input_spacing: Sequence[float] | None) -> bool:
-        """Whether a call on an input of these voxel sizes (mm; None: unknown) runs the coarse pass."""
-        return self.coarse_pass and coarse_pass_applies(input_spacing)
-
-    def resolved(self, source_modality: str | None, target_modality: str) -> TUMSynInferer:
-        """These settings with ``"auto"`` intensity scales replaced by this contrast pair's factors (itself when the
-        scales are given)."""
-        if self.intensity_scales != AUTO:
-            return self
-        return self.with_options(intensity_scales=auto_intensity_scales(source_modality, target_modality))
-
-    def with_options(self, flip_averaging: bool | str | None = None,
-                     intensity_scales: Sequence[float] | str | None = None,
-                     guided_filter_radius: int | str | None = None,
-                     coarse_pass: bool | str | None = None) -> TUMSynInferer:
-        """A copy of these settings with the test-time options given here (None: as these settings have them)."""
+    def with_options(self, flip_averaging: bool | str | None = None) -> TUMSynInferer:
+        """A copy of these settings with ``flip_averaging`` as given here (None: as these settings have it)."""
         inferer = copy.copy(self)
         if flip_averaging is not None:
             inferer.mirror_axes = _mirror_axes(flip_averaging)
-        if intensity_scales is not None:
-            inferer.intensity_scales = _intensity_scales(intensity_scales)
-        if guided_filter_radius is not None:
-            inferer.guided_filter_radius = _guided_filter_radius(guided_filter_radius)
-        if coarse_pass is not None:
-            inferer.coarse_pass = config_flag(coarse_pass, "coarse_pass")
         return inferer
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, prompt: str | Prompt | None = None,
-                 out_shape: Sequence[int] | None = None, source_modality: str | None = None,
-                 input_spacing: Sequence[float] | None = None) -> torch.Tensor:
-        """``source_modality``: the input's contrast, which ``"auto"`` intensity scales need (None: unknown);
-        ``input_spacing``: its voxel sizes in mm along the tensor's axes, which ``coarse_pass`` needs."""
+                 out_shape: Sequence[int] | None = None, source_modality: str | None = None) -> torch.Tensor:
+        """``source_modality``: the input's contrast, which picks the intensity factors (None: unknown, 1.0)."""
         prompt = prompt if prompt is not None else self.prompt
         tokens = modality = None
         if prompt is not None:
             prompt = prompt if isinstance(prompt, Prompt) else Prompt.parse(prompt)
             tokens = tokenize(prompt.render())
             modality = torch.tensor([MODALITIES.index(prompt.modality)])
-        if self.intensity_scales == AUTO:
-            if prompt is None:
-                raise UserInputError("intensity_scales 'auto': expected a prompt, whose modality picks the factors")
-            return self.resolved(source_modality, prompt.modality)(inputs, network, prompt, out_shape,
-                                                                   input_spacing=input_spacing)
         out_shape = tuple(inputs.shape[2:]) if out_shape is None else tuple(out_shape)
         if self.channels_last:
             channels_last_convolutions(network)
-        coarse = self.runs_coarse_pass(input_spacing)
-        return torch.stack([self._prediction(network, item, tokens, modality, out_shape, coarse) for item in inputs])
+        scales = _pair_scales(source_modality, None if prompt is None else prompt.modality)
+        return torch.stack([self._prediction(network, item, tokens, modality, out_shape, scales) for item in inputs])
 
     def _prediction(self, network: torch.nn.Module, image: torch.Tensor, tokens: torch.Tensor | None,
-                    modality: torch.Tensor | None, out_shape: tuple[int, ...], coarse: bool) -> torch.Tensor:
-        """The averaged prediction of ``image [1, D, H, W]``, with the coarse pass's low frequencies when ``coarse``,
-        then guided by the input (``guided_filter_radius``)."""
+                    modality: torch.Tensor | None, out_shape: tuple[int, ...], scales: Sequence[float]
+                    ) -> torch.Tensor:
+        """The prediction of ``image [1, D, H, W]``, averaged over ``scales`` and ``self.mirror_axes``, then guided
+        by the input (``GUIDED_FILTER_RADIUS``). The output grid's voxels sit symmetrically in the field of view, so
+        flipping the input and the prediction along an axis keeps every voxel's position."""
         foreground = foreground_mask(image, out_shape)
         decode_mask = foreground if self.skip_background else None
-        prediction = self._averaged_prediction(network, image, tokens, modality, out_shape, decode_mask)
-        if coarse:
-            coarse_prediction = self._averaged_prediction(network, block_averaged(image), tokens, modality, out_shape,
-                                                          decode_mask)
-            prediction = with_coarse_low_frequencies(prediction, coarse_prediction, foreground, image.shape[1:])
-        if self.guided_filter_radius and guides(image.shape[1:], out_shape):
-            prediction = input_guided(image, prediction, foreground, self.guided_filter_radius)
-        return prediction
-
-    def _averaged_prediction(self, network: torch.nn.Module, image: torch.Tensor, tokens: torch.Tensor | None,
-                             modality: torch.Tensor | None, out_shape: tuple[int, ...],
-                             decode_mask: torch.Tensor | None) -> torch.Tensor:
-        """``synthesize_volume`` of ``image [1, D, H, W]``, averaged over ``self.intensity_scales`` and
-        ``self.mirror_axes``. The output grid's voxels sit symmetrically in the field of view, so flipping the input
-        and the prediction along an axis keeps every voxel's position."""
         total = None
-        for scale in self.intensity_scales:
+        for scale in scales:
             scaled = _scaled(image, scale)  # once per scale, not per mirror image
             for axes in self.mirror_axes:
                 mask = None if decode_mask is None else _mirrored(decode_mask, axes)
@@ -593,4 +516,7 @@ class TUMSynInferer(Inferer):
                                                modality=modality, decode_mask=mask, **self.settings)
                 prediction = _mirrored(prediction, axes, 1)
                 total = prediction if total is None else total.add_(prediction)
-        return total.div_(self.predictions_averaged)  # in place: no second output-sized tensor
+        prediction = total.div_(len(scales) * len(self.mirror_axes))  # in place: no second output-sized tensor
+        if GUIDED_FILTER_RADIUS and guides(image.shape[1:], out_shape):
+            prediction = input_guided(image, prediction, foreground, GUIDED_FILTER_RADIUS)
+        return prediction
