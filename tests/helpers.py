@@ -88,7 +88,7 @@ class SamplingNet(torch.nn.Module):
         self.conv = torch.nn.Conv3d(1, 2, 3, padding=1) if conv else None
         self.scale = torch.nn.Parameter(torch.ones(()))  # gives the engine a device to read
 
-    def embed_condition(self, tokens=None, modality=None):
+    def embed_condition(self, tokens=None, modality=None, source=None):
         return None  # no conditioning: the stand-in only resamples
 
     def encode(self, image, tokens=None, modality=None, condition=None):

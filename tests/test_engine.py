@@ -38,8 +38,8 @@ class CountingNet(torch.nn.Module):
         super().__init__()
         self.network, self.windows = network, 0
 
-    def embed_condition(self, tokens=None, modality=None):
-        return self.network.embed_condition(tokens, modality)
+    def embed_condition(self, tokens=None, modality=None, source=None):
+        return self.network.embed_condition(tokens, modality, source)
 
     def encode(self, image, tokens=None, modality=None, condition=None):
         self.windows += image.shape[0]

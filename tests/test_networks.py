@@ -8,12 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scripts.engine.synthesis_engine import TUMSynInferer, synthesize_volume
 from scripts.nets.bmlip import BMLIP, BMLIPLoss, build_text_encoder, load_text_encoder, save_text_encoder
 from scripts.nets.liif import LIIFDecoder, make_coord
 from scripts.nets.network_scales import scale_config, text_encoder_config
 from scripts.nets.resnet_encoder import ResNetEncoder3d
-from scripts.nets.text_guidance import ModalityEmbedding, TextAdapter, TextGuidedFusion, TextToVoxelAttention
-from scripts.nets.tumsyn_net import build_tumsyn_net
+from scripts.nets.text_guidance import (
+    IntensityTransfer,
+    ModalityEmbedding,
+    TextAdapter,
+    TextGuidedFusion,
+    TextToVoxelAttention,
+)
+from scripts.nets.tumsyn_net import UNKNOWN_SOURCE, build_tumsyn_net
 from scripts.prompt import MODALITIES, Prompt, tokenize
 
 SIZE = 12  # side of the test volumes: small enough that the whole file runs in seconds
@@ -376,13 +383,14 @@ def test_unet_scale_sees_far_and_every_prompt_steers_it():
     inside), a prompt-free encoder whose latent the prompt modulates, gradients everywhere, TorchScript."""
     torch.manual_seed(0)
     net = build_tumsyn_net("unet").train()
-    assert net.encoder.out_channels == 16 and not net.input_skip and net.fusion is None
+    assert net.encoder.out_channels == 16 and net.input_skip and net.transfer is not None and net.fusion is None
     assert net.encoder.bottleneck_fusion is None and net.encoder.condition_projection is None
     image = torch.rand(2, 1, 13, 10, 17)
     with torch.no_grad():
         t2w, flair = (net(image[:1], tokens_for(m)) for m in ("T2w", "FLAIR"))
         assert (t2w - flair).abs().mean() == 0  # the modulation starts as the identity for every prompt
         net.modulation.mlp[-1].weight.normal_(0, 0.1)
+        net.transfer.mlp[-1].weight.normal_(0, 0.1)
     prediction = net(image, tokens_for("T2w", "FLAIR"))
     assert prediction.shape == image.shape
     prediction.mean().backward()
@@ -431,7 +439,9 @@ def test_several_targets_of_one_encoding_match_the_single_target_path(conditioni
     torch.manual_seed(0)
     net = build_tumsyn_net("unet", conditioning=conditioning).eval()
     net.modulation.mlp[-1].weight.data.normal_(0, 0.1)
+    net.transfer.mlp[-1].weight.data.normal_(0, 0.1)
     image = torch.rand(2, 1, 16, 12, 8)
+    source = torch.tensor([0, MODALITIES.index("FLAIR")])
     coords = torch.rand(2, 50, 3) * 2 - 1
     cell = torch.full_like(coords, 0.1)
     names = ("T2w", "FLAIR", "T1w")
@@ -444,13 +454,59 @@ def test_several_targets_of_one_encoding_match_the_single_target_path(conditioni
         single = [dict(modality=targets[:, k]) for k in range(len(names))]
         several = dict(modality=targets)
     with torch.no_grad():
-        together = net(image, coords=coords, cell=cell, **several)
+        together = net(image, coords=coords, cell=cell, source=source, **several)
         assert together.shape == (2, 50, 3)
         for k, inputs in enumerate(single):
-            torch.testing.assert_close(together[..., k : k + 1], net(image, coords=coords, cell=cell, **inputs),
+            torch.testing.assert_close(together[..., k : k + 1],
+                                       net(image, coords=coords, cell=cell, source=source, **inputs),
                                        rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="several per image need condition_site='latent'"):
         tiny_net()(image, torch.stack([tokens_for(*names)] * 2), coords, cell)
+
+
+def test_intensity_transfer_starts_as_the_identity_and_maps_through_its_knots():
+    """The curve is piecewise linear through its knots, clamped at both ends, and starts as the identity (the plain
+    input skip), so training begins from the input."""
+    torch.manual_seed(0)
+    transfer = IntensityTransfer(cond_dim=8, num_knots=4, max_intensity=1.5)
+    intensity = torch.tensor([[[-0.2, 0.0, 0.25, 0.5, 1.2, 1.5, 2.0]]])
+    knots = transfer(torch.randn(1, 2, 8))  # two conditions
+    assert knots.shape == (1, 2, 4)
+    torch.testing.assert_close(transfer.apply(knots, intensity), intensity.clamp(0, 1.5).expand(1, 2, -1))
+    inverted = torch.tensor([[[1.0, 0.5, 0.0, -0.5]]])  # knots at 0, 0.5, 1, 1.5
+    expected = torch.tensor([[[1.0, 1.0, 0.75, 0.5, -0.2, -0.5, -0.5]]])
+    torch.testing.assert_close(transfer.apply(inverted, intensity), expected)
+    with pytest.raises(ValueError, match="num_knots: expected >= 2"):
+        IntensityTransfer(cond_dim=8, num_knots=1)
+
+
+def test_the_input_contrast_steers_the_unet_skip_and_unknown_is_the_default():
+    """With ``transfer_knots`` the input's contrast (``source``) changes the curve, so the output; None is the
+    learned 'unknown' vector; the inference engine passes the input modality it knows; networks without a curve
+    ignore it."""
+    torch.manual_seed(0)
+    net = build_tumsyn_net("unet").eval()
+    image = torch.rand(1, 1, 12, 12, 12)
+    tokens = tokens_for("T2w")
+    with torch.no_grad():
+        known, also_known = (net(image, tokens, source=torch.tensor([MODALITIES.index(m)])) for m in ("T1w", "PD"))
+        assert torch.equal(known, also_known)  # the curve starts as the identity for every condition
+        net.transfer.mlp[-1].weight.normal_(0, 0.1)
+        t1w = net(image, tokens, source=torch.tensor([MODALITIES.index("T1w")]))
+        pd = net(image, tokens, source=torch.tensor([MODALITIES.index("PD")]))
+        unknown = net(image, tokens)
+        assert (t1w - pd).abs().mean() > 1e-4
+        torch.testing.assert_close(unknown, net(image, tokens, source=torch.tensor([UNKNOWN_SOURCE])))
+        engine = synthesize_volume(net, image[0], tokens, image.shape[2:], source=torch.tensor([0]), progress=False)
+        torch.testing.assert_close(engine, t1w[0], rtol=1e-4, atol=1e-5)
+        seen = []
+        embed = net.embed_condition
+        net.embed_condition = lambda *args: seen.append(args[2]) or embed(*args)
+        inferer = TUMSynInferer(roi_size=(0, 0, 0), progress=False)
+        inferer(image, net, prompt=Prompt(modality="T2w"), source_modality="PD")
+        assert [int(source) for source in seen[0]] == [MODALITIES.index("PD")]
+        small = tiny_net().eval()
+        torch.testing.assert_close(small(image, tokens, source=torch.tensor([0])), small(image, tokens))
 
 
 def test_small_model_size_and_parameter_counts():

@@ -17,10 +17,10 @@ from monai.bundle import ConfigParser
 
 from helpers import python_environment
 from scripts.data import bids_data, bids_datalist
-from scripts.nets.tumsyn_net import build_tumsyn_net
+from scripts.nets.tumsyn_net import UNKNOWN_SOURCE, build_tumsyn_net
 from scripts.prompt import MODALITIES, Prompt, tokenize
 from scripts.train import sr_patches, text_embedding_checks, trainers
-from scripts.train.prompt_dropout import RandPromptDropoutd
+from scripts.train.prompt_dropout import RandPromptDropoutd, RandSourceDropoutd
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs")
 STAGE1 = os.path.join(CONFIGS, "stage1_train.yaml")
@@ -491,6 +491,18 @@ def test_prompt_dropout_drops_each_prompt_of_several_targets_on_its_own():
     assert all([Prompt.parse(p).modality for p in out["prompt"]] == ["FLAIR", "T2w"] for out in outputs)
     assert all(torch.equal(out["tokens"], tokenize(out["prompt"])) for out in outputs)
     assert any(out["prompt"][0].replace("FLAIR", "T2w") != out["prompt"][1] for out in outputs)  # drawn per prompt
+
+
+def test_source_dropout_hides_the_input_contrast_at_its_rate_in_the_samples_type():
+    transform = RandSourceDropoutd(prob=0.3)
+    transform.set_random_state(seed=0)
+    outputs = [transform({"input_modality": torch.tensor(2), "image": None})["input_modality"] for _ in range(400)]
+    assert {int(o) for o in outputs} == {2, UNKNOWN_SOURCE}
+    assert all(isinstance(o, torch.Tensor) and o.dtype == torch.int64 for o in outputs)  # they collate
+    assert 0.24 < sum(int(o) == UNKNOWN_SOURCE for o in outputs) / 400 < 0.36
+    assert RandSourceDropoutd(prob=0.0)({"input_modality": 3})["input_modality"] == 3
+    with pytest.raises(ValueError, match="source dropout prob"):
+        RandSourceDropoutd(prob=2)
 
 
 @pytest.mark.parametrize("config", [STAGE1, STAGE2])

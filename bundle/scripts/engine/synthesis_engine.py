@@ -108,6 +108,7 @@ def synthesize_volume(
     out_shape: Sequence[int],
     *,
     modality: torch.Tensor | None = None,
+    source: torch.Tensor | None = None,
     roi_size: Sequence[int] = (64, 64, 64),
     overlap: float = 0.25,
     sigma_scale: float = 0.125,
@@ -121,7 +122,8 @@ def synthesize_volume(
 ) -> torch.Tensor:
     """The network's prediction on a grid of ``out_shape`` tiling the field of view of ``image``: ``[1, *out_shape]``.
 
-    ``image [1, D, H, W]`` is normalised; ``tokens [1, L]`` (or ``modality [1]``) is the target condition. Output
+    ``image [1, D, H, W]`` is normalised; ``tokens [1, L]`` (or ``modality [1]``) is the target condition, ``source
+    [1]`` the input's contrast as a modality index (None: unknown; ``TUMSynNet.embed_condition``). Output
     voxel j of n along an axis of n_in input voxels sits at normalised coordinate -1 + (2j + 1) / n. Runs on the
     network's device and returns float32 on the CPU. ``network``: what ``TUMSynNet`` offers (``embed_condition``
     once per volume, ``encode`` per window, ``query``; on the input grid, ``decoder.query_latent_centres`` when its
@@ -184,7 +186,8 @@ def synthesize_volume(
     with torch.inference_mode(), _autocast(device, amp):
         # One embedding of the prompt for every window (on a GPU the text tower's launches cost more than its sums).
         condition = network.embed_condition(None if tokens is None else tokens.to(device),
-                                            None if modality is None else modality.to(device))
+                                            None if modality is None else modality.to(device),
+                                            None if source is None else source.to(device))
         for index, z in enumerate(starts[0]):
             boxes = [_read_box(mask_array, (z, y, x), roi, in_shape, out_shape, crop_margin) for y, x in windows]
             read = [((z, y, x), box) for (y, x), box in zip(windows, boxes) if box is not None]
@@ -486,7 +489,8 @@ class TUMSynInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, prompt: str | Prompt | None = None,
                  out_shape: Sequence[int] | None = None, source_modality: str | None = None) -> torch.Tensor:
-        """``source_modality``: the input's contrast, which picks the intensity factors (None: unknown, 1.0)."""
+        """``source_modality``: the input's contrast, which picks the intensity factors (None: unknown, 1.0) and is
+        the network's ``source``."""
         prompt = prompt if prompt is not None else self.prompt
         tokens = modality = None
         if prompt is not None:
@@ -497,11 +501,13 @@ class TUMSynInferer(Inferer):
         if self.channels_last:
             channels_last_convolutions(network)
         scales = _pair_scales(source_modality, None if prompt is None else prompt.modality)
-        return torch.stack([self._prediction(network, item, tokens, modality, out_shape, scales) for item in inputs])
+        source = None if source_modality is None else torch.tensor([MODALITIES.index(source_modality)])
+        return torch.stack([self._prediction(network, item, tokens, modality, source, out_shape, scales)
+                            for item in inputs])
 
     def _prediction(self, network: torch.nn.Module, image: torch.Tensor, tokens: torch.Tensor | None,
-                    modality: torch.Tensor | None, out_shape: tuple[int, ...], scales: Sequence[float]
-                    ) -> torch.Tensor:
+                    modality: torch.Tensor | None, source: torch.Tensor | None, out_shape: tuple[int, ...],
+                    scales: Sequence[float]) -> torch.Tensor:
         """The prediction of ``image [1, D, H, W]``, averaged over ``scales`` and ``self.mirror_axes``, then guided
         by the input (``GUIDED_FILTER_RADIUS``). The output grid's voxels sit symmetrically in the field of view, so
         flipping the input and the prediction along an axis keeps every voxel's position."""
@@ -513,7 +519,7 @@ class TUMSynInferer(Inferer):
             for axes in self.mirror_axes:
                 mask = None if decode_mask is None else _mirrored(decode_mask, axes)
                 prediction = synthesize_volume(network, _mirrored(scaled, axes, 1), tokens, out_shape,
-                                               modality=modality, decode_mask=mask, **self.settings)
+                                               modality=modality, source=source, decode_mask=mask, **self.settings)
                 prediction = _mirrored(prediction, axes, 1)
                 total = prediction if total is None else total.add_(prediction)
         prediction = total.div_(len(scales) * len(self.mirror_axes))  # in place: no second output-sized tensor

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .layout import cat_channels
+from .text_guidance import piecewise_linear
 
 # The 8 corners of the latent cube around a query, as binary (lower 0 / upper 1) offsets per axis.
 _CORNER_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)])
@@ -101,9 +102,12 @@ class LIIFDecoder(nn.Module):
         return latent
 
     def query(self, latent: torch.Tensor, coords: torch.Tensor, cell: torch.Tensor,
-              modulation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+              modulation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+              residual_curve: Optional[Tuple[torch.Tensor, float]] = None) -> torch.Tensor:
         """``[B, N, 1]`` intensities; with ``modulation``, a (scale, shift) pair ``[B, K, hidden[0]]`` applied to the
-        codes of K targets (``scripts.nets.text_guidance.LatentModulation``), ``[B, N, K]``."""
+        codes of K targets (``scripts.nets.text_guidance.LatentModulation``), ``[B, N, K]``, and ``residual_curve``,
+        (knots ``[B, K, n]``, their top intensity), the targets' grey-level curves of the input residual
+        (``scripts.nets.text_guidance.piecewise_linear``)."""
         batch, width = latent.shape[0], latent.shape[1]
         size = torch.tensor(latent.shape[2:], dtype=coords.dtype, device=coords.device)
         # Continuous voxel index: latent centres sit at integers 0 .. n-1.
@@ -141,7 +145,10 @@ class LIIFDecoder(nn.Module):
         position = self.position_projection(position_input).view(batch, 1, -1, hidden_width)
         prediction = self.mlp(rows * scale + shift + position).view(batch, -1, points, corners_per_point)
         if self.input_residual:
-            prediction = prediction + codes[:, -1].view(batch, 1, points, corners_per_point)
+            residual = codes[:, -1].view(batch, 1, points * corners_per_point)
+            if residual_curve is not None:
+                residual = piecewise_linear(residual_curve[0], residual, residual_curve[1])
+            prediction = prediction + residual.view(batch, -1, points, corners_per_point)
         return (prediction * weight.unsqueeze(1)).sum(dim=-1).transpose(1, 2)  # [B, N, K]
 
     def query_latent_centres(self, latent: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -45,12 +45,13 @@ SCALES = {
 # Experimental, not shipped: the small scale's stage 1 and text tower with a prompt-free U-Net encoder
 # (scripts/nets/unet_encoder.py) that sees 122 voxels instead of 25, and the prompt as a scale and shift of the LIIF
 # latent (FiLM), so training decodes every target contrast of a patch from one encoding (bench/README.md, "The U-Net
-# scale"). No input skip: with the U-Net the skip collapsed to the identity.
+# scale"). The input skip passes through a grey-level curve of the prompt and the input's contrast: a plain skip
+# collapsed to the identity, no skip learned the remapping too slowly ("A grey-level curve in the input skip").
 SCALES["unet"] = {
     **SCALES["small"],
     "encoder": {"type": "unet", "channels": (16, 32, 64, 128)},
     "fusion": {"site": "latent"},
-    "decoder": {"hidden": (64, 64), "input_skip": False},
+    "decoder": {"hidden": (64, 64), "input_skip": True, "transfer_knots": 32},
 }
 
 

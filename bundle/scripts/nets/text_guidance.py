@@ -4,6 +4,8 @@
 - ``ModalityEmbedding``: the paper's one-hot baseline, a learned vector per target modality.
 - ``LatentModulation``: the condition as a per-channel scale and shift of the LIIF latent codes (FiLM), so one
   prompt-free encoding serves every target contrast.
+- ``IntensityTransfer``: the condition (target prompt plus the input's contrast) as a grey-level transfer curve of
+  the input, which the decoder's input skip adds instead of the input itself.
 - ``TextGuidedFusion``: multi-head cross-attention in which the conditioning vector is the query over all voxel
   features; its output is a per-channel gate on the features. The cost is linear in the number of voxels (one
   query per head), unlike voxel-as-query attention, so whole volumes fit in memory. Then channel LayerNorm and a
@@ -89,6 +91,47 @@ class LatentModulation(nn.Module):
     def forward(self, condition: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         scale, shift = self.mlp(condition).chunk(2, dim=-1)
         return 1 + scale, shift
+
+
+class IntensityTransfer(nn.Module):
+    """``condition [..., cond_dim] -> knots [..., num_knots]``: a piecewise-linear grey-level curve per condition,
+    its values at ``num_knots`` equally spaced intensities over [0, ``max_intensity``]; ``apply`` maps intensities.
+
+    Most of a contrast change is a remapping of grey levels (a lookup table of the input is the baseline every
+    synthesis must beat). Convolutions learn that remapping for 7 x 7 contrast pairs in thousands of steps; a curve
+    of a few dozen numbers per condition learns it in tens, and the network's features then only add what the
+    context changes (bench/README.md, "A grey-level curve in the input skip"). Starts as the identity (the last
+    layer at zero): the plain input skip.
+    """
+
+    def __init__(self, cond_dim: int, num_knots: int = 32, max_intensity: float = 1.5):
+        super().__init__()
+        if num_knots < 2:
+            raise ValueError(f"num_knots: expected >= 2, got {num_knots}")
+        self.mlp = nn.Sequential(nn.Linear(cond_dim, cond_dim), nn.GELU(), nn.Linear(cond_dim, num_knots))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.max_intensity = float(max_intensity)
+        self.register_buffer("identity", torch.linspace(0.0, self.max_intensity, num_knots), persistent=False)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.identity + self.mlp(condition)
+
+    def apply(self, knots: torch.Tensor, intensity: torch.Tensor) -> torch.Tensor:
+        """``intensity [B, 1, M]`` through the curves ``knots [B, K, num_knots]``: ``[B, K, M]``."""
+        return piecewise_linear(knots, intensity, self.max_intensity)
+
+
+def piecewise_linear(knots: torch.Tensor, intensity: torch.Tensor, max_intensity: float) -> torch.Tensor:
+    """``intensity [B, 1, M]`` through the curves ``knots [B, K, n]`` (values at n equally spaced intensities over
+    [0, ``max_intensity``]): ``[B, K, M]``; intensities beyond that range take the end values."""
+    num_knots = knots.shape[-1]
+    position = intensity.to(knots.dtype).clamp(0.0, max_intensity) * ((num_knots - 1) / max_intensity)
+    lower = position.floor().clamp(max=num_knots - 2)
+    fraction = position - lower
+    index = lower.long().expand(-1, knots.shape[1], -1)
+    low_value, high_value = knots.gather(2, index), knots.gather(2, index + 1)
+    return low_value + (high_value - low_value) * fraction
 
 
 class ChannelLayerNorm(nn.Module):

@@ -4,6 +4,8 @@ image -> ResNet encoder (full resolution) -> fusion with the target-prompt embed
 continuous coordinate. With ``input_skip`` the decoder also sees the input image and corrects it (see ``TUMSynNet``).
 With ``condition_site="latent"`` the prompt instead scales and shifts the LIIF latent codes, and the encoder is
 prompt-free: ``forward`` then decodes K targets of one encoding (``tokens [B, K, L]``) in one pass.
+With ``transfer_knots`` the input skip adds a grey-level curve of the input instead of the input itself, one curve
+per condition, which then also holds the input's own contrast (``source``; unknown when not given).
 Conditioning is either the frozen stage-1 text encoder ("text", the paper's model) or a
 learned vector per target modality ("onehot", the paper's ablation).
 
@@ -16,6 +18,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..data.intensity import CLIP_MAX
 from ..errors import config_flag
 from ..prompt import MODALITIES, Prompt, tokenize
 from .bmlip import build_text_encoder, load_text_encoder
@@ -23,13 +26,14 @@ from .layout import cat_channels
 from .liif import LIIFDecoder, make_coord
 from .network_scales import scale_config, text_encoder_config
 from .resnet_encoder import ResNetEncoder3d
-from .text_guidance import LatentModulation, ModalityEmbedding, TextConditioner, TextGuidedFusion
+from .text_guidance import IntensityTransfer, LatentModulation, ModalityEmbedding, TextConditioner, TextGuidedFusion
 from .unet_encoder import UNetEncoder3d
 
 CONDITIONINGS = ("text", "onehot")
 ENCODERS = ("resnet", "unet")
 CONDITION_SITES = ("features", "latent")
 DEFAULT_MODALITY = "T1w"  # what forward(image) synthesises when no prompt is given
+UNKNOWN_SOURCE = len(MODALITIES)  # the ``source`` index of an input whose contrast is not known
 # Points decoded at once: each decoder layer then holds 16384 x 8 corners x 256 x 4 bytes = 0.13 GB at paper scale.
 QUERY_CHUNK_SIZE = 16384
 
@@ -60,6 +64,9 @@ class TUMSynNet(nn.Module):
             T1CE, super-resolution) is then the network's starting point and remapping its grey levels a linear
             function of a decoder input, so the features only have to add what context changes.
         query_chunk_size: points decoded at once; bounds memory when predicting whole volumes.
+        transfer_knots: > 0 (with ``input_skip``): the skip adds the input through a grey-level curve of that many
+            knots (``IntensityTransfer``) computed from the condition, to which a learned vector of the input's
+            contrast (``source``, a modality index; ``UNKNOWN_SOURCE`` or None: not known) is added.
     """
 
     def __init__(
@@ -77,6 +84,7 @@ class TUMSynNet(nn.Module):
         encoder: str = "resnet",
         condition_channels: int = 0,
         condition_site: str = "features",
+        transfer_knots: int = 0,
     ):
         super().__init__()
         if encoder not in ENCODERS:
@@ -114,20 +122,32 @@ class TUMSynNet(nn.Module):
         self.input_skip = bool(input_skip)
         self.decoder = LIIFDecoder(width + int(self.input_skip), decoder_hidden, input_residual=self.input_skip)
         self.modulation = None if on_features else LatentModulation(cond_dim, decoder_hidden[0])
+        if transfer_knots and not self.input_skip:
+            raise ValueError("transfer_knots: needs input_skip (the curve maps the skip's input)")
+        self.transfer = IntensityTransfer(cond_dim, transfer_knots, CLIP_MAX) if transfer_knots else None
+        self.source_embedding = nn.Embedding(UNKNOWN_SOURCE + 1, cond_dim) if transfer_knots else None
         # Defaults for forward(image): not persistent, so a changed default never invalidates a checkpoint.
         self.register_buffer("default_tokens", tokenize(Prompt(modality=DEFAULT_MODALITY).render()), persistent=False)
         self.register_buffer(
             "default_modality", torch.tensor([MODALITIES.index(DEFAULT_MODALITY)]), persistent=False
         )
 
-    def embed_condition(self, tokens: Optional[torch.Tensor] = None, modality: Optional[torch.Tensor] = None
-                        ) -> torch.Tensor:
+    def embed_condition(self, tokens: Optional[torch.Tensor] = None, modality: Optional[torch.Tensor] = None,
+                        source: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The conditioning vectors ``[N, cond_dim]`` of prompts ``tokens [N, L]`` (or modalities ``[N]``); None: the
-        default prompt. ``encode`` computes them itself; the inference engine computes one per volume and passes it
-        to every window (on a GPU the text tower's launches per window cost more than its arithmetic)."""
+        default prompt. ``source [N]`` (or ``[1]``): the inputs' contrasts, used with ``transfer_knots`` only (None:
+        unknown). ``encode`` computes them itself; the inference engine computes one per volume and passes it to
+        every window (on a GPU the text tower's launches per window cost more than its arithmetic)."""
         if self.conditioning == "text":
-            return self.conditioner(self.default_tokens if tokens is None else tokens)
-        return self.conditioner(self.default_modality if modality is None else modality)
+            condition = self.conditioner(self.default_tokens if tokens is None else tokens)
+        else:
+            condition = self.conditioner(self.default_modality if modality is None else modality)
+        if self.source_embedding is None:
+            return condition
+        if source is None:
+            source = torch.full((1,), self.source_embedding.num_embeddings - 1, dtype=torch.long,
+                                device=condition.device)
+        return condition + self.source_embedding(source.to(condition.device).long()).to(condition.dtype)
 
     def encode(
         self,
@@ -135,18 +155,19 @@ class TUMSynNet(nn.Module):
         tokens: Optional[torch.Tensor] = None,
         modality: Optional[torch.Tensor] = None,
         condition: Optional[torch.Tensor] = None,
+        source: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``image [B, 1, D, H, W]`` -> latent features ``[B, decoder_hidden[0] (+ 1 with input_skip), D, H, W]``
         for ``query``.
 
         One prompt (``tokens [1, L]``), modality (``[1]``) or ``condition`` (``embed_condition``'s ``[1, cond_dim]``)
-        may be shared by the whole batch; ``condition`` replaces ``tokens`` and ``modality``.
+        may be shared by the whole batch; ``condition`` replaces ``tokens``, ``modality`` and ``source``.
         """
         if image.dim() != 5 or image.shape[1] != 1:
             raise ValueError(f"image: expected shape [B, 1, D, H, W], got {list(image.shape)}")
         batch = image.shape[0]
         if condition is None:
-            condition = self.embed_condition(tokens, modality)
+            condition = self.embed_condition(tokens, modality, source)
         if condition.shape[0] == 1:
             condition = condition.expand(batch, condition.shape[1])
         elif condition.shape[0] != batch:
@@ -157,11 +178,22 @@ class TUMSynNet(nn.Module):
             width = scale.shape[1]
             codes = latent[:, :width] * scale.to(latent.dtype)[:, :, None, None, None] \
                 + shift.to(latent.dtype)[:, :, None, None, None]
-            return cat_channels(codes, latent[:, width:]) if self.input_skip else codes
+            return cat_channels(codes, self._transferred(latent[:, width:], condition)) if self.input_skip else codes
         features = self.encoder(image, condition)
         if self.fusion is not None:
             features = self.fusion(features, condition)
-        return self._project(features, image)
+        latent = self._project(features, image)
+        if self.transfer is None:
+            return latent
+        return cat_channels(latent[:, :-1], self._transferred(latent[:, -1:], condition))
+
+    def _transferred(self, skip: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The input skip's channel ``[B, 1, D, H, W]`` through each condition's grey-level curve (as it is without
+        ``transfer_knots``)."""
+        if self.transfer is None:
+            return skip
+        knots = self.transfer(condition.float()).unsqueeze(1)  # [B, 1, num_knots]
+        return self.transfer.apply(knots, skip.flatten(2)).view_as(skip).to(skip.dtype)
 
     def encode_shared(self, image: torch.Tensor) -> torch.Tensor:
         """The prompt-free latent of ``condition_site="latent"``, before any target's modulation."""
@@ -186,13 +218,15 @@ class TUMSynNet(nn.Module):
         coords: Optional[torch.Tensor] = None,
         cell: Optional[torch.Tensor] = None,
         modality: Optional[torch.Tensor] = None,
+        source: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``[B, 1, D, H, W]`` on the input grid when ``coords`` is None, else ``[B, N, 1]`` at ``coords``; with K
-        targets per image (``tokens [B, K, L]`` or ``modality [B, K]``, ``condition_site="latent"``), ``[B, N, K]``."""
+        targets per image (``tokens [B, K, L]`` or ``modality [B, K]``, ``condition_site="latent"``), ``[B, N, K]``.
+        ``source [B]``: the inputs' contrasts (``embed_condition``)."""
         targets = tokens if self.conditioning == "text" else modality
         if targets is not None and targets.dim() == (3 if self.conditioning == "text" else 2):
-            return self.forward_targets(image, targets, coords, cell)
-        features = self.encode(image, tokens, modality)
+            return self.forward_targets(image, targets, coords, cell, source)
+        features = self.encode(image, tokens, modality, source=source)
         if coords is not None:
             if cell is None:
                 raise ValueError("cell: required with coords (the output voxel size in normalised units)")
@@ -204,7 +238,7 @@ class TUMSynNet(nn.Module):
         return prediction.transpose(1, 2).reshape(image.shape)
 
     def forward_targets(self, image: torch.Tensor, targets: torch.Tensor, coords: Optional[torch.Tensor],
-                        cell: Optional[torch.Tensor]) -> torch.Tensor:
+                        cell: Optional[torch.Tensor], source: Optional[torch.Tensor] = None) -> torch.Tensor:
         """K targets decoded from one encoding of each image: ``[B, N, K]`` at ``coords [B, N, 3]``, for prompts
         (``[B, K, L]`` tokens) or modalities (``[B, K]``); training sees every target contrast of a patch at the
         cost of one encoder pass."""
@@ -214,9 +248,11 @@ class TUMSynNet(nn.Module):
             raise ValueError("coords, cell: required with several targets per image")
         batch, count = targets.shape[:2]
         text = self.conditioning == "text"
-        condition = self.embed_condition(targets.flatten(0, 1) if text else None,
-                                         None if text else targets.flatten()).view(batch, count, -1)
-        return self.decoder.query(self.encode_shared(image), coords, cell, self.modulation(condition))
+        condition = self.embed_condition(targets.flatten(0, 1) if text else None, None if text else targets.flatten(),
+                                         None if source is None else source.repeat_interleave(count)
+                                         ).view(batch, count, -1)
+        curve = None if self.transfer is None else (self.transfer(condition), self.transfer.max_intensity)
+        return self.decoder.query(self.encode_shared(image), coords, cell, self.modulation(condition), curve)
 
 
 def build_tumsyn_net(
@@ -254,4 +290,5 @@ def build_tumsyn_net(
         decoder_hidden=numbers["decoder"]["hidden"],
         input_skip=numbers["decoder"]["input_skip"] if input_skip is None else config_flag(input_skip, "input_skip"),
         query_chunk_size=query_chunk_size,
+        transfer_knots=numbers["decoder"].get("transfer_knots", 0),
     )

@@ -2,12 +2,15 @@
 
 Training with some prompt fields replaced by ``None`` teaches the text-conditioned networks what a prompt with unknown
 values means: a typical image of the requested modality. The modality is never dropped (it is the task itself).
+``RandSourceDropoutd`` likewise hides the input's own contrast, which some inputs' metadata do not give.
 """
 
 from __future__ import annotations
 
+import torch
 from monai.transforms import MapTransform, Randomizable
 
+from ..nets.tumsyn_net import UNKNOWN_SOURCE
 from ..prompt import Prompt, tokenize
 
 # Prompt fields a user may not know, as groups dropped together: the scanner is one template field (strength, vendor).
@@ -55,3 +58,21 @@ class RandPromptDropoutd(Randomizable, MapTransform):
         out = dict(data)
         out[self.prompt_key], out[self.tokens_key] = (dropped[0], tokens[0]) if single else (dropped, tokens)
         return out
+
+
+class RandSourceDropoutd(Randomizable, MapTransform):
+    """With probability ``prob``, ``data[key]`` (the input's modality index) becomes ``UNKNOWN_SOURCE``."""
+
+    def __init__(self, key: str = "input_modality", prob: float = 0.2):
+        if not 0.0 <= float(prob) <= 1.0:
+            raise ValueError(f"source dropout prob: expected a probability in [0, 1], got {prob!r}")
+        MapTransform.__init__(self, key)
+        self.key, self.prob = key, float(prob)
+
+    def __call__(self, data: dict) -> dict:
+        if self.R.rand() >= self.prob:
+            return data
+        value = data[self.key]  # of the same type as the other samples' (a tensor or a number), so they collate
+        if isinstance(value, torch.Tensor):
+            return {**data, self.key: torch.full_like(value, UNKNOWN_SOURCE)}
+        return {**data, self.key: type(value)(UNKNOWN_SOURCE)}

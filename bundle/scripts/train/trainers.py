@@ -123,13 +123,15 @@ class WholeVolumeInferer(Inferer):
                              query_chunk=int(query_chunk), amp=bool(amp), progress=False)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, tokens: torch.Tensor | None = None,
-                 modality: torch.Tensor | None = None, out_shape: torch.Tensor | None = None) -> torch.Tensor:
+                 modality: torch.Tensor | None = None, out_shape: torch.Tensor | None = None,
+                 source: torch.Tensor | None = None) -> torch.Tensor:
         if out_shape is None:
             raise ValueError("WholeVolumeInferer: expected out_shape [B, 3] (the high-res grid) in the batch")
         model = getattr(network, "module", network)  # a DDP-wrapped network
         predictions = [
             synthesize_volume(model, image, None if tokens is None else tokens[i : i + 1], out_shape[i].tolist(),
-                              modality=None if modality is None else modality[i : i + 1], **self.settings)
+                              modality=None if modality is None else modality[i : i + 1],
+                              source=None if source is None else source[i : i + 1], **self.settings)
             for i, image in enumerate(inputs)
         ]
         return torch.stack(predictions).to(inputs.device)
