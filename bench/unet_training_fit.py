@@ -52,7 +52,8 @@ def main() -> None:
 
     config = ConfigParser()
     config.read_config(os.path.join(ROOT, "bundle", "configs", "stage2_train.yaml"))
-    config.update({"scale": args.scale, "dataset_dir": args.dataset_dir, "native_prob": args.native_prob})
+    config.update({"scale": args.scale, "dataset_dir": args.dataset_dir, "native_prob": args.native_prob,
+                   "source_dropout": 0.0})  # every pair named by its known input contrast
     preprocessing = config.get_parsed_content("train#preprocessing")
     preprocessing.set_random_state(0)
     network = build_tumsyn_net(args.scale)
@@ -69,7 +70,8 @@ def main() -> None:
             tokens = sample["tokens"] if sample["tokens"].dim() == 2 else sample["tokens"][None]
             with torch.no_grad():
                 prediction = network(sample["image"][None], tokens=tokens[None], coords=sample["coords"][None],
-                                     cell=sample["cell"][None])[0].numpy()
+                                     cell=sample["cell"][None],
+                                     source=torch.as_tensor(sample["input_modality"]).reshape(1))[0].numpy()
             grid = sample["coords"][None, :, None, None, [2, 1, 0]]  # grid_sample reads (x, y, z) = (W, H, D)
             source = F.grid_sample(sample["image"][None], grid, align_corners=False)[0, 0, :, 0, 0].numpy()
             modalities = sample["modality"].reshape(-1)
