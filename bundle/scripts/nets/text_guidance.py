@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.intensity import CLIP_MAX
 from ..prompt import MODALITIES
 from .layout import pointwise
 
@@ -108,7 +109,7 @@ class IntensityTransfer(nn.Module):
     T1w -> T2w curve was still far from inverted after 320 steps; the A/B's table of curves learned at 20x that rate.
     """
 
-    def __init__(self, cond_dim: int, num_knots: int = 32, max_intensity: float = 1.5, gain: float = 10.0):
+    def __init__(self, cond_dim: int, num_knots: int = 32, max_intensity: float = CLIP_MAX, gain: float = 10.0):
         super().__init__()
         if num_knots < 2:
             raise ValueError(f"num_knots: expected >= 2, got {num_knots}")

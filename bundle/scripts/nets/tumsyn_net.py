@@ -18,7 +18,6 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..data.intensity import CLIP_MAX
 from ..errors import config_flag
 from ..prompt import MODALITIES, Prompt, tokenize
 from .bmlip import build_text_encoder, load_text_encoder
@@ -124,7 +123,7 @@ class TUMSynNet(nn.Module):
         self.modulation = None if on_features else LatentModulation(cond_dim, decoder_hidden[0])
         if transfer_knots and not self.input_skip:
             raise ValueError("transfer_knots: needs input_skip (the curve maps the skip's input)")
-        self.transfer = IntensityTransfer(cond_dim, transfer_knots, CLIP_MAX) if transfer_knots else None
+        self.transfer = IntensityTransfer(cond_dim, transfer_knots) if transfer_knots else None
         self.source_embedding = nn.Embedding(UNKNOWN_SOURCE + 1, cond_dim) if transfer_knots else None
         # Defaults for forward(image): not persistent, so a changed default never invalidates a checkpoint.
         self.register_buffer("default_tokens", tokenize(Prompt(modality=DEFAULT_MODALITY).render()), persistent=False)
