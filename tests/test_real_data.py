@@ -51,6 +51,20 @@ GATED_TASKS = ["T1w->T2w", "T1w->FLAIR", "T2w->FLAIR", "FLAIR->T1w"]
 # Strict, so a model that passes a row fails the suite until its mark is removed.
 FAILS_ABOVE_INPUT = {"T1w->T2w", "T2w->FLAIR", "FLAIR->T1w"}
 FAILS_NEAR_LOOKUP_TABLE = {"T1w->T2w", "T2w->FLAIR", "FLAIR->T1w"}
+# Super-resolution on real scans: each contrast at 1 mm, every THICKEN axial slices averaged into one (a 5 mm clinical
+# 2D scan) and restored in its own contrast, must beat trilinear interpolation of the thick copy (the identity) in
+# PSNR and in r. The shipped small model fails all four (PSNR / r, model vs trilinear): T1w 15.80 / 0.886 vs
+# 27.65 / 0.983; T1CE 16.10 / 0.869 vs 22.25 / 0.939; T2w 9.19 / 0.546 vs 26.48 / 0.961; FLAIR 17.61 / 0.862 vs
+# 23.87 / 0.942. Strict, as above.
+THICKEN = 5
+SR_TASKS = [f"ax{THICKEN}mm {m}->{m}" for m in ("T1w", "T1CE", "T2w", "FLAIR")]
+FAILS_REAL_SR = set(SR_TASKS)
+
+
+def _metric(out, name):
+    """One column of an evaluate run's metrics.csv per (task, method)."""
+    with open(out / "metrics.csv") as handle:
+        return {(row["task"], row["method"]): float(row[name]) for row in csv.DictReader(handle)}
 
 
 def _evaluate_real_case(root, downsample=DOWNSAMPLE, **overrides):
@@ -60,9 +74,7 @@ def _evaluate_real_case(root, downsample=DOWNSAMPLE, **overrides):
     workflow.initialize()
     workflow.run()
     workflow.finalize()
-    with open(root / "out" / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    return root / "out", {(row["task"], row["method"]): float(row["pearson"]) for row in rows}
+    return root / "out", _metric(root / "out", "pearson")
 
 
 def _report(title, r, tasks):
@@ -85,6 +97,19 @@ def real_evaluation_native(tmp_path_factory):
                                  onehot_ckpt_path=None, task_models=None)
     _report("real case at 1 mm", r, GATED_TASKS)
     return out, r
+
+
+@pytest.fixture(scope="module")
+def real_sr_evaluation(tmp_path_factory):
+    """The text model restoring thick-slice copies of the case's 1 mm contrasts: PSNR and r per (task, method)."""
+    out, r = _evaluate_real_case(tmp_path_factory.mktemp("real_sr"), downsample=1, thicken=THICKEN, tasks=SR_TASKS,
+                                 onehot_ckpt_path=None, task_models=None)
+    psnr = _metric(out, "psnr")
+    print(f"real case, {THICKEN} mm axial slices restored to 1 mm (PSNR dB / r)")
+    for task in SR_TASKS:
+        print(f"  {task}: tumsyn {psnr[(task, 'tumsyn')]:.2f} / {r[(task, 'tumsyn')]:.3f}, "
+              f"trilinear {psnr[(task, 'identity')]:.2f} / {r[(task, 'identity')]:.3f}")
+    return psnr, r
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +157,16 @@ def test_real_case_at_1_mm_above_the_input(real_evaluation_native, task):
 def test_real_case_at_1_mm_near_the_lookup_table(real_evaluation_native, task):
     _, r = real_evaluation_native
     assert r[(task, "tumsyn")] >= r[(task, "oracle-lut")] - R_MARGIN, task
+
+
+@needs_real
+@pytest.mark.parametrize("task", [pytest.param(task, marks=pytest.mark.xfail(
+    strict=True, reason="the shipped small model restores thick real slices below trilinear interpolation"))
+    if task in FAILS_REAL_SR else task for task in SR_TASKS])
+def test_real_thick_slices_restored_above_trilinear(real_sr_evaluation, task):
+    psnr, r = real_sr_evaluation
+    assert psnr[(task, "tumsyn")] > psnr[(task, "identity")], task
+    assert r[(task, "tumsyn")] > r[(task, "identity")], task
 
 
 @needs_real
