@@ -48,14 +48,13 @@ R_MARGIN = 0.05
 GATED_TASKS = ["T1w->T2w", "T1w->FLAIR", "T2w->FLAIR", "FLAIR->T1w"]
 # What the shipped small model fails today at 1 mm (r: text model, input |r|, lookup table): T1w->T2w 0.158, 0.438,
 # 0.560; T1w->FLAIR 0.725, 0.654, 0.737 (passes); T2w->FLAIR 0.066, 0.335, 0.597; FLAIR->T1w 0.637, 0.656, 0.720.
-# Strict, so a model that passes a row fails the suite until its mark is removed.
 FAILS_ABOVE_INPUT = {"T1w->T2w", "T2w->FLAIR", "FLAIR->T1w"}
 FAILS_NEAR_LOOKUP_TABLE = {"T1w->T2w", "T2w->FLAIR", "FLAIR->T1w"}
 # Super-resolution on real scans: each contrast at 1 mm, every THICKEN axial slices averaged into one (a 5 mm clinical
 # 2D scan) and restored in its own contrast, must beat trilinear interpolation of the thick copy (the identity) in
 # PSNR and in r. The shipped small model fails all four (PSNR / r, model vs trilinear): T1w 15.80 / 0.886 vs
 # 27.65 / 0.983; T1CE 16.10 / 0.869 vs 22.25 / 0.939; T2w 9.19 / 0.546 vs 26.48 / 0.961; FLAIR 17.61 / 0.862 vs
-# 23.87 / 0.942. Strict, as above.
+# 23.87 / 0.942.
 THICKEN = 5
 SR_TASKS = [f"ax{THICKEN}mm {m}->{m}" for m in ("T1w", "T1CE", "T2w", "FLAIR")]
 FAILS_REAL_SR = set(SR_TASKS)
@@ -141,28 +140,33 @@ def test_real_case_baselines(real_evaluation, task):
     assert r[(task, "oracle-lut")] >= abs(r[(task, "identity")]) - 1e-6
 
 
+def _known_failures(tasks, failing, reason):
+    """``tasks`` as parameters, those in ``failing`` marked strict xfail: passing one fails the suite until its
+    mark is removed."""
+    return [pytest.param(task, marks=pytest.mark.xfail(strict=True, reason=reason)) if task in failing else task
+            for task in tasks]
+
+
 @needs_real
-@pytest.mark.parametrize("task", [pytest.param(task, marks=pytest.mark.xfail(
-    strict=True, reason="the shipped small model is not 0.05 above the input's |r| at 1 mm on this task"))
-    if task in FAILS_ABOVE_INPUT else task for task in GATED_TASKS])
+@pytest.mark.parametrize("task", _known_failures(
+    GATED_TASKS, FAILS_ABOVE_INPUT, "the shipped small model is not 0.05 above the input's |r| at 1 mm on this task"))
 def test_real_case_at_1_mm_above_the_input(real_evaluation_native, task):
     _, r = real_evaluation_native
     assert r[(task, "tumsyn")] >= abs(r[(task, "identity")]) + R_MARGIN, task
 
 
 @needs_real
-@pytest.mark.parametrize("task", [pytest.param(task, marks=pytest.mark.xfail(
-    strict=True, reason="the shipped small model is more than 0.05 below the lookup table's r at 1 mm on this task"))
-    if task in FAILS_NEAR_LOOKUP_TABLE else task for task in GATED_TASKS])
+@pytest.mark.parametrize("task", _known_failures(
+    GATED_TASKS, FAILS_NEAR_LOOKUP_TABLE,
+    "the shipped small model is more than 0.05 below the lookup table's r at 1 mm on this task"))
 def test_real_case_at_1_mm_near_the_lookup_table(real_evaluation_native, task):
     _, r = real_evaluation_native
     assert r[(task, "tumsyn")] >= r[(task, "oracle-lut")] - R_MARGIN, task
 
 
 @needs_real
-@pytest.mark.parametrize("task", [pytest.param(task, marks=pytest.mark.xfail(
-    strict=True, reason="the shipped small model restores thick real slices below trilinear interpolation"))
-    if task in FAILS_REAL_SR else task for task in SR_TASKS])
+@pytest.mark.parametrize("task", _known_failures(
+    SR_TASKS, FAILS_REAL_SR, "the shipped small model restores thick real slices below trilinear interpolation"))
 def test_real_thick_slices_restored_above_trilinear(real_sr_evaluation, task):
     psnr, r = real_sr_evaluation
     assert psnr[(task, "tumsyn")] > psnr[(task, "identity")], task
