@@ -26,6 +26,7 @@ from scripts.engine.evaluation import (
     load_pairs,
     run_evaluation,
     tasks_for,
+    thick_slice_tasks,
     thicken_bids,
 )
 from scripts.engine.synthesis_engine import TUMSynInferer
@@ -56,7 +57,7 @@ FAILS_NEAR_LOOKUP_TABLE = {"T1w->T2w", "T2w->FLAIR", "FLAIR->T1w"}
 # 27.65 / 0.983; T1CE 16.10 / 0.869 vs 22.25 / 0.939; T2w 9.19 / 0.546 vs 26.48 / 0.961; FLAIR 17.61 / 0.862 vs
 # 23.87 / 0.942.
 THICKEN = 5
-SR_TASKS = [f"ax{THICKEN}mm {m}->{m}" for m in ("T1w", "T1CE", "T2w", "FLAIR")]
+SR_TASKS = [task.name for task in thick_slice_tasks(THICKEN)]
 FAILS_REAL_SR = set(SR_TASKS)
 
 
