@@ -1,6 +1,6 @@
 """Seconds and peak memory to synthesise one 1 mm whole-brain volume: the engine vs the official demo's loop.
 
-    .venv/bin/python bench/inference_speed.py [--scales small paper] [--inputs 1mm 5mm] [--fov_scale 1.0]
+    .venv/bin/python bench/inference_speed.py [--scales unet paper] [--inputs 1mm 5mm] [--fov_scale 1.0]
                                               [--threads 2] [--device cpu|cuda] [--precision fp32|bf16]
                                               [--source subject|mni|real|synthetic] [--query_chunk N]
                                               [--sw_batch_size N] [--crop_margin N|none] [--roi_size N]
@@ -19,9 +19,9 @@ Both outputs are set to 0 outside the input's head (``foreground_mask``), as the
 PSNR between the two (data range 1), and at 1 mm from a subject (``subject``, ``mni``, ``real``) each one's PSNR
 against that subject's T2w inside its brain.
 
-Inputs: ``subject`` (default for the small scale: the shipped weights on the embedded demo subject, its 1 mm T1w and
-its 0.9 x 0.9 x 5 mm axial FLAIR: brain-extracted, on a grid cropped tightly around the head), ``mni`` (the same
-two images zero-padded to the MNI152 1 mm field of view, 182 x 218 x 182 mm, the frame TUMSyn's official
+Inputs: ``subject`` (default for the shipped scale, unet: the shipped weights on the embedded demo subject, its 1 mm
+T1w and its 0.9 x 0.9 x 5 mm axial FLAIR: brain-extracted, on a grid cropped tightly around the head), ``mni`` (the
+same two images zero-padded to the MNI152 1 mm field of view, 182 x 218 x 182 mm, the frame TUMSyn's official
 preprocessing registers inputs to), ``real`` (the real patient of ``../shared/data/real/bids``, 1 mm only: its
 brain-extracted T1w on the SRI24 atlas grid, 240 x 240 x 155, reference its T2w) or
 ``synthetic`` (default for the paper scale: an ellipsoidal 'brain' filling 37 % of a 182x218x182 mm volume, at 1 mm
@@ -57,6 +57,7 @@ SYNTHETIC_SPACING = {"1mm": (1.0, 1.0, 1.0), "5mm": (1.0, 1.0, 5.0)}  # the seco
 SUBJECT_ANAT = os.path.join(REPO, "bundle", "data", "demo", "sub-001", "anat")
 SUBJECT_FILES = {"1mm": "sub-001_T1w.nii.gz", "5mm": "sub-001_acq-ax5mm_FLAIR.nii.gz"}
 REFERENCE_FILE = "sub-001_T2w.nii.gz"
+SHIPPED_SCALE = "unet"  # the scale of bundle/models/model.pt (configs/inference.yaml's default)
 REAL_ANAT = os.path.join(os.path.dirname(REPO), "shared", "data", "real", "bids", "sub-TCGADU7294", "anat")
 REAL_FILES = {"1mm": "sub-TCGADU7294_T1w.nii.gz", "reference": "sub-TCGADU7294_T2w.nii.gz"}
 PROMPT = ("Age: 30; Gender: F; Scanner: 3.0 Siemens; Modality: T2w; Voxel size: (1.0, 1.0, 1.0); "
@@ -177,9 +178,7 @@ def load_case(source: str, input_name: str, fov_scale: float):
 
 def config_inferer(scale: str, precision: str, overrides: dict):
     """The ``inferer`` of ``configs/inference.yaml`` at ``scale`` (no progress bar), its autocast on for ``bf16``,
-    one network run per volume (no input contrast is given, so intensity scale 1: the loop runs once too), not
-    guided by the input (the loop is not either: ``GUIDED_FILTER_RADIUS`` set to 0 in this process), with the given
-    values of its top-level keys (``query_chunk``, ``sw_batch_size``, ``crop_margin``)."""
+    with the given values of its top-level keys (``query_chunk``, ``sw_batch_size``, ``crop_margin``)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -188,16 +187,13 @@ def config_inferer(scale: str, precision: str, overrides: dict):
     parser["scale"] = scale
     parser["amp"] = precision == "bf16"
     parser.update(overrides)
-    import scripts.engine.synthesis_engine as engine
-
-    engine.GUIDED_FILTER_RADIUS = 0
     return parser.get_parsed_content("inferer")
 
 
 def prepare_case(scale: str, input_name: str, source: str, fov_scale: float, threads: int, device_name: str,
                  precision: str, overrides: dict, cudnn_benchmark: bool = False):
     """One case's (input array, voxel size, reference or None, output shape, network on the device, inferer): the
-    shipped weights at the small scale (random ones at the paper scale, which has none; and on the synthetic head)."""
+    shipped weights at their scale (random ones at the other scales, which have none; and on the synthetic head)."""
     import numpy as np
     import torch
 
@@ -211,7 +207,7 @@ def prepare_case(scale: str, input_name: str, source: str, fov_scale: float, thr
     array, spacing, reference = load_case(source, input_name, fov_scale)
     out_shape, _ = output_grid(array.shape, np.diag([*spacing, 1.0]), (1.0, 1.0, 1.0))
     network = build_tumsyn_net(scale).eval()
-    if scale == "small" and source != "synthetic":
+    if scale == SHIPPED_SCALE and source != "synthetic":
         load_network_weights(network, os.path.join(REPO, "bundle", "models", "model.pt"))
     network = channels_last_convolutions(network.to(torch.device(device_name)))
     return array, spacing, reference, out_shape, network, config_inferer(scale, precision, overrides)
@@ -318,11 +314,11 @@ def parse_override(key: str, value: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scales", nargs="+", default=["small", "paper"])
+    parser.add_argument("--scales", nargs="+", default=[SHIPPED_SCALE, "paper"])
     parser.add_argument("--inputs", nargs="+", default=list(SUBJECT_FILES))
     parser.add_argument("--methods", nargs="+", default=["engine", "demo"])
     parser.add_argument("--source", choices=["subject", "mni", "real", "synthetic"],
-                        help="default: subject (small), synthetic (paper)")
+                        help="default: subject (the shipped scale), synthetic (others)")
     parser.add_argument("--fov_scale", type=float, default=1.0, help="central fraction of the field of view per axis")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -349,7 +345,7 @@ def main() -> None:
 
     rows = []
     for scale in args.scales:
-        source = args.source or ("subject" if scale == "small" else "synthetic")
+        source = args.source or ("subject" if scale == SHIPPED_SCALE else "synthetic")
         for input_name in args.inputs:
             command = [sys.executable, __file__, "--case", f"{scale},{input_name},{source}", "--fov_scale",
                        str(args.fov_scale), "--threads", str(args.threads), "--device", args.device,

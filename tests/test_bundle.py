@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLE_ROOT, REPO_ROOT
+from conftest import BUNDLE_ROOT, REPO_ROOT, SHIPPED_SCALE
 
 REQUIRED = ["configs/metadata.json", "configs/logging.conf", "docs/README.md", "docs/data_license.txt"]
 
@@ -120,3 +120,13 @@ def test_engine_and_training_precision_follow_the_device(device, sw_batch_size, 
         parser.update({"device": device, "amp": "true"})
         assert parser.get_parsed_content("train#trainer#amp") == (device == "cuda")
         assert parser.get_parsed_content("train#trainer#amp_kwargs#dtype") is torch.bfloat16
+
+
+def test_the_configs_default_to_the_shipped_weights_scale():
+    """models/*.pt are built at SHIPPED_SCALE (the tests load them at it): every config that builds stage 2 says so."""
+    from monai.bundle import ConfigParser
+
+    for name in ("inference.yaml", "evaluate.yaml", "stage2_train.yaml"):
+        parser = ConfigParser()
+        parser.read_config(os.path.join(BUNDLE_ROOT, "configs", name))
+        assert parser["scale"] == SHIPPED_SCALE, name

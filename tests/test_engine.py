@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.data.intensity import TISSUE_ORDER, pair_intensity_scales
 from scripts.engine.synthesis_engine import (
     FastConvolutions,
     TUMSynInferer,
@@ -18,7 +17,7 @@ from scripts.engine.synthesis_engine import (
 )
 from scripts.nets.liif import LIIFDecoder, make_coord
 from scripts.nets.tumsyn_net import build_tumsyn_net
-from scripts.prompt import Prompt, tokenize
+from scripts.prompt import MODALITIES, Prompt, tokenize
 
 T2W = "Modality: T2w; Voxel size: (1.0, 1.0, 1.0)"
 
@@ -420,52 +419,15 @@ def test_flip_averaging_takes_only_a_yes_or_no():
         TUMSynInferer(flip_averaging="eight")
 
 
-@pytest.mark.parametrize("source, target, expected", [
-    ("T1w", "T2w", (0.6, 0.8)), ("T2w", "FLAIR", (0.6, 0.8)), ("T2w", "T1CE", (0.6, 0.8)),  # tissue order inverted
-    ("T1w", "FLAIR", (1.8, 2.0)), ("FLAIR", "T1w", (1.8, 2.0)), ("T1w", "T1CE", (1.8, 2.0)),  # kept
-    ("T1w", "T1w", (1.0,)), ("PD", "T1w", (1.0,)), ("T1w", "SWI", (1.0,)), (None, "T2w", (1.0,)),  # not measured
-])
-def test_intensity_scales_are_picked_by_the_contrast_pair(source, target, expected):
-    assert pair_intensity_scales(source, target) == expected
-    inferer = TUMSynInferer(flip_averaging=True)
-    assert inferer.predictions_averaged(source, target) == 8 * len(expected)
-
-
-def test_the_pairs_intensity_scales_average_the_predictions_on_the_rescaled_input(network):
-    """T1w -> T2w: the mean of the predictions on the input times 0.6 and 0.8; an unknown input: the input as is."""
+def test_the_inferer_returns_the_networks_prediction_told_the_inputs_contrast(network):
+    """No post-processing: the inferer's output is the engine's prediction, with the input's contrast passed on as
+    the network's ``source`` (None: unknown)."""
     image = head_like((16, 14, 12), seed=3)
-    settings = dict(roi_size=(12, 12, 12), progress=False)
-    inferer = TUMSynInferer(T2W, **settings)
-    expected = [synthesize_volume(network, image * factor, tokenize(Prompt.parse(T2W).render()), image.shape[1:],
-                                  decode_mask=foreground_mask(image, image.shape[1:]), roi_size=(12, 12, 12),
-                                  overlap=0.25, progress=False) for factor in (0.6, 0.8, 1.0)]
-    unknown = inferer(image[None], network)[0]
-    assert (unknown - guided(image, expected[2])).abs().max() < 1e-5
-    paired = inferer(image[None], network, source_modality="T1w")[0]
-    assert (paired - guided(image, (expected[0] + expected[1]) / 2)).abs().max() < 1e-5
-
-
-def guided(image, prediction):
-    """``prediction`` re-drawn with the input's structure as the inferer does (GUIDED_FILTER_RADIUS)."""
-    from scripts.engine.guided_filter import input_guided
-    from scripts.engine.synthesis_engine import GUIDED_FILTER_RADIUS
-
-    foreground = foreground_mask(image, image.shape[1:])
-    return input_guided(image, prediction, foreground, GUIDED_FILTER_RADIUS) if GUIDED_FILTER_RADIUS else prediction
-
-
-@pytest.mark.parametrize("field_strength", [1.5, 3.0])
-def test_pair_scales_tissue_order_is_the_simulators(field_strength):
-    """The contrasts the pair scales sort by tissue order have that order at the simulator's protocols (mid-range)."""
-    from scripts.simulator.presets import _BASE_3T, _BASE_15T
-    from scripts.simulator.sequences import Sequence, tissue_signal
-    from scripts.simulator.tissue import tissue_properties
-
-    properties = tissue_properties(field_strength)
-    for modality, order in TISSUE_ORDER.items():
-        protocol = (_BASE_3T if field_strength == 3.0 else _BASE_15T)[modality]
-        middle = [None if bounds is None else sum(bounds) / 2 for bounds in
-                  (protocol.tr, protocol.te, protocol.ti, protocol.fa)]
-        sequence = Sequence(protocol.kind, *middle)
-        csf, grey, white = (tissue_signal(sequence, properties[t]) for t in ("CSF", "cGM", "WM"))
-        assert (csf < min(grey, white)) if order == "CSF darkest" else (csf > max(grey, white)), modality
+    tokens = tokenize(Prompt.parse(T2W).render())
+    inferer = TUMSynInferer(T2W, roi_size=(12, 12, 12), progress=False)
+    for source_modality in (None, "T1w"):
+        source = None if source_modality is None else torch.tensor([MODALITIES.index(source_modality)])
+        expected = synthesize_volume(network, image, tokens, image.shape[1:], source=source,
+                                     decode_mask=foreground_mask(image, image.shape[1:]), roi_size=(12, 12, 12),
+                                     overlap=0.25, progress=False)
+        torch.testing.assert_close(inferer(image[None], network, source_modality=source_modality)[0], expected)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 
+from conftest import SHIPPED_SCALE
 from helpers import (
     FAST,
     T2W_TEMPLATE,
@@ -260,7 +261,7 @@ def test_config_runs_and_has_the_infer_properties(tmp_path, bundle_root):
     from monai.bundle import ConfigWorkflow
 
     ckpt = tmp_path / "model.pt"
-    torch.save(build_tumsyn_net("small").state_dict(), ckpt)
+    torch.save(build_tumsyn_net(SHIPPED_SCALE).state_dict(), ckpt)
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     path = write_nifti(tmp_path / "sub-01_FLAIR.nii.gz", 300 * blob_volume((20, 20, 10), affine, (10, 10, 10)), affine)
     workflow = ConfigWorkflow(config_file=os.path.join(bundle_root, "configs", "inference.yaml"),
@@ -295,7 +296,7 @@ def test_default_input_is_simulated_on_first_use(tmp_path, monkeypatch):
 
 def test_command_line_contract(tmp_path, bundle_root):
     """`python -m monai.bundle run` exactly as users type it (the bundle folder joins sys.path only in `run`)."""
-    torch.save(build_tumsyn_net("small").state_dict(), tmp_path / "model.pt")
+    torch.save(build_tumsyn_net(SHIPPED_SCALE).state_dict(), tmp_path / "model.pt")
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     path = write_nifti(tmp_path / "scan.nii.gz", 300 * blob_volume((16, 16, 8), affine, (8, 8, 8)), affine)
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
@@ -308,8 +309,8 @@ def test_command_line_contract(tmp_path, bundle_root):
     assert record["target_prompt"].startswith("Age: 70; Gender: None; Scanner: None; Modality: FLAIR; "
                                               "Voxel size: (2.0, 2.0, 2.0)")
     assert nib.load(str(tmp_path / "out" / "scan_FLAIR.nii.gz")).shape == (8, 8, 8)
-    # a plain file name says no contrast: --input_modality does, and picks the pair's intensity factors
-    assert record["input_modality"] == "T1w" and record["intensity_scales_averaged"] == [1.8, 2.0]
+    # a plain file name says no contrast: --input_modality does
+    assert record["input_modality"] == "T1w"
     assert record["mirror_images_averaged"] == 1
 
 
@@ -368,20 +369,19 @@ def test_flip_averaging_keeps_every_voxel_in_place_on_an_oblique_grid(tmp_path):
 
 def test_input_modality_is_read_from_the_metadata_or_given(tmp_path):
     """The input's contrast comes from its BIDS name (or sidecar), or from ``input_modality``, which overrides it;
-    it picks the intensity factors of the contrast pair, and the sidecar records both (an input of unknown contrast
-    keeps its scale, with a warning)."""
+    the sidecar records it (an input of unknown contrast gets a warning)."""
     from scripts.engine.synthesis_engine import TUMSynInferer
 
     data = (300 * blob_volume((12, 12, 10), np.eye(4), (5.0, 6.0, 4.0))).astype(np.float32)
     inferer = TUMSynInferer(roi_size=(8, 8, 8), progress=False)
-    cases = {("sub-01_T1w.nii.gz", None): ("T1w", [0.6, 0.8]), ("plain.nii.gz", None): (None, [1.0]),
-             ("plain.nii.gz", "t1gd"): ("T1CE", [0.6, 0.8]), ("sub-01_T1w.nii.gz", "T2w"): ("T2w", [1.0])}
-    for number, ((name, given), (expected, factors)) in enumerate(cases.items()):
+    cases = {("sub-01_T1w.nii.gz", None): "T1w", ("plain.nii.gz", None): None, ("plain.nii.gz", "t1gd"): "T1CE",
+             ("sub-01_T1w.nii.gz", "T2w"): "T2w"}
+    for number, ((name, given), expected) in enumerate(cases.items()):
         image = write_nifti(tmp_path / name, data, np.eye(4))
         written = run_inference(image, "T2w", str(tmp_path / f"out{number}"), SamplingNet(), inferer=inferer,
                                 preview=False, input_modality=given)
         sidecar = json.load(open(written["sidecar"]))
-        assert sidecar["input_modality"] == expected and sidecar["intensity_scales_averaged"] == factors, (name, given)
+        assert sidecar["input_modality"] == expected, (name, given)
         unknown = [warning for warning in sidecar["warnings"] if warning.startswith("the input's contrast is unknown")]
         assert bool(unknown) == (expected is None), sidecar["warnings"]
     with pytest.raises(ValueError, match=r"^input_modality: expected one of T1w, .*got 'T3w'$"):

@@ -2,18 +2,15 @@
 
 import json
 import logging
-import os
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLE_ROOT
+from conftest import MODEL, SHIPPED_SCALE
 from scripts.engine.ood import ood_warnings, trained_parameter_ranges, trained_voxel_range
 from scripts.engine.volume_io import Volume
 from scripts.prompt import Prompt
-
-MODEL = os.path.join(BUNDLE_ROOT, "models", "model.pt")
 
 
 def brain(voxel_mm=(2.0, 2.0, 2.0), shape=(96, 110, 84), semi_axes_mm=(65.0, 80.0, 60.0), seed=0) -> Volume:
@@ -97,7 +94,7 @@ def test_end_to_end_prompt_with_none_fields_records_warnings(tmp_path):
     volume = brain(voxel_mm=(4.0, 4.0, 4.0), shape=(40, 44, 34))
     path = tmp_path / "sub-01_T1w.nii.gz"
     nib.save(nib.Nifti1Image(volume.array, volume.affine), path)
-    network = load_network_weights(build_tumsyn_net(scale="small", conditioning="text"), MODEL).eval()
+    network = load_network_weights(build_tumsyn_net(scale=SHIPPED_SCALE, conditioning="text"), MODEL).eval()
     prompt = "Age: None; Gender: None; Scanner: None; Modality: FLAIR; Voxel size: (4, 4, 4); " \
              "Imaging parameter TR(ms), TE(ms), TI(ms), and FA(degree):  (None, None, None, None)"
     paths = run_inference(str(path), prompt, str(tmp_path / "out"), network,

@@ -15,7 +15,7 @@ import torch
 
 import scripts.engine.inference_engine
 import scripts.engine.volume_io
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, SHIPPED_SCALE
 from helpers import (
     FAST,
     T2W_TEMPLATE,
@@ -575,11 +575,12 @@ print(len(names), "modules")
 
 
 @pytest.fixture(scope="module")
-def small_weights(tmp_path_factory):
+def shipped_scale_weights(tmp_path_factory):
+    """Untrained weights at the configs' default scale."""
     from scripts.nets.tumsyn_net import build_tumsyn_net
 
     path = tmp_path_factory.mktemp("weights") / "model.pt"
-    torch.save(build_tumsyn_net("small").state_dict(), path)
+    torch.save(build_tumsyn_net(SHIPPED_SCALE).state_dict(), path)
     return str(path)
 
 
@@ -592,7 +593,7 @@ def _bundle_run(config, cwd, *overrides):
 
 @pytest.mark.parametrize("case", ["code_prompt", "truncated_input", "simulate_zero_subjects", "evaluate_code_datalist",
                                   "stage2_code_datalist"])
-def test_bundle_run_prints_one_line_and_exits_1(tmp_path, small_weights, case):
+def test_bundle_run_prints_one_line_and_exits_1(tmp_path, shipped_scale_weights, case):
     """Real `python -m monai.bundle run`: a user error is the last stderr line, no traceback, no output."""
     if case.endswith("code_datalist"):  # refused by the configs' first initialize item, before MONAI evaluates it
         config = "evaluate" if case.startswith("evaluate") else "stage2_train"
@@ -605,7 +606,7 @@ def test_bundle_run_prints_one_line_and_exits_1(tmp_path, small_weights, case):
         image = _truncated(tmp_path) if case == "truncated_input" else _good_image(tmp_path)
         prompt = CODE if case == "code_prompt" else "T2w"
         done = _bundle_run("inference", tmp_path, "--input_image", image, "--prompt", prompt, "--output_dir", "out",
-                           "--ckpt_path", small_weights)
+                           "--ckpt_path", shipped_scale_weights)
         expected = ("error: prompt: \"$__import__('os').system('touch PWNED')\" would run as Python code"
                     if case == "code_prompt" else f"error: {image}: truncated or corrupt image data")
     lines = done.stderr.strip().splitlines()
@@ -727,35 +728,35 @@ def test_text_fields_starting_with_parser_prefixes_are_never_expanded(in_tmp, pr
 
 
 @pytest.mark.parametrize("prefix", ["$", "@", "%"])
-def test_bundle_run_never_expands_a_prompt(tmp_path, small_weights, prefix):
+def test_bundle_run_never_expands_a_prompt(tmp_path, shipped_scale_weights, prefix):
     """Real `python -m monai.bundle run`: each parser prefix in --prompt ends as one line quoting the prompt as typed,
     never another file's or item's content, nothing written."""
     (tmp_path / "secret.json").write_text('{"key": "TOP-SECRET"}')
     prompt, expected = {"$": (CODE, "would run as Python code"), "@": ("@ckpt_path", "an '@' reference"),
                         "%": (f"%{tmp_path / 'secret.json'}#key", "a '%' macro")}[prefix]
     done = _bundle_run("inference", tmp_path, "--input_image", _good_image(tmp_path), "--prompt", prompt,
-                       "--output_dir", "out", "--ckpt_path", small_weights)
+                       "--output_dir", "out", "--ckpt_path", shipped_scale_weights)
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1 and last.startswith("error: prompt: ") and expected in last, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "TOP-SECRET" not in done.stderr + done.stdout
-    assert small_weights not in last and files_in(tmp_path / "out") == [] and not (tmp_path / "PWNED").exists()
+    assert shipped_scale_weights not in last and files_in(tmp_path / "out") == [] and not (tmp_path / "PWNED").exists()
 
 
 @pytest.mark.parametrize("prefix", ["$", "@", "%"])
-def test_tumsyn_infer_reads_a_prompt_as_given(tmp_path, small_weights, prefix):
+def test_tumsyn_infer_reads_a_prompt_as_given(tmp_path, shipped_scale_weights, prefix):
     """Real `tumsyn infer`: the prompt reaches the bundle's prompt parser as typed, which refuses it as a prompt in one
     line; nothing runs, nothing of another item or file shows, nothing is written."""
     (tmp_path / "secret.json").write_text('{"key": "TOP-SECRET"}')
     prompt = {"$": CODE, "@": "@ckpt_path", "%": f"%{tmp_path / 'secret.json'}#key"}[prefix]
     done = subprocess.run([sys.executable, "-c", "from scripts.cli import main; main()", "infer", "--input_image",
                            _good_image(tmp_path), "--prompt", prompt, "--output_dir", "out", "--ckpt_path",
-                           small_weights], capture_output=True, text=True, cwd=tmp_path, env=python_environment(),
-                          timeout=300)
+                           shipped_scale_weights], capture_output=True, text=True, cwd=tmp_path,
+                          env=python_environment(), timeout=300)
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1 and last.startswith("tumsyn: error: prompt") and repr(prompt)[:40] in last, \
         done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "TOP-SECRET" not in done.stderr + done.stdout
-    assert small_weights not in last and files_in(tmp_path / "out") == [] and not (tmp_path / "PWNED").exists()
+    assert shipped_scale_weights not in last and files_in(tmp_path / "out") == [] and not (tmp_path / "PWNED").exists()
 
 
 @pytest.mark.parametrize("pixdim", [[1.0, 0.0, 1.0], [1.0, -2.0, 1.0], [1.0, float("nan"), 1.0]])

@@ -15,6 +15,7 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
+from conftest import MODEL, SHIPPED_SCALE
 from helpers import python_environment
 from scripts.data import bids_data, bids_datalist
 from scripts.nets.tumsyn_net import UNKNOWN_SOURCE, build_tumsyn_net
@@ -26,7 +27,6 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STAGE1 = os.path.join(CONFIGS, "stage1_train.yaml")
 STAGE2 = os.path.join(CONFIGS, "stage2_train.yaml")
 MULTI_GPU = os.path.join(CONFIGS, "multi_gpu_train.yaml")
-SHIPPED_MODEL = os.path.join(os.path.dirname(CONFIGS), "models", "model.pt")
 
 # Tissue intensities (WM, GM, CSF) per contrast: the ordering of real scans (T1w: WM > GM > CSF, T2w: CSF brightest,
 # FLAIR: CSF nulled, PD: flat), so contrasts are distinguishable the way the real ones are.
@@ -214,10 +214,13 @@ def test_random_patches_draw_same_contrast_targets_at_their_share():
     assert patches["_target_"].endswith("RandSRPatchesd") and patches["same_contrast_prob"] == "@same_contrast_prob"
     assert patches["native_prob"] == "@native_prob"
     assert patches["num_targets"] == "@num_targets"
-    for scale, recipe in (("small", (0.0, 0.0, 1)), ("unet", (0.0, 0.5, 7)), ("paper", (0.0, 0.0, 1))):
+    for scale, recipe, exported in (("small", (0.0, 0.0, 1), "model_best.pt"), ("unet", (0.0, 0.5, 7),
+                                    "checkpoint_final.pt"), ("paper", (0.0, 0.0, 1), "model_best.pt")):
         parser["scale"] = scale  # each scale's recipe: the unet one decodes every contrast of each input patch
         assert tuple(parser.get_parsed_content(key) for key in ("same_contrast_prob", "native_prob", "num_targets")
                      ) == recipe
+        # the unet exports its last epoch: its 4 validation pairs rank epochs unlike the 14 validation tasks
+        assert os.path.basename(parser.get_parsed_content("exported_checkpoint")) == exported, scale
     parser["train_tasks"] = ["T1w->T2w"]  # a task-specific model has one target
     assert parser.get_parsed_content("num_targets") == 1
 
@@ -271,9 +274,9 @@ def test_stage2_without_a_stage1_output_uses_the_shipped_text_encoder(tmp_path):
     parser.read_config(STAGE2)
     parser["bundle_root"] = str(tmp_path)
     assert parser.get_parsed_content("text_encoder_path") == str(tmp_path / "output" / "stage1" / "text_encoder.pt")
-    shipped = os.path.join(os.path.dirname(SHIPPED_MODEL), "text_encoder.pt")
-    net = build_tumsyn_net("small", text_encoder_path=shipped)  # the shipped tower loads at the small scale
-    state = torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True)
+    shipped = os.path.join(os.path.dirname(MODEL), "text_encoder.pt")
+    net = build_tumsyn_net(SHIPPED_SCALE, text_encoder_path=shipped)  # the shipped tower loads at its scale
+    state = torch.load(MODEL, map_location="cpu", weights_only=True)
     for key, value in net.conditioner.text_encoder.state_dict().items():  # ... and is the shipped model's own
         assert torch.equal(value, state["conditioner.text_encoder." + key]), key
 
@@ -512,9 +515,13 @@ def test_configs_train_on_prompts_with_dropped_fields(config, dataset, tmp_path)
     workflow.initialize()
     sample = workflow.parser.get_parsed_content("train#dataset")[0]
     sample = sample[0] if isinstance(sample, list) else sample  # stage 2 gives several patches per volume
-    prompt = Prompt.parse(sample["prompt"])
-    assert prompt.render() == Prompt(modality=prompt.modality).render()
-    assert torch.equal(torch.as_tensor(sample["tokens"]), tokenize(prompt.render())[0])
+    # one target prompt per sample, or (the unet scale) every target contrast's
+    texts = sample["prompt"] if isinstance(sample["prompt"], list) else [sample["prompt"]]
+    tokens = torch.as_tensor(sample["tokens"]).reshape(len(texts), -1)
+    for text, row in zip(texts, tokens):
+        prompt = Prompt.parse(text)
+        assert prompt.render() == Prompt(modality=prompt.modality).render()
+        assert torch.equal(row, tokenize(prompt.render())[0])
 
 
 def test_stage2_patches_leave_the_uncopied_cache_intact(dataset, tmp_path):
@@ -595,7 +602,7 @@ def test_shipped_text_encoder_separates_modalities_and_orders_times(dataset):
     from scripts.engine.inference_engine import load_network_weights
     from scripts.nets.tumsyn_net import build_tumsyn_net
 
-    network = load_network_weights(build_tumsyn_net("small", conditioning="text"), SHIPPED_MODEL)
+    network = load_network_weights(build_tumsyn_net(SHIPPED_SCALE, conditioning="text"), MODEL)
     prompts = [image.prompt for image in bids_data.scan_bids(dataset)]
     report = text_embedding_checks.text_embedding_report(network.conditioner.text_encoder, prompts)
     print(f"\nshipped text encoder: {report}")
@@ -670,7 +677,7 @@ def test_stage2_config_lowers_validation_l1(dataset, tmp_path, text_encoder_path
     # The published decoder (no input skip): the training loop is under test, and a skip network starts at the
     # identity, which 72 steps at a 2e-3 learning rate did not improve on this toy set (measured; the shipped model
     # needed hundreds of steps). tests/test_networks.py checks that gradients reach every parameter with the skip.
-    workflow = _workflow(STAGE2, dataset, tmp_path, max_epochs=12, learning_rate=1e-3, device="cpu",
+    workflow = _workflow(STAGE2, dataset, tmp_path, max_epochs=12, learning_rate=1e-3, device="cpu", scale="small",
                          text_encoder_path=text_encoder_path, **{"network_def#input_skip": False}, **STAGE2_TINY)
     workflow.initialize()
     assert workflow.check_properties() == []

@@ -24,7 +24,7 @@ from monai.bundle import ConfigParser
 # What of the bundle's JSON sidecar goes back to the client as the result's params.
 RESULT_FIELDS = ("prompt_given", "target_prompt", "source_prompt", "input_spacing", "target_spacing",
                  "output_spacing", "output_shape", "model_version", "intensity", "mirror_images_averaged",
-                 "intensity_scales_averaged", "input_modality", "warnings", "ood_warnings")
+                 "input_modality", "warnings", "ood_warnings")
 # The bundle inferer's test-time option a request may set (checked by the engine; blank: the config's).
 REQUEST_OPTIONS = ("flip_averaging",)
 # The request params the task shows as its options, all blank (the bundle's choice) but the prompt.

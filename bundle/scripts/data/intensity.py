@@ -13,8 +13,8 @@ and (almost) no negative brain voxels exactly as before:
 ``method="wm_peak"`` scales by a tissue landmark instead of a percentile: the histogram mode of the brighter half of
 the brain (the white-matter peak on T1w) is mapped to ``WM_PEAK_LEVEL``. Real T1w carry a bright tail (vessels, fat,
 enhancement) that moves the 99th percentile but not the peak (sim-to-real.md: peak / p99 0.66-0.84 real vs 0.98
-simulated). The shipped weights were trained with the percentile; inference uses the peak
-(scripts.engine.inference_engine.INPUT_NORMALISATION), measured better on simulated validation subjects.
+simulated). Inference uses the peak (scripts.engine.inference_engine.INPUT_NORMALISATION); the shipped weights
+were trained with it.
 
 ``method="landmarks"`` (training only; needs the image's ``modality``) standardises the histogram toward the training
 images of that modality (Nyul & Udupa, MRM 1999, 42:1072-1081; the decile landmarks of Nyul, Udupa & Zhang, IEEE
@@ -48,23 +48,6 @@ TRAINING_LANDMARKS: dict[str, tuple[float, ...]] = {
     "T2star": (0.1453, 0.5445, 0.5899, 0.6251, 0.6593, 0.6937, 0.7284, 0.7651, 0.8079, 0.8662, 1.0),
     "T2w": (0.1216, 0.2647, 0.2952, 0.3344, 0.3807, 0.4285, 0.477, 0.5304, 0.5964, 0.7015, 1.0),
 }
-
-
-# The input factors inference averages over per kind of contrast pair (scripts.engine.synthesis_engine; fixed, not a
-# user option): the input scaled down when the pair inverts the tissue order (T2w: CSF brightest, WM darkest; T1w,
-# T1CE, FLAIR: CSF darkest) and scaled up when it keeps it. They raise both the mean PSNR and the mean r of the
-# shipped weights on simulated validation subjects (bench/results/inference_options_simulated_validation.md). Other
-# pairs (same contrast, PD, SWI, T2star, unknown input) keep 1.0.
-PAIR_SCALES = {"inverts": (0.6, 0.8), "keeps": (1.8, 2.0)}
-TISSUE_ORDER = {"T1w": "CSF darkest", "T1CE": "CSF darkest", "FLAIR": "CSF darkest", "T2w": "CSF brightest"}
-
-
-def pair_intensity_scales(source_modality: str | None, target_modality: str) -> tuple[float, ...]:
-    """The input intensity factors inference averages over for this contrast pair."""
-    if source_modality == target_modality or not {source_modality, target_modality} <= set(TISSUE_ORDER):
-        return (1.0,)
-    kept = TISSUE_ORDER[source_modality] == TISSUE_ORDER[target_modality]
-    return PAIR_SCALES["keeps" if kept else "inverts"]
 
 
 def brain_mask(volume: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

@@ -30,11 +30,10 @@ from monai.bundle import ConfigParser
 from scipy.ndimage import map_coordinates
 
 from ..data.bids_data import parse_tasks
-from ..data.intensity import PAIR_SCALES, normalize_intensity
+from ..data.intensity import normalize_intensity
 from ..errors import UserInputError, config_null, one_line
 from ..prompt import BIDS_SUFFIX, MODALITIES, Prompt, PromptError, bids_modality, prompt_from_bids, prompt_from_image
 from ..simulator import simulate
-from .guided_filter import MAX_UPSAMPLING
 from .inference_engine import (
     INPUT_NORMALISATION,
     load_network_weights,
@@ -43,7 +42,7 @@ from .inference_engine import (
     target_prompt,
 )
 from .metrics import compare, oracle_lookup_table, tissue_volumes
-from .synthesis_engine import GUIDED_FILTER_RADIUS, TUMSynInferer
+from .synthesis_engine import TUMSynInferer
 from .volume_io import atomic_path, load_volume, save_nifti
 
 logger = logging.getLogger(__name__)
@@ -572,15 +571,8 @@ NORMALISATION_NOTE = (
 
 def _engine_note(inferer: TUMSynInferer) -> str:
     averaged = len(inferer.mirror_axes)
-    radius = GUIDED_FILTER_RADIUS
-    guidance = (f"then guided by the input (a guided filter of {radius} output voxel{'s' if radius > 1 else ''} "
-                f"radius, the prediction's intensities kept; not where the output is over {MAX_UPSAMPLING:g}x finer "
-                f"than the input along an axis)" if radius else "not guided by the input")
-    scales = "; ".join(f"{', '.join(f'{s:g}' for s in factors)} where the task {kind} the tissue order"
-                       for kind, factors in PAIR_SCALES.items())
     return (f"Networks' input normalisation: {INPUT_NORMALISATION}; predictions averaged over {averaged} mirror "
-            f"image{'s' if averaged > 1 else ''} of the input (flip_averaging) at the intensity scales of the task's "
-            f"contrast pair ({scales}; 1 otherwise), {guidance}.\n\n")
+            f"image{'s' if averaged > 1 else ''} of the input (flip_averaging).\n\n")
 
 
 BASELINES = ("identity", "oracle-lut")

@@ -31,20 +31,19 @@ import torch
 
 import scripts
 
-from ..data.intensity import normalize_intensity, pair_intensity_scales
+from ..data.intensity import normalize_intensity
 from ..errors import UserInputError, check_bundle_run, config_null, one_line, quoted
 from ..prompt import MODALITIES, Prompt, PromptError, canonical_modality, prompt_from_image, tokenize
-from .guided_filter import GUIDED_FILTER_VOLUMES, guides
 from .ood import ood_warnings
 from .preview import save_preview
-from .synthesis_engine import GUIDED_FILTER_RADIUS, TUMSynInferer, foreground_mask
+from .synthesis_engine import TUMSynInferer, foreground_mask
 from .volume_io import Volume, atomic_paths, check_memory, load_volume, remove_stale_temporaries, write_nifti_file
 
 logger = logging.getLogger(__name__)
 
 # Bytes per output voxel held at once: the float32 prediction, its resampled mask and a copy on write.
 OUTPUT_BYTES_PER_VOXEL = 12
-# averaging several predictions (flip_averaging, the pair's factors) holds two more: the running sum and the next
+# averaging several predictions (flip_averaging) holds two more: the running sum and the next
 # prediction (or its flipped copy)
 AVERAGING_BYTES_PER_VOXEL = 8
 
@@ -259,9 +258,9 @@ def _check_output_dir(output_dir: str) -> None:
         raise UserInputError(f"output_dir {output_dir}: no permission to write in {existing}")
 
 
-# How the input is normalised (scripts.data.intensity.METHODS; fixed, not a user option): the white-matter peak, which
-# raised both the mean PSNR and the mean r of the shipped weights (trained with the 99th percentile) on simulated
-# validation subjects (bench/results/inference_options_simulated_validation.md).
+# How the input is normalised (scripts.data.intensity.METHODS; fixed, not a user option): the white-matter peak, a
+# tissue landmark that a real scan's bright tail (vessels, fat, enhancement) does not move; the shipped weights were
+# trained with it (configs/stage2_train.yaml's intensity_normalisation).
 INPUT_NORMALISATION = "wm_peak"
 # The sidecar's statement of the output's intensity scale.
 INTENSITY_NOTE = "normalised (white-matter peak of the input = 0.8), float32"
@@ -272,12 +271,10 @@ def synthesize_image(volume: Volume, target: Prompt, network: torch.nn.Module, i
                      source_modality: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The synthesized image (float32, the input's voxel order) and its affine on the grid tiling the input's FOV at
     ``spacing`` (default: the target prompt's voxel size); the background (the input's zeros) stays 0.
-    ``source_modality`` (the input's contrast) picks the intensity factors of the contrast pair (1.0 when unknown)."""
+    ``source_modality``: the input's contrast, which the network is told (None: unknown)."""
     spacing = target.voxel_size if spacing is None else spacing
     out_shape, out_affine = output_grid(volume.array.shape, volume.affine, spacing)
-    averaged = inferer.predictions_averaged(source_modality, target.modality) > 1
-    per_voxel = (OUTPUT_BYTES_PER_VOXEL + (AVERAGING_BYTES_PER_VOXEL if averaged else 0)
-                 + (4 * GUIDED_FILTER_VOLUMES if GUIDED_FILTER_RADIUS and guides(volume.array.shape, out_shape) else 0))
+    per_voxel = OUTPUT_BYTES_PER_VOXEL + (AVERAGING_BYTES_PER_VOXEL if len(inferer.mirror_axes) > 1 else 0)
     check_memory(per_voxel * float(np.prod(out_shape)), f"output grid {out_shape} for {volume.path}")
     orientation = _canonical_orientation(volume.affine)
     canonical = nib.orientations.apply_orientation(volume.array, orientation)
@@ -339,7 +336,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
     grid_spacing = spacing if spacing is not None else _checked_spacing(target.voxel_size, "prompt 'Voxel size'")
     if source_modality is None:
         volume.warnings.append("the input's contrast is unknown (no BIDS name, sidecar or DICOM header gives it), so "
-                               "its intensity scale is kept; --input_modality sets it")
+                               "the network infers it from the image alone; --input_modality sets it")
         logger.warning("%s: %s", input_image, volume.warnings[-1])
     synthesized, out_affine = synthesize_image(volume, target, network, inferer, grid_spacing, source_modality)
     sidecar = {
@@ -359,7 +356,6 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
         "model_version": bundle_version(),
         "intensity": INTENSITY_NOTE,
         "mirror_images_averaged": len(inferer.mirror_axes),
-        "intensity_scales_averaged": list(pair_intensity_scales(source_modality, target.modality)),
         "warnings": volume.warnings,
         "ood_warnings": out_of_distribution,
         "case": record,

@@ -14,9 +14,7 @@ from its own latent code (``LIIFDecoder.query_latent_centres``) instead of 8.
 
 ``TUMSynInferer``: the MONAI ``Inferer`` that holds the engine's settings (``configs/inference.yaml``'s
 ``inferer``) and runs it on a batch of normalised volumes, optionally averaging the predictions of its 8 mirror
-images (``flip_averaging``, the one test-time option), always averaging the predictions on the input at the
-intensity factors of its contrast pair (``scripts.data.intensity.pair_intensity_scales``) and re-drawing the result
-with the input's fine structure (``GUIDED_FILTER_RADIUS``).
+images (``flip_averaging``, the one test-time option).
 """
 
 from __future__ import annotations
@@ -34,12 +32,10 @@ from monai.inferers import Inferer
 from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
-from ..data.intensity import CLIP_MAX, pair_intensity_scales
 from ..errors import UserInputError, config_flag, config_null
 from ..nets.layout import is_channels_last
 from ..nets.liif import LIIFDecoder, make_coord
 from ..prompt import MODALITIES, Prompt, tokenize
-from .guided_filter import guides, input_guided
 
 # Latent voxels kept around the ones a query reads: the decoder reads the 2 latent voxels around a coordinate per
 # axis and the latent is a 3x3x3 convolution of the features, so 2 voxels of margin make slab edges invisible.
@@ -47,10 +43,6 @@ QUERY_HALO = 2
 # The 8 mirror images of a volume: every subset of its 3 axes flipped (test-time augmentation by mirroring, as
 # nnU-Net does: Isensee et al., Nature Methods 2021).
 MIRROR_AXES = tuple(axes for count in range(4) for axes in itertools.combinations(range(3), count))
-# The prediction re-drawn with the input's fine structure by a guided filter of this radius in output voxels
-# (scripts/engine/guided_filter.py; skipped where the output is much finer than the input); 0: off. Chosen on
-# simulated validation subjects (bench/results/inference_options_simulated_validation.md).
-GUIDED_FILTER_RADIUS = 1
 
 
 def _window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -421,18 +413,9 @@ def _mirror_axes(flip_averaging: bool | str) -> tuple[tuple[int, ...], ...]:
     return MIRROR_AXES if config_flag(flip_averaging, "flip_averaging") else ((),)
 
 
-def _scaled(image: torch.Tensor, scale: float) -> torch.Tensor:
-    """The normalised ``image`` multiplied by ``scale`` and clipped as the normalisation clips."""
-    return image if scale == 1.0 else (image * scale).clamp_(max=CLIP_MAX)
-
-
 def _mirrored(volume: torch.Tensor, axes: Sequence[int], first_axis: int = 0) -> torch.Tensor:
     """``volume`` flipped along the spatial ``axes`` (0-2), counted from dimension ``first_axis``."""
     return volume.flip([first_axis + axis for axis in axes]) if axes else volume
-
-
-def _pair_scales(source_modality: str | None, target_modality: str | None) -> tuple[float, ...]:
-    return (1.0,) if target_modality is None else pair_intensity_scales(source_modality, target_modality)
 
 
 class TUMSynInferer(Inferer):
@@ -448,10 +431,7 @@ class TUMSynInferer(Inferer):
     run, so oneDNN runs them without layout reorders (bench/README.md).
     ``flip_averaging`` (optional, off by default): the prediction is the mean of the network's predictions on the
     volume's 8 mirror images (``MIRROR_AXES``), each flipped back: 8x the time.
-    Fixed steps, not options: the prediction is the mean over the normalised input times each factor of the call's
-    (input modality, prompt modality) pair (``scripts.data.intensity.pair_intensity_scales``; 1.0 for an unknown
-    input contrast), then guided by the input (``GUIDED_FILTER_RADIUS``). The input is normalised by
-    ``scripts.engine.inference_engine.synthesize_image`` (``INPUT_NORMALISATION``).
+    The input is normalised by ``scripts.engine.inference_engine.synthesize_image`` (``INPUT_NORMALISATION``).
     """
 
     def __init__(self, prompt: str | None = None, roi_size: Sequence[int] = (64, 64, 64), overlap: float = 0.25,
@@ -476,10 +456,6 @@ class TUMSynInferer(Inferer):
         self.skip_background, self.channels_last = bool(skip_background), bool(channels_last)
         self.mirror_axes = _mirror_axes(flip_averaging)
 
-    def predictions_averaged(self, source_modality: str | None = None, target_modality: str | None = None) -> int:
-        """Network runs averaged into each prediction of this contrast pair."""
-        return len(self.mirror_axes) * len(_pair_scales(source_modality, target_modality))
-
     def with_options(self, flip_averaging: bool | str | None = None) -> TUMSynInferer:
         """A copy of these settings with ``flip_averaging`` as given here (None: as these settings have it)."""
         inferer = copy.copy(self)
@@ -489,8 +465,7 @@ class TUMSynInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, prompt: str | Prompt | None = None,
                  out_shape: Sequence[int] | None = None, source_modality: str | None = None) -> torch.Tensor:
-        """``source_modality``: the input's contrast, which picks the intensity factors (None: unknown, 1.0) and is
-        the network's ``source``."""
+        """``source_modality``: the input's contrast, the network's ``source`` (None: unknown)."""
         prompt = prompt if prompt is not None else self.prompt
         tokens = modality = None
         if prompt is not None:
@@ -500,29 +475,21 @@ class TUMSynInferer(Inferer):
         out_shape = tuple(inputs.shape[2:]) if out_shape is None else tuple(out_shape)
         if self.channels_last:
             channels_last_convolutions(network)
-        scales = _pair_scales(source_modality, None if prompt is None else prompt.modality)
         source = None if source_modality is None else torch.tensor([MODALITIES.index(source_modality)])
-        return torch.stack([self._prediction(network, item, tokens, modality, source, out_shape, scales)
-                            for item in inputs])
+        return torch.stack([self._prediction(network, item, tokens, modality, source, out_shape) for item in inputs])
 
     def _prediction(self, network: torch.nn.Module, image: torch.Tensor, tokens: torch.Tensor | None,
-                    modality: torch.Tensor | None, source: torch.Tensor | None, out_shape: tuple[int, ...],
-                    scales: Sequence[float]) -> torch.Tensor:
-        """The prediction of ``image [1, D, H, W]``, averaged over ``scales`` and ``self.mirror_axes``, then guided
-        by the input (``GUIDED_FILTER_RADIUS``). The output grid's voxels sit symmetrically in the field of view, so
-        flipping the input and the prediction along an axis keeps every voxel's position."""
-        foreground = foreground_mask(image, out_shape)
-        decode_mask = foreground if self.skip_background else None
+                    modality: torch.Tensor | None, source: torch.Tensor | None,
+                    out_shape: tuple[int, ...]) -> torch.Tensor:
+        """The prediction of ``image [1, D, H, W]``, averaged over ``self.mirror_axes``. The output grid's voxels sit
+        symmetrically in the field of view, so flipping the input and the prediction along an axis keeps every
+        voxel's position."""
+        decode_mask = foreground_mask(image, out_shape) if self.skip_background else None
         total = None
-        for scale in scales:
-            scaled = _scaled(image, scale)  # once per scale, not per mirror image
-            for axes in self.mirror_axes:
-                mask = None if decode_mask is None else _mirrored(decode_mask, axes)
-                prediction = synthesize_volume(network, _mirrored(scaled, axes, 1), tokens, out_shape,
-                                               modality=modality, source=source, decode_mask=mask, **self.settings)
-                prediction = _mirrored(prediction, axes, 1)
-                total = prediction if total is None else total.add_(prediction)
-        prediction = total.div_(len(scales) * len(self.mirror_axes))  # in place: no second output-sized tensor
-        if GUIDED_FILTER_RADIUS and guides(image.shape[1:], out_shape):
-            prediction = input_guided(image, prediction, foreground, GUIDED_FILTER_RADIUS)
-        return prediction
+        for axes in self.mirror_axes:
+            mask = None if decode_mask is None else _mirrored(decode_mask, axes)
+            prediction = synthesize_volume(network, _mirrored(image, axes, 1), tokens, out_shape, modality=modality,
+                                           source=source, decode_mask=mask, **self.settings)
+            prediction = _mirrored(prediction, axes, 1)
+            total = prediction if total is None else total.add_(prediction)
+        return total.div_(len(self.mirror_axes))  # in place: no second output-sized tensor

@@ -1,5 +1,5 @@
-"""The sets of network sizes: ``paper`` (the published architecture), ``small`` (CPU tests and the shipped model) and
-``unet`` (an experimental CPU-sized variant with a U-Net encoder).
+"""The sets of network sizes: ``paper`` (the published architecture), ``small`` (CPU tests; the shipped model of
+versions up to 0.8) and ``unet`` (the shipped model: a CPU-sized variant with a U-Net encoder).
 
 Configs pick a set by name (``--scale small|paper|unet``); every network builder reads its numbers from here, so one
 network definition serves every size.
@@ -42,7 +42,7 @@ SCALES = {
         "decoder": {"hidden": (64, 64), "input_skip": True},
     },
 }
-# Experimental, not shipped: the small scale's stage 1 and text tower with a prompt-free U-Net encoder
+# The shipped model: the small scale's stage 1 and text tower with a prompt-free U-Net encoder
 # (scripts/nets/unet_encoder.py) that sees 122 voxels instead of 25, and the prompt as a scale and shift of the LIIF
 # latent (FiLM), so training decodes every target contrast of a patch from one encoding (bench/README.md, "The U-Net
 # scale"). The input skip passes through a grey-level curve of the prompt and the input's contrast: a plain skip
