@@ -1,7 +1,7 @@
 """What limits the small scale: the numbers behind the unet scale (bench/README.md, "The U-Net scale").
 
-Measures, for the shipped small network (the paper's full-resolution ResNet layout at 16 channels and one block per
-stage, with the fusion block after it) and the unet scale (scripts/nets/unet_encoder.py):
+Measures, for the small network (shipped up to version 0.8; the paper's full-resolution ResNet layout at 16 channels
+and one block per stage, with the fusion block after it) and the unet scale (scripts/nets/unet_encoder.py):
 - trainable parameters and the receptive field: the extent of the input voxels whose change reaches one output
   latent code (the gradient of the centre code, non-zero), in voxels = mm at the 1 mm grid users bring; the LIIF
   query then reads the 2 latent codes around a point per axis (one voxel more);

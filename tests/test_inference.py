@@ -97,7 +97,7 @@ def test_output_keeps_orientation_and_world_space(tmp_path, name):
     affine = AFFINES[name](shape)
     landmark = affine[:3, :3] @ np.array([13.0, 8.0, 9.0]) + affine[:3, 3]
     path = write_nifti(tmp_path / "sub-01_T1w.nii.gz", blob_volume(shape, affine, landmark), affine)
-    # the same contrast: intensity factor 1 (the stand-in network only resamples)
+    # the same contrast (the stand-in network only resamples)
     written = run_inference(path, "T1w", str(tmp_path / "out"), SamplingNet(), target_spacing=(0.75, 0.75, 0.75),
                             inferer=FAST, preview=False)
     output = nib.load(written["image"])

@@ -308,7 +308,7 @@ def run_inference(input_image: str, prompt: str, output_dir: str, network: torch
     """Synthesise one case and write its image, preview and sidecar; returns their paths.
 
     ``input_modality``: the input's contrast, for inputs whose metadata (BIDS name or sidecar, DICOM header) does not
-    say it, or says it wrong; it picks the intensity factors of the contrast pair.
+    say it, or says it wrong; the network is told it (unknown otherwise).
     ``output_subfolder`` / ``output_suffix``: a batch row's place in ``output_dir`` (``batch_output_name``);
     ``record``: its ``case_record`` (computed here when not given), kept in the sidecar.
     Everything that can be wrong with the input (file, prompt, spacing, memory) is checked before anything is
