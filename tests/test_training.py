@@ -486,6 +486,19 @@ def test_prompt_dropout_drops_fields_but_never_the_modality():
         RandPromptDropoutd(field_prob=1.5)
 
 
+def test_prompt_dropout_drops_the_imaging_parameters_together_at_their_rate():
+    item = {"prompt": FULL_PROMPT, "tokens": tokenize(FULL_PROMPT)[0]}
+    transform = RandPromptDropoutd(field_prob=0.1, all_fields_prob=0.0, sequence_prob=0.3)
+    transform.set_random_state(seed=0)
+    prompts = [Prompt.parse(transform(item)["prompt"]) for _ in range(500)]
+    no_parameters = [all(getattr(p, f) is None for f in ("tr", "te", "ti", "fa")) for p in prompts]
+    assert 0.24 < np.mean(no_parameters) < 0.36, np.mean(no_parameters)  # 0.3 + 0.7 x 0.1^4
+    kept = [p for p, none in zip(prompts, no_parameters) if none]
+    assert 0.8 < np.mean([p.voxel_size is not None for p in kept]) < 0.97  # the header's voxel size stays (0.9)
+    with pytest.raises(ValueError, match="sequence_prob"):
+        RandPromptDropoutd(sequence_prob=-0.1)
+
+
 def test_prompt_dropout_drops_each_prompt_of_several_targets_on_its_own():
     prompts = [FULL_PROMPT, FULL_PROMPT.replace("FLAIR", "T2w")]
     transform = RandPromptDropoutd(field_prob=0.5, all_fields_prob=0.0)
