@@ -25,11 +25,11 @@ class RandPromptDropoutd(Randomizable, MapTransform):
     """Replace prompt fields of ``data[prompt_key]`` by ``None`` and re-tokenize it into ``data[tokens_key]``.
 
     With probability ``all_fields_prob`` every droppable field is dropped at once (the prompt of a scan whose
-    acquisition is entirely unknown); otherwise, with probability ``sequence_prob``, the imaging parameters
-    (``SEQUENCE_FIELDS``) are dropped together, and each other field of ``DROPPABLE_FIELDS`` (each field, without that
-    draw) is dropped independently with probability ``field_prob``. Independent draws alone almost never leave a
-    prompt without its four parameters, the prompt real metadata most often give. A list of prompts (several targets
-    of one sample) is dropped prompt by prompt.
+    acquisition is entirely unknown); otherwise each field of ``DROPPABLE_FIELDS`` is dropped independently with
+    probability ``field_prob``, and with probability ``sequence_prob`` the imaging parameters (``SEQUENCE_FIELDS``)
+    are dropped together as well. Independent draws alone almost never leave a prompt without its four parameters,
+    the prompt real metadata most often give. A list of prompts (several targets of one sample) is dropped prompt by
+    prompt.
     """
 
     def __init__(self, prompt_key: str = "prompt", tokens_key: str = "tokens", field_prob: float = 0.2,
