@@ -262,6 +262,34 @@ def test_random_patches_keep_the_truth_grid_at_their_share():
         sr_patches.RandSRPatchesd(native_prob=-0.1)
 
 
+def test_random_patches_query_only_the_brain_with_brain_queries():
+    brain = np.zeros((3, 40, 40, 40), np.float32)
+    brain[:, 12:28, 12:28, 12:28] = np.array([1.0, 2.0, 3.0])[:, None, None, None]  # a 16 mm cube of brain
+    data = {"images": brain, "tokens": torch.arange(3)[:, None].repeat(1, 90), "modalities": torch.tensor([5, 0, 2]),
+            "prompts": ["PD", "T1w", "FLAIR"], "subject": "sub-x"}
+
+    def brain_share(brain_queries, num_targets):
+        transform = sr_patches.RandSRPatchesd(lr_size=(12, 12, 12), num_samples=20, num_queries=64,
+                                              native_prob=0.5, num_targets=num_targets, brain_queries=brain_queries)
+        transform.set_random_state(seed=0)
+        samples = transform(data)
+        assert all(s["coords"].shape == (64, 3) and s["label"].shape == (64, num_targets) for s in samples)
+        return np.mean([(s["label"] > 0).float().mean().item() for s in samples])
+
+    for num_targets in (1, 3):
+        assert brain_share(False, num_targets) < 0.7  # uniform points: a third and more on the background
+        assert brain_share(True, num_targets) == 1.0
+    # a patch without brain keeps uniform points rather than failing
+    empty = sr_patches.RandSRPatchesd(lr_size=(6, 6, 6), num_queries=8, num_targets=3, brain_queries=True,
+                                      foreground_prob=0.0)
+    empty.set_random_state(seed=0)
+    assert empty({**data, "images": np.zeros_like(brain)})[0]["coords"].shape == (8, 3)
+    parser = ConfigParser()
+    parser.read_config(STAGE2)
+    assert parser["train"]["preprocessing"]["transforms"][2]["brain_queries"] == "@brain_queries"
+    assert parser.get_parsed_content("brain_queries") is False  # the shipped weights trained on the whole patch
+
+
 def test_stage2_without_a_stage1_output_uses_the_shipped_text_encoder(tmp_path):
     parser = ConfigParser()
     parser.read_config(STAGE2)

@@ -26,6 +26,7 @@ from scipy.special import erf
 
 PROFILES = ("box", "gaussian")
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+_BRAIN_QUERY_CANDIDATES = 4  # uniform points drawn per brain query wanted (a patch centred in the brain is mostly brain)
 _CENTRE_CANDIDATES = 64  # random voxels tried per foreground patch centre (a brain of 5 % misses all 64 with p = 4 %)
 
 
@@ -147,6 +148,13 @@ class RandSRPatchesd(Randomizable, MapTransform):
     ``native_prob``: the share of samples whose input keeps the truth grid (scale 1 on every axis): the ~1 mm scans
     users bring, which a draw from ``scale_range`` alone rarely gives. 0 draws as before the option.
 
+    ``brain_queries``: the query points lie in the brain (non-zero voxels of the source on the truth grid), not
+    anywhere in the patch. Inference keeps only the brain (``scripts.engine.inference_engine``); uniform points also
+    fall on the background around a degraded input's blurred edge, where dark inputs have dark targets, as the CSF
+    of an MPRAGE has not. Measured, it brightens the CSF a T1w -> T2w gives but does not raise the validation mean
+    (bench/README.md, "Loss points in the brain only"), so it is off by default. A patch with too little brain fills
+    its points by drawing its brain points again; one with none keeps uniform points.
+
     ``num_targets`` > 1 (without ``tasks``; ``same_contrast_prob`` is then unused): each sample holds that many targets
     of one input, the subject's contrasts in random order (repeated when it has fewer), with ``label [num_queries, K]``
     and the targets' ``tokens [K, L]``, ``modality [K]`` and ``prompt`` (a list): what
@@ -156,8 +164,10 @@ class RandSRPatchesd(Randomizable, MapTransform):
     def __init__(self, keys="images", lr_size=(20, 20, 20), num_samples: int = 1, num_queries: int = 4096,
                  scale_range=(1.0, 4.0), anisotropic_prob: float = 0.5, inplane_scale_range=(1.0, 1.5),
                  thickness_ratio_range=(0.8, 1.2), profile: str = "gaussian", foreground_prob: float = 0.9,
-                 tasks=None, same_contrast_prob: float = 0.0, native_prob: float = 0.0, num_targets: int = 1):
+                 tasks=None, same_contrast_prob: float = 0.0, native_prob: float = 0.0, num_targets: int = 1,
+                 brain_queries: bool = False):
         MapTransform.__init__(self, keys)
+        self.brain_queries = bool(brain_queries)
         self.num_targets = int(num_targets)
         if self.num_targets < 1 or (self.num_targets > 1 and tasks is not None):
             raise ValueError(f"RandSRPatchesd: num_targets must be >= 1, and 1 with tasks; got {num_targets}")
@@ -195,6 +205,21 @@ class RandSRPatchesd(Randomizable, MapTransform):
             if brain.size:
                 return np.asarray(np.unravel_index(brain[self.R.randint(brain.size)], target.shape))
         return (self.R.rand(3) * shape).astype(int)
+
+    def _points(self, source: np.ndarray, geometry: PatchGeometry) -> np.ndarray:
+        """``num_queries`` patch-relative high-res index coordinates, uniform over the patch or its brain."""
+        size = np.asarray(geometry.hr_size)
+        if not self.brain_queries:
+            return self.R.uniform(-0.5, size - 0.5, size=(self.num_queries, 3))
+        candidates = self.R.uniform(-0.5, size - 0.5, size=(_BRAIN_QUERY_CANDIDATES * self.num_queries, 3))
+        voxels = np.rint(candidates).astype(int) + np.asarray(geometry.start)
+        within = np.all((voxels >= 0) & (voxels < np.asarray(source.shape)), axis=1)
+        inside = np.flatnonzero(within)[source[tuple(voxels[within].T)] != 0]
+        if inside.size == 0:
+            return candidates[: self.num_queries]
+        if inside.size < self.num_queries:
+            inside = inside[self.R.randint(inside.size, size=self.num_queries)]
+        return candidates[inside[: self.num_queries]]
 
     def _task_pairs(self, data) -> list[tuple[int, int]] | None:
         """The subject's channel pairs of an allowed task, or None when any pair is allowed."""
@@ -246,7 +271,7 @@ class RandSRPatchesd(Randomizable, MapTransform):
             else:
                 source, target = self.R.choice(volumes.shape[0], size=2, replace=False)
             geometry = self.randomize(volumes.shape[1:], self._centre(volumes[target]))
-            points = self.R.uniform(-0.5, np.asarray(geometry.hr_size) - 0.5, size=(self.num_queries, 3))
+            points = self._points(volumes[source], geometry)
             sample = _sample(volumes[source], [volumes[target]], geometry, points, self.profile)
             sample.update(tokens=data["tokens"][target], modality=data["modalities"][target],
                           input_modality=data["modalities"][source], prompt=data["prompts"][target],
@@ -260,7 +285,7 @@ class RandSRPatchesd(Randomizable, MapTransform):
         order = np.concatenate([self.R.permutation(count) for _ in range(-(-self.num_targets // count))])
         targets = [int(t) for t in order[: self.num_targets]]
         geometry = self.randomize(volumes.shape[1:], self._centre(volumes[source]))
-        points = self.R.uniform(-0.5, np.asarray(geometry.hr_size) - 0.5, size=(self.num_queries, 3))
+        points = self._points(volumes[source], geometry)
         sample = _sample(volumes[source], [volumes[t] for t in targets], geometry, points, self.profile)
         sample.update(tokens=torch.as_tensor(np.asarray(data["tokens"])[targets]),
                       modality=torch.as_tensor(np.asarray(data["modalities"])[targets]),
