@@ -26,7 +26,7 @@ from scipy.special import erf
 
 PROFILES = ("box", "gaussian")
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-_BRAIN_QUERY_CANDIDATES = 4  # uniform points drawn per brain query wanted (a patch centred in the brain is mostly brain)
+_BRAIN_QUERY_CANDIDATES = 4  # uniform points drawn per brain query wanted (a patch centred in the brain: mostly brain)
 _CENTRE_CANDIDATES = 64  # random voxels tried per foreground patch centre (a brain of 5 % misses all 64 with p = 4 %)
 
 
