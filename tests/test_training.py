@@ -18,6 +18,7 @@ from monai.bundle import ConfigParser
 from conftest import MODEL, SHIPPED_SCALE
 from helpers import python_environment
 from scripts.data import bids_data, bids_datalist
+from scripts.errors import UserInputError
 from scripts.nets.tumsyn_net import UNKNOWN_SOURCE, build_tumsyn_net
 from scripts.prompt import MODALITIES, Prompt, tokenize
 from scripts.train import sr_patches, text_embedding_checks, trainers
@@ -278,6 +279,7 @@ def test_random_patches_query_only_the_brain_with_brain_queries():
 
     for num_targets in (1, 3):
         assert brain_share(False, num_targets) < 0.7  # uniform points: a third and more on the background
+        assert brain_share("false", num_targets) < 0.7  # as the command line passes it
         assert brain_share(True, num_targets) == 1.0
     # a patch without brain keeps uniform points rather than failing
     empty = sr_patches.RandSRPatchesd(lr_size=(6, 6, 6), num_queries=8, num_targets=3, brain_queries=True,
@@ -288,6 +290,8 @@ def test_random_patches_query_only_the_brain_with_brain_queries():
     parser.read_config(STAGE2)
     assert parser["train"]["preprocessing"]["transforms"][2]["brain_queries"] == "@brain_queries"
     assert parser.get_parsed_content("brain_queries") is False  # the shipped weights trained on the whole patch
+    with pytest.raises(UserInputError, match="brain_queries: expected true or false"):
+        sr_patches.RandSRPatchesd(brain_queries="sometimes")
 
 
 def test_stage2_without_a_stage1_output_uses_the_shipped_text_encoder(tmp_path):

@@ -24,6 +24,8 @@ from monai.transforms import MapTransform, Randomizable
 from scipy.ndimage import map_coordinates
 from scipy.special import erf
 
+from ..errors import config_flag
+
 PROFILES = ("box", "gaussian")
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 _BRAIN_QUERY_CANDIDATES = 4  # uniform points drawn per brain query wanted (a patch centred in the brain: mostly brain)
@@ -150,8 +152,8 @@ class RandSRPatchesd(Randomizable, MapTransform):
 
     ``brain_queries``: the query points lie in the brain (non-zero voxels of the source on the truth grid), not
     anywhere in the patch. Inference keeps only the brain (``scripts.engine.inference_engine``); uniform points also
-    fall on the background around a degraded input's blurred edge, where dark inputs have dark targets, as the CSF
-    of an MPRAGE has not. Measured, it brightens the CSF a T1w -> T2w gives but does not raise the validation mean
+    fall on the background around a degraded input's blurred edge, where a dark input has a dark target (unlike the
+    dark CSF of an MPRAGE, bright on a T2w). Measured, it brightens the CSF a T1w -> T2w gives but does not raise the validation mean
     (bench/README.md, "Loss points in the brain only"), so it is off by default. A patch with too little brain fills
     its points by drawing its brain points again; one with none keeps uniform points.
 
@@ -165,9 +167,9 @@ class RandSRPatchesd(Randomizable, MapTransform):
                  scale_range=(1.0, 4.0), anisotropic_prob: float = 0.5, inplane_scale_range=(1.0, 1.5),
                  thickness_ratio_range=(0.8, 1.2), profile: str = "gaussian", foreground_prob: float = 0.9,
                  tasks=None, same_contrast_prob: float = 0.0, native_prob: float = 0.0, num_targets: int = 1,
-                 brain_queries: bool = False):
+                 brain_queries: bool | str = False):
         MapTransform.__init__(self, keys)
-        self.brain_queries = bool(brain_queries)
+        self.brain_queries = config_flag(brain_queries, "brain_queries")  # '--brain_queries false' is a string
         self.num_targets = int(num_targets)
         if self.num_targets < 1 or (self.num_targets > 1 and tasks is not None):
             raise ValueError(f"RandSRPatchesd: num_targets must be >= 1, and 1 with tasks; got {num_targets}")
