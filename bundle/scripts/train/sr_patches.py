@@ -153,9 +153,9 @@ class RandSRPatchesd(Randomizable, MapTransform):
     ``brain_queries``: the query points lie in the brain (non-zero voxels of the source on the truth grid), not
     anywhere in the patch. Inference keeps only the brain (``scripts.engine.inference_engine``); uniform points also
     fall on the background around a degraded input's blurred edge, where a dark input has a dark target (unlike the
-    dark CSF of an MPRAGE, bright on a T2w). Measured, it brightens the CSF a T1w -> T2w gives but does not raise the validation mean
-    (bench/README.md, "Loss points in the brain only"), so it is off by default. A patch with too little brain fills
-    its points by drawing its brain points again; one with none keeps uniform points.
+    dark CSF of an MPRAGE, bright on a T2w). Measured, it brightens the CSF a T1w -> T2w gives but does not raise
+    the validation mean (bench/README.md, "Loss points in the brain only"), so it is off by default. A patch with
+    too little brain fills its points by drawing its brain points again; one with none keeps uniform points.
 
     ``num_targets`` > 1 (without ``tasks``; ``same_contrast_prob`` is then unused): each sample holds that many targets
     of one input, the subject's contrasts in random order (repeated when it has fewer), with ``label [num_queries, K]``
